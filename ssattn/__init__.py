@@ -1,0 +1,22 @@
+"""ssattn: fast kernels for the semantic-sensitive (-SS) underwater image enhancement strategy.
+
+A guidance map from a vision-language model steers an encoder-decoder
+enhancement network through a mask-weighted cross-attention at each decoder
+stage and an alignment loss on decoder features. See README.md and SPEC.
+"""
+
+from ._checks import set_value_checks
+from .functional import alignment_loss, guidance_pyramid, masked_cross_attention
+from .modules import GuidancePyramid, SemanticAlignmentLoss, SemanticCrossAttention
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "GuidancePyramid",
+    "SemanticAlignmentLoss",
+    "SemanticCrossAttention",
+    "alignment_loss",
+    "guidance_pyramid",
+    "masked_cross_attention",
+    "set_value_checks",
+]

@@ -1,0 +1,94 @@
+"""Input validation shared by the functional API and the modules.
+
+Every check raises an error that names the argument and says what was
+expected. Value-range checks on maps need one host sync; they run in eager
+mode only (never while torch.compile traces) and can be switched off with
+``ssattn.set_value_checks(False)`` or ``SSATTN_VALUE_CHECKS=0``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+import torch
+
+_VALUE_CHECKS = os.environ.get("SSATTN_VALUE_CHECKS", "1") not in ("0", "false", "False")
+
+
+def set_value_checks(enabled: bool) -> None:
+    """Turn the eager-mode value-range checks on maps on or off.
+
+    They cost one device-to-host sync per call; switch them off for maximum
+    throughput once the inputs are known to be good.
+    """
+    global _VALUE_CHECKS
+    _VALUE_CHECKS = bool(enabled)
+
+
+def value_checks_enabled() -> bool:
+    if not _VALUE_CHECKS:
+        return False
+    compiler = getattr(torch, "compiler", None)
+    if compiler is not None and compiler.is_compiling():
+        return False
+    return True
+
+
+def tensor(name: str, x, *, ndim: int | None = None, floating: bool = True) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if ndim is not None and x.dim() != ndim:
+        raise ValueError(f"{name} must have {ndim} dimensions, got shape {tuple(x.shape)}")
+    if floating and not x.is_floating_point():
+        raise TypeError(f"{name} must have a floating dtype, got {x.dtype}")
+
+
+def same_device(**tensors) -> None:
+    items = [(n, t) for n, t in tensors.items() if t is not None]
+    if not items:
+        return
+    first_name, first = items[0]
+    for name, t in items[1:]:
+        if t.device != first.device:
+            raise ValueError(
+                f"{name} is on {t.device} but {first_name} is on {first.device}; "
+                "all inputs must be on the same device"
+            )
+
+
+def unit_interval(name: str, x: torch.Tensor) -> None:
+    """Raise if a map has values outside [0, 1]. NaN passes (and propagates)."""
+    if not value_checks_enabled() or x.numel() == 0:
+        return
+    lo, hi = torch.aminmax(x.detach().float())
+    lo, hi = float(lo), float(hi)
+    if lo < 0.0 or hi > 1.0:
+        raise ValueError(
+            f"{name} must have values in [0, 1], got min {lo:g} and max {hi:g} "
+            "(normalise the map first; ssattn.set_value_checks(False) disables this check)"
+        )
+
+
+def size_pair(name: str, s) -> tuple[int, int]:
+    try:
+        h, w = (int(v) for v in s)
+        ok = all(int(v) == v for v in s)
+    except (TypeError, ValueError):
+        ok = False
+    if not ok or h < 1 or w < 1:
+        raise ValueError(f"{name} must be a pair of positive integers (H, W), got {s!r}")
+    return h, w
+
+
+def nonempty_list(name: str, xs) -> list:
+    if isinstance(xs, torch.Tensor) or not isinstance(xs, Sequence):
+        raise TypeError(f"{name} must be a list of tensors, got {type(xs).__name__}")
+    if len(xs) == 0:
+        raise ValueError(f"{name} must not be empty")
+    return list(xs)
+
+
+def choice(name: str, value, allowed: Sequence) -> None:
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {list(allowed)}, got {value!r}")

@@ -1,0 +1,229 @@
+"""Public functional API (SPEC "Public API"): validate, pick a backend, run.
+
+backend="reference" runs the pure-PyTorch ground truth with autograd;
+"triton" and "native" run the registered ops (ssattn.ops, ssattn._C);
+"auto" picks the fastest path available for the device and dtype, falling
+back to the reference with one warning when a fast path is missing.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from . import _backends, _checks, reference
+from . import ops as _ops  # noqa: F401  (registers torch.ops.ssattn.*)
+
+
+# --------------------------------------------------------------------------- pyramid
+def _check_pyramid_args(scores, sizes, gamma, delta, text, grid_size):
+    if text is None:
+        _checks.tensor("scores", scores, ndim=3)
+        if grid_size is not None:
+            raise ValueError("grid_size is only used with text (patch features); scores is already a (B, gh, gw) grid")
+    else:
+        _checks.tensor("scores", scores, ndim=3)
+        _checks.tensor("text", text)
+        if text.dim() not in (1, 2):
+            raise ValueError(f"text must have shape (Cf,) or (B, Cf), got {tuple(text.shape)}")
+        _checks.same_device(scores=scores, text=text)
+        if grid_size is None:
+            raise ValueError("grid_size=(gh, gw) is required when text is given (scores are patch features)")
+        gh, gw = _checks.size_pair("grid_size", grid_size)
+        if scores.shape[1] != gh * gw:
+            raise ValueError(
+                f"scores has {scores.shape[1]} patch features but grid_size {gh}x{gw} needs {gh * gw}"
+            )
+        if text.shape[-1] != scores.shape[-1]:
+            raise ValueError(f"text has {text.shape[-1]} features but scores (patch features) have {scores.shape[-1]}")
+        if text.dim() == 2 and text.shape[0] != scores.shape[0]:
+            raise ValueError(f"text has batch {text.shape[0]} but scores have batch {scores.shape[0]}")
+    if scores.shape[0] < 1 or scores.shape[1] < 1 or scores.shape[2] < 1:
+        raise ValueError(f"scores must be non-empty, got shape {tuple(scores.shape)}")
+    if isinstance(sizes, (str, bytes)) or not hasattr(sizes, "__len__") or len(sizes) == 0:
+        raise ValueError(f"sizes must be a non-empty list of (H, W) pairs, got {sizes!r}")
+    pairs = [_checks.size_pair(f"sizes[{i}]", s) for i, s in enumerate(sizes)]
+    H, W = pairs[0]
+    for i, (h, w) in enumerate(pairs[1:], 1):
+        if h > H or w > W:
+            raise ValueError(f"sizes[{i}] = {(h, w)} is larger than the image size sizes[0] = {(H, W)}")
+    if not (isinstance(gamma, (int, float)) and math.isfinite(gamma) and gamma >= 1):
+        raise ValueError(f"gamma must be a finite number >= 1, got {gamma!r}")
+    if not (isinstance(delta, (int, float)) and 0 <= delta < 1):
+        raise ValueError(f"delta must be in [0, 1), got {delta!r}")
+    return pairs
+
+
+def guidance_pyramid(
+    scores: Tensor,
+    sizes,
+    *,
+    gamma: float = 2.0,
+    delta: float = 0.2,
+    text: Tensor | None = None,
+    grid_size=None,
+    renormalize: bool = False,
+    backend: str = "auto",
+) -> list[Tensor]:
+    """Guidance-map pyramid of SPEC 1: one (B, 1, H_l, W_l) map per size in `sizes`.
+
+    scores is a similarity grid (B, gh, gw), or, with `text` ((B, Cf) or
+    (Cf,)), patch features (B, gh*gw, Cf) with grid_size=(gh, gw). sizes[0]
+    is the image size (the first output is M_sem); later sizes are at most
+    that. Values are in [0, 1]; NaN inputs give NaN maps. The fused kernel
+    has no backward: inputs that require grad always take the reference path.
+    """
+    pairs = _check_pyramid_args(scores, sizes, gamma, delta, text, grid_size)
+    needs_grad = torch.is_grad_enabled() and (scores.requires_grad or (text is not None and text.requires_grad))
+    if needs_grad and backend == "triton":
+        raise ValueError(
+            "guidance_pyramid: the triton backend has no backward; inputs that require grad need "
+            "backend='reference' or 'auto' (or detach them)"
+        )
+    chosen = _backends.resolve("guidance_pyramid", backend, scores.device.type, not needs_grad)
+    if chosen == "reference":
+        return reference.guidance_pyramid(
+            scores, pairs, gamma=gamma, delta=delta, text=text,
+            grid_size=_checks.size_pair("grid_size", grid_size) if text is not None else None,
+            renormalize=renormalize,
+        )
+    flat = [v for hw in pairs for v in hw]
+    grid = list(_checks.size_pair("grid_size", grid_size)) if text is not None else [scores.shape[1], scores.shape[2]]
+    return torch.ops.ssattn.guidance_pyramid(
+        scores, text, grid, flat, float(gamma), float(delta), bool(renormalize), "triton"
+    )
+
+
+# --------------------------------------------------------------------------- attention
+def _check_attention_args(q, k, v, weight, key_padding_mask, scale, check_values=True):
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        _checks.tensor(name, t, ndim=4)
+    _checks.same_device(q=q, k=k, v=v, weight=weight, key_padding_mask=key_padding_mask)
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"q, k and v must share a dtype, got {q.dtype}, {k.dtype} and {v.dtype}")
+    B, h, _, d = q.shape
+    if k.shape[:2] != (B, h) or v.shape[:2] != (B, h):
+        raise ValueError(
+            f"q, k and v must agree in batch and heads (B, h): q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}"
+        )
+    if k.shape[-1] != d:
+        raise ValueError(f"k must have head dim {d} like q, got {tuple(k.shape)}")
+    if v.shape[2] != k.shape[2]:
+        raise ValueError(f"v must have as many keys as k ({k.shape[2]}), got {tuple(v.shape)}")
+    if k.shape[2] < 1 or q.shape[2] < 1 or d < 1:
+        raise ValueError(f"q and k must have at least one token and head dim >= 1: q {tuple(q.shape)}, k {tuple(k.shape)}")
+    nk = k.shape[2]
+    if weight is not None:
+        _checks.tensor("weight", weight, ndim=2)
+        if tuple(weight.shape) != (B, nk):
+            raise ValueError(f"weight must have shape (B, Nk) = {(B, nk)}, got {tuple(weight.shape)}")
+        if check_values:
+            _checks.unit_interval("weight", weight)
+    if key_padding_mask is not None:
+        _checks.tensor("key_padding_mask", key_padding_mask, ndim=2, floating=False)
+        if key_padding_mask.dtype != torch.bool:
+            raise TypeError(f"key_padding_mask must be a bool tensor (True = padded key), got {key_padding_mask.dtype}")
+        if tuple(key_padding_mask.shape) != (B, nk):
+            raise ValueError(f"key_padding_mask must have shape (B, Nk) = {(B, nk)}, got {tuple(key_padding_mask.shape)}")
+    if scale is None:
+        return d ** -0.5
+    if not (isinstance(scale, (int, float)) and math.isfinite(scale)):
+        raise ValueError(f"scale must be a finite number, got {scale!r}")
+    return float(scale)
+
+
+def masked_cross_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    weight: Tensor | None = None,
+    key_padding_mask: Tensor | None = None,
+    scale: float | None = None,
+    backend: str = "auto",
+) -> Tensor:
+    """Mask-weighted cross-attention of SPEC 2: softmax(scale * m_j <q_i, k_j>) (m_j v_j).
+
+    q (B, h, Nq, d), k and v (B, h, Nk, d) with any strides; weight (B, Nk)
+    per-key map values in [0, 1]; key_padding_mask (B, Nk) bool, True for a
+    padded key. A batch whose keys are all padded gets an all-zero output and
+    zero gradients. Returns (B, h, Nq, d).
+    """
+    scale = _check_attention_args(q, k, v, weight, key_padding_mask, scale)
+    return _attention(q, k, v, weight, key_padding_mask, scale, backend)
+
+
+def _attention(q, k, v, weight, key_padding_mask, scale: float, backend: str) -> Tensor:
+    """masked_cross_attention after validation (the modules validate their own map)."""
+    chosen = _backends.resolve("masked_cross_attention", backend, q.device.type)
+    if chosen == "reference":
+        return reference.masked_cross_attention(q, k, v, weight, key_padding_mask, scale)
+    out, _ = torch.ops.ssattn.masked_attention_fwd(q, k, v, weight, key_padding_mask, scale, attention_impl(q))
+    return out
+
+
+def attention_impl(q: Tensor) -> str:
+    """The Triton implementation string for q's dtype (precision options for float32)."""
+    return _backends.attention_impl(q.dtype)
+
+
+# --------------------------------------------------------------------------- alignment loss
+def _check_alignment_args(features, maps, eta, weights, reduction):
+    features = _checks.nonempty_list("features", features)
+    maps = _checks.nonempty_list("maps", maps)
+    if len(features) != len(maps):
+        raise ValueError(f"features and maps must have the same number of levels, got {len(features)} and {len(maps)}")
+    device = None
+    for i, (f, m) in enumerate(zip(features, maps)):
+        _checks.tensor(f"features[{i}]", f, ndim=4)
+        _checks.tensor(f"maps[{i}]", m, ndim=4)
+        if device is None:
+            device = f.device
+        _checks.same_device(**{"features[0]": features[0], f"features[{i}]": f, f"maps[{i}]": m})
+        B, _, H, W = f.shape
+        if m.shape[1] != 1:
+            raise ValueError(f"maps[{i}] must have one channel (B, 1, H, W), got {tuple(m.shape)}")
+        if (m.shape[0], m.shape[2], m.shape[3]) != (B, H, W):
+            raise ValueError(
+                f"maps[{i}] has shape {tuple(m.shape)} but features[{i}] is {tuple(f.shape)}: "
+                f"expected ({B}, 1, {H}, {W})"
+            )
+        _checks.unit_interval(f"maps[{i}]", m)
+    if not (isinstance(eta, (int, float)) and math.isfinite(eta) and eta >= 0):
+        raise ValueError(f"eta must be a finite number >= 0, got {eta!r}")
+    if weights is None:
+        weights = [1.0] * len(features)
+    else:
+        weights = [float(w) for w in weights]
+        if len(weights) != len(features):
+            raise ValueError(f"weights must have one value per level ({len(features)}), got {len(weights)}")
+        if not all(math.isfinite(w) for w in weights):
+            raise ValueError(f"weights must be finite numbers, got {weights}")
+    _checks.choice("reduction", reduction, ("mean", "sum"))
+    return features, maps, weights
+
+
+def alignment_loss(
+    features,
+    maps,
+    *,
+    eta: float = 1.0,
+    weights=None,
+    reduction: str = "mean",
+    backend: str = "auto",
+) -> Tensor:
+    """Semantic alignment loss of SPEC 3, summed over levels.
+
+    L = sum_l w_l (||F_l (1 - M_l)||^2 - eta <F_l, M_l>), each level's term
+    divided by F_l.numel() when reduction="mean". Maps (B, 1, H_l, W_l) in
+    [0, 1] broadcast over channels. Half-precision inputs accumulate in
+    float32 and return a float32 loss.
+    """
+    features, maps, weights = _check_alignment_args(features, maps, eta, weights, reduction)
+    chosen = _backends.resolve("alignment_loss", backend, features[0].device.type)
+    if chosen == "reference":
+        return reference.alignment_loss(features, maps, eta=eta, weights=weights, reduction=reduction)
+    from .ops import alignment as _align_ops
+
+    return _align_ops.alignment_loss_native(features, maps, eta=float(eta), weights=weights, reduction=reduction)

@@ -1,0 +1,129 @@
+"""nn.Module wrappers: the cross-attention stage, the pyramid and the alignment loss."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from . import _checks, functional
+
+
+class SemanticCrossAttention(nn.Module):
+    """Mask-weighted K/V cross-attention for one decoder stage (SPEC 2).
+
+    y = dec + W_o(attention(W_q dec, m * W_k enc, m * W_v enc)), with 1x1
+    projections without bias and W_o zero-initialised, so a new module
+    returns `dec` unchanged. `guidance` (B, 1, h, w) of any size is
+    area-averaged to the encoder feature's size to give the per-key weight m.
+
+    Options: backend ("auto"), scale (head_dim ** -0.5).
+    """
+
+    def __init__(self, dec_channels: int, enc_channels: int, heads: int = 1, head_dim: int | None = None,
+                 *, backend: str = "auto", scale: float | None = None):
+        super().__init__()
+        for name, value in (("dec_channels", dec_channels), ("enc_channels", enc_channels), ("heads", heads)):
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if head_dim is None:
+            if dec_channels % heads:
+                raise ValueError(f"dec_channels ({dec_channels}) must be divisible by heads ({heads}) unless head_dim is given")
+            head_dim = dec_channels // heads
+        if not isinstance(head_dim, int) or head_dim < 1:
+            raise ValueError(f"head_dim must be a positive integer, got {head_dim!r}")
+        self.dec_channels, self.enc_channels = dec_channels, enc_channels
+        self.heads, self.head_dim = heads, head_dim
+        self.backend, self.scale = backend, scale
+        inner = heads * head_dim
+        self.q_proj = nn.Conv2d(dec_channels, inner, 1, bias=False)
+        self.k_proj = nn.Conv2d(enc_channels, inner, 1, bias=False)
+        self.v_proj = nn.Conv2d(enc_channels, inner, 1, bias=False)
+        self.out_proj = nn.Conv2d(inner, dec_channels, 1, bias=True)
+        nn.init.zeros_(self.out_proj.weight)
+        nn.init.zeros_(self.out_proj.bias)
+
+    def extra_repr(self) -> str:
+        return (f"dec_channels={self.dec_channels}, enc_channels={self.enc_channels}, "
+                f"heads={self.heads}, head_dim={self.head_dim}, backend={self.backend!r}")
+
+    def _heads(self, x: Tensor) -> Tensor:
+        """(B, h*d, H, W) -> (B, h, H*W, d) as a view (NCHW and channels-last alike)."""
+        B, _, H, W = x.shape
+        return x.view(B, self.heads, self.head_dim, H * W).transpose(-1, -2)
+
+    def forward(self, dec: Tensor, enc: Tensor, guidance: Tensor) -> Tensor:
+        _checks.tensor("dec", dec, ndim=4)
+        _checks.tensor("enc", enc, ndim=4)
+        _checks.tensor("guidance", guidance, ndim=4)
+        _checks.same_device(dec=dec, enc=enc, guidance=guidance)
+        B, Cd, H, W = dec.shape
+        if Cd != self.dec_channels:
+            raise ValueError(f"dec must have {self.dec_channels} channels, got shape {tuple(dec.shape)}")
+        if enc.shape[1] != self.enc_channels:
+            raise ValueError(f"enc must have {self.enc_channels} channels, got shape {tuple(enc.shape)}")
+        if enc.shape[0] != B or guidance.shape[0] != B:
+            raise ValueError(
+                f"dec, enc and guidance must share the batch size: {tuple(dec.shape)}, {tuple(enc.shape)}, {tuple(guidance.shape)}"
+            )
+        if guidance.shape[1] != 1:
+            raise ValueError(f"guidance must have one channel (B, 1, h, w), got {tuple(guidance.shape)}")
+        _checks.unit_interval("guidance", guidance)
+        He, We = enc.shape[-2:]
+        m = F.adaptive_avg_pool2d(guidance, (He, We)).reshape(B, He * We)
+        q, k, v = self._heads(self.q_proj(dec)), self._heads(self.k_proj(enc)), self._heads(self.v_proj(enc))
+        scale = self.scale if self.scale is not None else self.head_dim ** -0.5
+        functional._check_attention_args(q, k, v, m.to(k.dtype), None, scale, check_values=False)
+        out = functional._attention(q, k, v, m.to(k.dtype), None, float(scale), self.backend)
+        out = out.transpose(-1, -2).reshape(B, self.heads * self.head_dim, H, W)
+        return dec + self.out_proj(out).to(dec.dtype)
+
+
+class GuidancePyramid(nn.Module):
+    """SPEC 1 as a module: forward(scores, text=None, grid_size=None) -> list of maps.
+
+    Options: renormalize (False), backend ("auto").
+    """
+
+    def __init__(self, sizes, gamma: float = 2.0, delta: float = 0.2, *, renormalize: bool = False,
+                 backend: str = "auto"):
+        super().__init__()
+        self.sizes = [_checks.size_pair(f"sizes[{i}]", s) for i, s in enumerate(sizes)]
+        if not self.sizes:
+            raise ValueError("sizes must be a non-empty list of (H, W) pairs")
+        if not (gamma >= 1):
+            raise ValueError(f"gamma must be >= 1, got {gamma!r}")
+        if not (0 <= delta < 1):
+            raise ValueError(f"delta must be in [0, 1), got {delta!r}")
+        self.gamma, self.delta, self.renormalize, self.backend = float(gamma), float(delta), renormalize, backend
+
+    def extra_repr(self) -> str:
+        return f"sizes={self.sizes}, gamma={self.gamma}, delta={self.delta}, renormalize={self.renormalize}"
+
+    def forward(self, scores: Tensor, text: Tensor | None = None, grid_size=None) -> list[Tensor]:
+        return functional.guidance_pyramid(
+            scores, self.sizes, gamma=self.gamma, delta=self.delta, text=text, grid_size=grid_size,
+            renormalize=self.renormalize, backend=self.backend,
+        )
+
+
+class SemanticAlignmentLoss(nn.Module):
+    """weight * alignment_loss(features, maps) (SPEC 3); weight is lambda_align (paper: 0.1)."""
+
+    def __init__(self, eta: float = 1.0, weight: float = 0.1, level_weights=None, reduction: str = "mean",
+                 *, backend: str = "auto"):
+        super().__init__()
+        if not (eta >= 0):
+            raise ValueError(f"eta must be >= 0, got {eta!r}")
+        _checks.choice("reduction", reduction, ("mean", "sum"))
+        self.eta, self.weight, self.reduction, self.backend = float(eta), float(weight), reduction, backend
+        self.level_weights = None if level_weights is None else [float(w) for w in level_weights]
+
+    def extra_repr(self) -> str:
+        return f"eta={self.eta}, weight={self.weight}, level_weights={self.level_weights}, reduction={self.reduction!r}"
+
+    def forward(self, features, maps) -> Tensor:
+        loss = functional.alignment_loss(
+            features, maps, eta=self.eta, weights=self.level_weights, reduction=self.reduction, backend=self.backend
+        )
+        return self.weight * loss

@@ -1,0 +1,111 @@
+"""Registrations for the compiled alignment-loss op ssattn::alignment_loss_fused (ssattn._C).
+
+The schema and the CPU/CUDA kernels come from csrc/ (loading ssattn._C
+registers them); this module adds the fake kernel and the autograd formula
+when the extension is built. The op returns the loss and, in the same pass
+over F and M, the gradients dL/dF and dL/dM that autograd will need; the
+backward only hands them back (scaled when grad_output is not exactly 1).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .._backends import native_module
+
+OP_NAME = "ssattn::alignment_loss_fused"
+
+
+def has_cuda() -> bool:
+    """Whether ssattn._C was compiled with its CUDA kernels."""
+    mod = native_module()
+    return mod is not None and bool(getattr(mod, "has_cuda", lambda: False)())
+
+
+def available(device) -> bool:
+    """Whether the compiled op can run on `device` (a torch.device or a device type such as "cuda")."""
+    if native_module() is None or not _registered:
+        return False
+    kind = device if isinstance(device, str) else torch.device(device).type
+    if kind == "cuda":
+        return has_cuda()
+    return kind == "cpu"
+
+
+# --------------------------------------------------------------------------- fake kernel + autograd
+def _fake(features, maps, weights, eta, mean, grad_features, grad_maps):
+    acc = torch.float64 if features[0].dtype == torch.float64 else torch.float32
+    loss = features[0].new_empty((), dtype=acc)
+    gf = [torch.empty_like(f) for f in features] if grad_features else []
+    gm = [torch.empty_like(m) for m in maps] if grad_maps else []
+    return loss, gf, gm
+
+
+def _setup_context(ctx, inputs, output):
+    _, gf, gm = output
+    ctx.n_f = len(gf)
+    ctx.save_for_backward(*gf, *gm)
+    ctx.mark_non_differentiable(*gf, *gm)
+
+
+def _grad_is_one(g: Tensor) -> bool:
+    """True only for a concrete grad_output equal to 1 (loss.backward()); False while tracing."""
+    if type(g) is not torch.Tensor or torch.compiler.is_compiling():
+        return False  # FakeTensor / FunctionalTensor under torch.compile: multiply
+    if g.is_cuda and torch.cuda.is_current_stream_capturing():
+        return False  # no host sync inside a CUDA graph capture
+    return bool(g == 1)
+
+
+def _backward(ctx, grad_loss, _grad_gf, _grad_gm):
+    saved = ctx.saved_tensors
+    gf, gm = list(saved[: ctx.n_f]), list(saved[ctx.n_f :])
+    if grad_loss is not None and not _grad_is_one(grad_loss):
+        gf = [g * grad_loss for g in gf]
+        gm = [g * grad_loss for g in gm]
+    return gf or None, gm or None, None, None, None, None, None
+
+
+_registered = False
+
+
+def _register() -> None:
+    global _registered
+    if native_module() is None or not hasattr(torch.ops.ssattn, "alignment_loss_fused"):
+        return
+    torch.library.register_fake(OP_NAME)(_fake)
+    torch.library.register_autograd(OP_NAME, _backward, setup_context=_setup_context)
+    _registered = True
+
+
+_register()
+
+
+# --------------------------------------------------------------------------- entry point used by functional.py
+def _kernel_dtypes(features, maps):
+    """One feature dtype and one map dtype (that one, or float32 for half features) for the kernel."""
+    fd = features[0].dtype
+    for f in features[1:]:
+        fd = torch.promote_types(fd, f.dtype)
+    md = maps[0].dtype
+    for m in maps[1:]:
+        md = torch.promote_types(md, m.dtype)
+    acc = torch.promote_types(torch.promote_types(fd, md), torch.float32)
+    if acc == torch.float64:
+        return torch.float64, torch.float64
+    return fd, (md if md == fd else torch.float32)
+
+
+def alignment_loss_native(features, maps, *, eta: float, weights, reduction: str) -> Tensor:
+    """SPEC 3 loss through the compiled op (inputs already validated by functional.alignment_loss)."""
+    fd, md = _kernel_dtypes(features, maps)
+    features = [f if f.dtype == fd else f.to(fd) for f in features]
+    maps = [m if m.dtype == md else m.to(md) for m in maps]
+    grad_on = torch.is_grad_enabled()
+    gf = grad_on and any(f.requires_grad for f in features)
+    gm = grad_on and any(m.requires_grad for m in maps)
+    loss, _, _ = torch.ops.ssattn.alignment_loss_fused(
+        features, maps, [float(w) for w in weights], float(eta), reduction == "mean", gf, gm
+    )
+    return loss

@@ -1,0 +1,19 @@
+"""Pure-PyTorch references: the ground truth every fast path is tested against.
+
+They follow ../SPEC.md literally, differentiate through autograd, and run on
+any device and floating dtype. Inputs are assumed valid (the functional API
+validates them).
+"""
+
+from .alignment import alignment_loss
+from .attention import masked_cross_attention
+from .pyramid import guidance_pyramid, sharpen, similarity_grid, normalize_minmax
+
+__all__ = [
+    "alignment_loss",
+    "guidance_pyramid",
+    "masked_cross_attention",
+    "normalize_minmax",
+    "sharpen",
+    "similarity_grid",
+]

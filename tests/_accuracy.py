@@ -1,0 +1,47 @@
+"""SPEC's accuracy rule, shared by every suite.
+
+A fast path and the reference, both run in the same dtype, are compared with
+the reference run in float64: the fast path's error may be at most
+`factor` (2) times the reference's own error plus a small absolute floor
+(the convention of flash-attention's tests). NaN never passes.
+"""
+
+from __future__ import annotations
+
+import torch
+
+# Absolute floors per dtype: the error a correctly rounded result can have
+# near zero, where the reference's own error may happen to vanish.
+FLOOR = {
+    torch.float64: 1e-12,
+    torch.float32: 1e-6,
+    torch.float16: 1e-3,
+    torch.bfloat16: 1e-2,
+}
+
+
+def max_error(x: torch.Tensor, truth: torch.Tensor) -> float:
+    return (x.detach().double() - truth.detach().double()).abs().max().item() if x.numel() else 0.0
+
+
+def assert_accurate(fast, ref_same_dtype, ref64, *, factor: float = 2.0, floor: float | None = None, name: str = "output"):
+    """Check `fast` against the float64 truth by the accuracy rule; returns (fast_err, ref_err)."""
+    fast, ref, truth = fast.detach(), ref_same_dtype.detach(), ref64.detach()
+    assert fast.shape == truth.shape, f"{name}: shape {tuple(fast.shape)} != {tuple(truth.shape)}"
+    assert not torch.isnan(fast).any(), f"{name}: NaN in the fast path's result"
+    truth_nan = torch.isnan(truth)
+    assert not truth_nan.any(), f"{name}: NaN in the float64 reference (bad test input)"
+    if floor is None:
+        floor = FLOOR.get(fast.dtype, 1e-6) * max(1.0, truth.abs().max().item())
+    fast_err = max_error(fast, truth)
+    ref_err = max_error(ref, truth)
+    bound = factor * ref_err + floor
+    assert fast_err <= bound, (
+        f"{name}: error {fast_err:.3e} exceeds {factor} x reference error {ref_err:.3e} + floor {floor:.1e}"
+    )
+    return fast_err, ref_err
+
+
+def poison_like(x: torch.Tensor) -> torch.Tensor:
+    """A tensor of x's shape full of NaN, to catch outputs that are never written."""
+    return torch.full_like(x, float("nan"))

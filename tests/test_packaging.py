@@ -1,0 +1,40 @@
+"""Install layout, the CLI entry point, and CI running exactly the README's test command."""
+
+import pathlib
+import re
+import subprocess
+import sys
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _readme_commands():
+    readme = (ROOT / "README.md").read_text()
+    quick = readme.split("## Quick start", 1)[1].split("\n## ", 1)[0]
+    return re.findall(r"```bash\n(.+?)\n```", quick)
+
+
+def test_readme_quick_start_is_two_commands_and_ci_runs_the_test_one():
+    commands = _readme_commands()
+    assert len(commands) == 2, commands
+    assert commands[0].rstrip().endswith("ssattn demo")
+    assert commands[1].rstrip().endswith("pytest")
+    ci = (ROOT / ".ci" / "run").read_text().splitlines()
+    assert commands[1] in ci, "CI must run the README's test command verbatim"
+
+
+def test_kernels_ship_inside_ssattn_not_top_level(tmp_path):
+    code = (
+        "import importlib.util, ssattn.kernels\n"
+        "print(ssattn.kernels.__name__)\n"
+        "print(importlib.util.find_spec('kernels') is None)\n"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.split() == ["ssattn.kernels", "True"]
+
+
+def test_cli_info_runs():
+    res = subprocess.run([sys.executable, "-m", "ssattn", "info"], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert "ssattn 0.1.0" in res.stdout and "native extension ssattn._C" in res.stdout
