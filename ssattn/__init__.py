@@ -5,7 +5,9 @@ enhancement network through a mask-weighted cross-attention at each decoder
 stage and an alignment loss on decoder features. See README.md and SPEC.
 """
 
+from . import models
 from ._checks import set_value_checks
+from .dropin import remove_semantic_sensitive, semantic_sensitive
 from .functional import alignment_loss, guidance_pyramid, masked_cross_attention
 from .modules import GuidancePyramid, SemanticAlignmentLoss, SemanticCrossAttention
 
@@ -18,5 +20,8 @@ __all__ = [
     "alignment_loss",
     "guidance_pyramid",
     "masked_cross_attention",
+    "models",
+    "remove_semantic_sensitive",
+    "semantic_sensitive",
     "set_value_checks",
 ]

@@ -20,6 +20,16 @@ BACKENDS = ("auto", "reference", "triton", "native")
 _warned: set[str] = set()
 
 
+def constant_for_compile(fn):
+    """torch.compiler.assume_constant_result, without importing torch._dynamo at `import ssattn`.
+
+    That decorator only sets this attribute, but its import costs seconds;
+    tests/test_ops.py's fullgraph compile tests fail if the mechanism changes.
+    """
+    fn._dynamo_marked_constant = True
+    return fn
+
+
 def warn_once(key: str, message: str) -> None:
     if key not in _warned:
         _warned.add(key)
@@ -91,7 +101,7 @@ def can_run(op: str, name: str, device_type: str) -> bool:
     return False
 
 
-@torch.compiler.assume_constant_result
+@constant_for_compile
 def resolve(op: str, backend: str, device_type: str, allow_fast: bool = True) -> str:
     """The backend one call uses: "reference" or a fast backend name.
 
@@ -124,7 +134,7 @@ def resolve(op: str, backend: str, device_type: str, allow_fast: bool = True) ->
     return backend
 
 
-@torch.compiler.assume_constant_result
+@constant_for_compile
 def attention_impl(dtype: torch.dtype) -> str:
     """The impl string of the Triton attention op for inputs of this dtype.
 

@@ -8,6 +8,7 @@ mode only (never while torch.compile traces) and can be switched off with
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Sequence
 
@@ -79,6 +80,14 @@ def size_pair(name: str, s) -> tuple[int, int]:
     if not ok or h < 1 or w < 1:
         raise ValueError(f"{name} must be a pair of positive integers (H, W), got {s!r}")
     return h, w
+
+
+def sharpening(gamma, delta) -> None:
+    """SPEC 1's sharpening parameters: gamma >= 1 (finite), 0 <= delta < 1."""
+    if not (isinstance(gamma, (int, float)) and math.isfinite(gamma) and gamma >= 1):
+        raise ValueError(f"gamma must be a finite number >= 1, got {gamma!r}")
+    if not (isinstance(delta, (int, float)) and 0 <= delta < 1):
+        raise ValueError(f"delta must be in [0, 1), got {delta!r}")
 
 
 def nonempty_list(name: str, xs) -> list:

@@ -49,10 +49,7 @@ def _check_pyramid_args(scores, sizes, gamma, delta, text, grid_size):
     for i, (h, w) in enumerate(pairs[1:], 1):
         if h > H or w > W:
             raise ValueError(f"sizes[{i}] = {(h, w)} is larger than the image size sizes[0] = {(H, W)}")
-    if not (isinstance(gamma, (int, float)) and math.isfinite(gamma) and gamma >= 1):
-        raise ValueError(f"gamma must be a finite number >= 1, got {gamma!r}")
-    if not (isinstance(delta, (int, float)) and 0 <= delta < 1):
-        raise ValueError(f"delta must be in [0, 1), got {delta!r}")
+    _checks.sharpening(gamma, delta)
     return pairs
 
 

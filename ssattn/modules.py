@@ -91,10 +91,7 @@ class GuidancePyramid(nn.Module):
         self.sizes = [_checks.size_pair(f"sizes[{i}]", s) for i, s in enumerate(sizes)]
         if not self.sizes:
             raise ValueError("sizes must be a non-empty list of (H, W) pairs")
-        if not (gamma >= 1):
-            raise ValueError(f"gamma must be >= 1, got {gamma!r}")
-        if not (0 <= delta < 1):
-            raise ValueError(f"delta must be in [0, 1), got {delta!r}")
+        _checks.sharpening(gamma, delta)
         self.gamma, self.delta, self.renormalize, self.backend = float(gamma), float(delta), renormalize, backend
 
     def extra_repr(self) -> str:

@@ -110,6 +110,8 @@ def test_cross_attention_errors():
         block(dec, enc, g[:, 0])
     with pytest.raises(ValueError, match=r"guidance must have values in \[0, 1\]"):
         block(dec, enc, g * 255)
+    with pytest.raises(ValueError, match=r"guidance is on meta but dec is on cpu"):
+        block(dec, enc, g.to("meta"))
     with pytest.raises(TypeError, match=r"dec must have a floating dtype"):
         block(dec.long(), enc, g)
     with pytest.raises(ValueError, match=r"dec_channels \(8\) must be divisible by heads \(3\)"):
@@ -129,7 +131,7 @@ def test_guidance_pyramid_module():
     want = ref.guidance_pyramid(feats, mod.sizes, gamma=3.0, delta=0.1, text=text, grid_size=(6, 6), renormalize=True)
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b)
-    with pytest.raises(ValueError, match=r"gamma must be >= 1"):
+    with pytest.raises(ValueError, match=r"gamma must be a finite number >= 1"):
         ssattn.GuidancePyramid([(4, 4)], gamma=0.5)
     with pytest.raises(ValueError, match=r"sizes\[0\] must be a pair"):
         ssattn.GuidancePyramid([(4, -1)])

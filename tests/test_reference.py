@@ -57,6 +57,16 @@ def test_similarity_by_hand():
     torch.testing.assert_close(s, torch.tensor([[[1.0, 0.0], [-1.0, 0.0]]], dtype=f64))
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_zero_features_give_zero_similarity_in_every_dtype(dtype):
+    feats = torch.randn(1, 4, 3).to(dtype)
+    feats[0, 2] = 0.0
+    maps = ref.guidance_pyramid(feats, [(4, 4)], text=torch.zeros(3, dtype=dtype), grid_size=(2, 2))
+    assert torch.equal(maps[0], torch.zeros_like(maps[0]))  # all similarities 0: a constant grid
+    maps = ref.guidance_pyramid(feats, [(4, 4)], text=torch.ones(3, dtype=dtype), grid_size=(2, 2))
+    assert torch.isfinite(maps[0]).all() and maps[0].dtype == dtype
+
+
 def test_pyramid_from_features_equals_pyramid_from_similarity():
     feats, text = torch.randn(3, 12, 8, dtype=f64), torch.randn(3, 8, dtype=f64)
     a = ref.guidance_pyramid(feats, [(7, 9), (3, 4)], text=text, grid_size=(3, 4))

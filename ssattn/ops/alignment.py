@@ -12,20 +12,20 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .._backends import native_module
+from .. import _backends
 
 OP_NAME = "ssattn::alignment_loss_fused"
 
 
 def has_cuda() -> bool:
     """Whether ssattn._C was compiled with its CUDA kernels."""
-    mod = native_module()
+    mod = _backends.native_module()
     return mod is not None and bool(getattr(mod, "has_cuda", lambda: False)())
 
 
 def available(device) -> bool:
     """Whether the compiled op can run on `device` (a torch.device or a device type such as "cuda")."""
-    if native_module() is None or not _registered:
+    if _backends.native_module() is None or not _registered:
         return False
     kind = device if isinstance(device, str) else torch.device(device).type
     if kind == "cuda":
@@ -45,6 +45,7 @@ def _fake(features, maps, weights, eta, mean, grad_features, grad_maps):
 def _setup_context(ctx, inputs, output):
     _, gf, gm = output
     ctx.n_f = len(gf)
+    ctx.levels = len(inputs[0])
     ctx.save_for_backward(*gf, *gm)
     ctx.mark_non_differentiable(*gf, *gm)
 
@@ -64,7 +65,8 @@ def _backward(ctx, grad_loss, _grad_gf, _grad_gm):
     if grad_loss is not None and not _grad_is_one(grad_loss):
         gf = [g * grad_loss for g in gf]
         gm = [g * grad_loss for g in gm]
-    return gf or None, gm or None, None, None, None, None, None
+    none = [None] * ctx.levels  # the returned structure must match the inputs (lists of levels)
+    return gf or none, gm or none, None, None, None, None, None
 
 
 _registered = False
@@ -72,7 +74,7 @@ _registered = False
 
 def _register() -> None:
     global _registered
-    if native_module() is None or not hasattr(torch.ops.ssattn, "alignment_loss_fused"):
+    if _backends.native_module() is None or not hasattr(torch.ops.ssattn, "alignment_loss_fused"):
         return
     torch.library.register_fake(OP_NAME)(_fake)
     torch.library.register_autograd(OP_NAME, _backward, setup_context=_setup_context)

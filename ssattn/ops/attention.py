@@ -55,7 +55,7 @@ def torch_forward(q, k, v, weight, kpm, scale, options=""):
 
 
 def torch_backward(grad_out, q, k, v, weight, kpm, out, lse, scale, weight_grad, options=""):
-    dtypes = (q.dtype, k.dtype, v.dtype)
+    q_in, k_in, v_in = q, k, v
     q, k, v, do, o = (_opmath(t) for t in (q, k, v, grad_out, out))
     w = None if weight is None else _opmath(weight)
     kw, s = _scores(q, k, w, kpm, scale)
@@ -78,7 +78,15 @@ def torch_backward(grad_out, q, k, v, weight, kpm, out, lse, scale, weight_grad,
             dweight = ((dkw * k).sum(-1) + (dvw * v).sum(-1)).sum(1).to(weight.dtype)
         else:
             dweight = q.new_empty(0)
-    return dq.to(dtypes[0]), dk.to(dtypes[1]), dv.to(dtypes[2]), dweight
+    return _like(dq, q_in), _like(dk, k_in), _like(dv, v_in), dweight
+
+
+def _like(grad: Tensor, x: Tensor) -> Tensor:
+    """grad in x's dtype and in the layout of empty_like(x), as the fake kernel promises."""
+    out = torch.empty_like(x)
+    if out.stride() == grad.stride() and grad.dtype == x.dtype:
+        return grad
+    return out.copy_(grad)
 
 
 def _implementation(impl: str):

@@ -53,13 +53,17 @@ def guidance_pyramid(
     renormalize: bool = False,
 ) -> list[torch.Tensor]:
     """Return one (B, 1, H_l, W_l) map per size; the first is M_sem at sizes[0]."""
+    out_dtype = scores.dtype
+    # Half inputs are computed in float32: NORM_EPS underflows in fp16, and
+    # interpolation and pow lose too much there.
+    if out_dtype in (torch.float16, torch.bfloat16):
+        scores = scores.float()
+        text = None if text is None else text.float()
     if text is not None:
         scores = similarity_grid(scores, text, grid_size)
-    # Half inputs are computed in float32 (interpolation and pow lose too much in fp16).
-    compute = scores.float() if scores.dtype in (torch.float16, torch.bfloat16) else scores
-    grid = sharpen(normalize_minmax(compute), gamma, delta, renormalize).unsqueeze(1)
+    grid = sharpen(normalize_minmax(scores), gamma, delta, renormalize).unsqueeze(1)
     m_sem = F.interpolate(grid, size=tuple(sizes[0]), mode="bilinear", align_corners=False)
     maps = [m_sem]
     for size in sizes[1:]:
         maps.append(F.adaptive_avg_pool2d(m_sem, tuple(size)))
-    return [m.to(scores.dtype) for m in maps]
+    return [m.to(out_dtype) for m in maps]

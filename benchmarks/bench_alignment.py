@@ -1,0 +1,116 @@
+"""Alignment loss (SPEC 3), forward + backward: ssattn._C against eager PyTorch and torch.compile.
+
+Run: pytest benchmarks/bench_alignment.py --benchmark-group-by=group
+     (add -m "not gpu" on a machine without CUDA, or just let the GPU cases skip).
+
+GPU cases: 4 decoder levels C = 32, 64, 128, 256 at 256, 128, 64, 32 pixels
+square (SPEC's peer table), B = 8 and 16, float32 and bfloat16 (maps in the
+features' dtype), NCHW. CPU cases are scaled down (from 64x64, B = 2, one
+thread) and add channels-last. Every peer computes the same formula
+(ssattn.reference.alignment_loss) and its gradients w.r.t. features and maps.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+
+import ssattn
+from ssattn import _backends
+from ssattn import reference as ref
+from ssattn.ops import alignment as align_ops
+
+HAS_CUDA = torch.cuda.is_available()
+NATIVE = _backends.native_module()
+ETA = 1.0
+
+GPU_LEVELS = [(32, 256), (64, 128), (128, 64), (256, 32)]  # (C, H = W)
+CPU_LEVELS = [(32, 64), (64, 32), (128, 16), (256, 8)]
+PEERS = ["eager", "compile", "native"]
+
+
+def _inputs(B, levels, dtype, device, channels_last=False):
+    feats, maps = [], []
+    for C, S in levels:
+        f = torch.randn(B, C, S, S, device=device, dtype=dtype)
+        if channels_last:
+            f = f.contiguous(memory_format=torch.channels_last)
+        feats.append(f.requires_grad_())
+        maps.append(torch.rand(B, 1, S, S, device=device, dtype=dtype).requires_grad_())
+    return feats, maps
+
+
+def _eager(F, M):
+    return ref.alignment_loss(F, M, eta=ETA, reduction="mean")
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled():
+    return torch.compile(_eager, dynamic=False)
+
+
+def _native(F, M):
+    return ssattn.alignment_loss(F, M, eta=ETA, reduction="mean", backend="native")
+
+
+def _fn(peer):
+    return {"eager": _eager, "compile": _compiled(), "native": _native}[peer]
+
+
+def _step(fn, F, M, sync):
+    for x in F + M:
+        x.grad = None
+    loss = fn(F, M)
+    loss.backward()
+    sync()
+
+
+def _bench(benchmark, peer, F, M, device, rounds):
+    if peer == "native" and (NATIVE is None or not align_ops.available(device)):
+        pytest.skip(f"ssattn._C cannot run on {device}")
+    fn = _fn(peer)
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    for _ in range(3):  # warm-up (and compilation)
+        _step(fn, F, M, sync)
+    benchmark.pedantic(_step, args=(fn, F, M, sync), rounds=rounds, iterations=1, warmup_rounds=1)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("B", [8, 16])
+@pytest.mark.parametrize("peer", PEERS)
+def test_alignment_cuda_fwd_bwd(benchmark, peer, B, dtype):
+    F, M = _inputs(B, GPU_LEVELS, dtype, "cuda")
+    benchmark.group = f"alignment cuda B={B} {str(dtype).split('.')[-1]} 4 levels from 256x256 fwd+bwd"
+    mb = sum(f.numel() for f in F) * F[0].element_size() / 2**20
+    benchmark.extra_info.update(peer=peer, feature_MiB=round(mb, 1))
+    _bench(benchmark, peer, F, M, "cuda", rounds=50)
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("peer", ["eager", "native"])
+def test_alignment_cpu_fwd_bwd(benchmark, peer, dtype, layout):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        F, M = _inputs(2, CPU_LEVELS, dtype, "cpu", channels_last=layout == "channels_last")
+        benchmark.group = f"alignment cpu B=2 {str(dtype).split('.')[-1]} {layout} 4 levels from 64x64 fwd+bwd"
+        benchmark.extra_info.update(peer=peer, threads=1)
+        _bench(benchmark, peer, F, M, "cpu", rounds=30)
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", [torch.float32], ids=["fp32"])
+def test_alignment_cpu_fwd_bwd_compile(benchmark, dtype):
+    """torch.compile on CPU (Inductor C++ codegen; slow to compile, hence marked slow)."""
+    torch.set_num_threads(1)
+    F, M = _inputs(2, CPU_LEVELS, dtype, "cpu")
+    benchmark.group = f"alignment cpu B=2 {str(dtype).split('.')[-1]} nchw 4 levels from 64x64 fwd+bwd"
+    benchmark.extra_info.update(peer="compile", threads=1)
+    _bench(benchmark, "compile", F, M, "cpu", rounds=30)

@@ -1,0 +1,276 @@
+"""Triton kernels for SPEC 2's mask-weighted K/V cross-attention (host side).
+
+Contract (used by ssattn.ops.attention through the impl string "triton[:options]"):
+
+    forward(q, k, v, weight, key_padding_mask, scale, options) -> (out, lse)
+    backward(grad_out, q, k, v, weight, key_padding_mask, out, lse, scale,
+             weight_grad, options) -> (dq, dk, dv, dweight)
+    default_impl(q) -> "triton" | "triton:tf32" | "triton:ieee" | "torch"
+
+q (B, h, Nq, d), k (B, h, Nk, d), v (B, h, Nk, dv) with any strides (read in
+place, never copied); weight (B, Nk) or None; key_padding_mask (B, Nk) bool or
+None (True = padded). out (B, h, Nq, dv) contiguous in q.dtype; lse (B, h, Nq)
+float32, natural log, +inf for a row whose keys are all padded (its out is 0).
+
+options: comma-separated flags. Precision of float32 dots: "ieee" (default
+for float32), "tf32", "tf32x3". "deterministic" is accepted and free: the
+backward uses no atomics (dweight per-head partials are summed in a fixed
+order). Environment: SSATTN_AUTOTUNE=0 launches one heuristic config per
+shape instead of autotuning (used by the GPU test sweep to save compile time).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+
+from ._attention_bwd import attn_bwd_delta_kernel, attn_bwd_dkdv_kernel, attn_bwd_dq_kernel
+from ._attention_fwd import attn_fwd_kernel
+
+LOG2E = 1.4426950408889634
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+_PRECISIONS = ("ieee", "tf32", "tf32x3")
+_FLAGS = ("deterministic",)
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_MAX_HEAD_DIM = 256
+# Output allocators (module level so a test can poison them and catch unwritten elements).
+_empty = torch.empty
+_empty_like = torch.empty_like
+# Block sizes under the interpreter: big enough to be quick, small enough that
+# the CPU tests cover full blocks and a peeled partial one.
+_INTERPRET_BLOCKS = {"BLOCK_M": 64, "BLOCK_N": 64}
+
+
+# --------------------------------------------------------------------------- options
+def parse_options(options: str) -> tuple[str, bool]:
+    """(precision, deterministic) from an options string such as "tf32,deterministic"."""
+    precision, deterministic = None, False
+    for flag in (f.strip() for f in (options or "").split(",")):
+        if not flag:
+            continue
+        if flag in _PRECISIONS:
+            if precision is not None and precision != flag:
+                raise ValueError(f"attention options {options!r} name two precisions ({precision}, {flag})")
+            precision = flag
+        elif flag in _FLAGS:
+            deterministic = True
+        else:
+            raise ValueError(
+                f"unknown attention option {flag!r} in {options!r}; expected comma-separated flags from "
+                f"{list(_PRECISIONS + _FLAGS)}"
+            )
+    return precision or "ieee", deterministic
+
+
+def _fp32_allows_tf32() -> bool:
+    matmul = torch.backends.cuda.matmul
+    prec = getattr(matmul, "fp32_precision", None)  # newer torch: "ieee" | "tf32" | "none"
+    if prec in ("tf32",):
+        return True
+    if prec in ("ieee",):
+        return False
+    if torch.get_float32_matmul_precision() != "highest":
+        return True
+    return bool(getattr(matmul, "allow_tf32", False))
+
+
+def default_impl(q: torch.Tensor) -> str:
+    """The impl string for q: "triton" for half inputs; float32 follows torch's TF32 setting."""
+    if q.dtype in (torch.float16, torch.bfloat16):
+        return "triton"
+    if q.dtype == torch.float32:
+        return "triton:tf32" if _fp32_allows_tf32() else "triton:ieee"
+    return "torch"  # float64 and others: the explicit PyTorch formulas
+
+
+# --------------------------------------------------------------------------- configs
+def _bucket(n: int) -> int:
+    """Autotune key for a length: its power-of-two class (capped), so results are cached per class."""
+    return min(triton.next_power_of_2(max(int(n), 1)), 1 << 16)
+
+
+def _configs(choices):
+    """triton.Config list from (BLOCK_M, BLOCK_N, warps, stages); one fixed config under the interpreter."""
+    if INTERPRET:  # autotune with 2+ configs fails in the interpreter
+        return [triton.Config(dict(_INTERPRET_BLOCKS), num_warps=4, num_stages=1)]
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s) for bm, bn, w, s in choices]
+
+
+def _prune(configs, named_args, **kwargs):
+    """Drop configs far larger than the problem or too big for the head dim and dtype (registers, shared memory)."""
+    args = {**named_args, **kwargs}
+    nq, nk, bd = args["Nq"], args["Nk"], max(args["BLOCK_D"], args["BLOCK_DV"])
+    fp32 = args["Q"].dtype == torch.float32
+    keep = []
+    for c in configs:
+        bm, bn, stages = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_stages
+        if bm > max(64, triton.next_power_of_2(nq)) or bn > max(64, triton.next_power_of_2(nk)):
+            continue
+        if bd >= 128 and (bm * bn > 128 * 64 or (fp32 and (bm * bn > 64 * 64 or stages > 2))):
+            continue
+        if fp32 and (bm * bn > 64 * 128 or (bd >= 64 and stages > 3)):
+            continue
+        keep.append(c)
+    return keep or [min(configs, key=lambda c: (c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"], c.num_stages))]
+
+
+# Compile time grows with every config (each is built on first use, ~2-10 s on a busy host),
+# so the lists are short: the H100 calibration in KERNEL-NOTES plus neighbours.
+_KEYS = ["NQ_BUCKET", "NK_BUCKET", "HEAD_DIM", "HEAD_DV", "HAS_W", "HAS_KPM", "PREC"]
+_FWD_CHOICES = [  # (BLOCK_M queries, BLOCK_N keys, warps, stages)
+    (64, 128, 4, 3), (64, 128, 4, 4), (128, 64, 4, 3), (128, 64, 8, 3),
+    (128, 128, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3), (64, 64, 4, 2),
+]
+_DKDV_CHOICES = [  # BLOCK_M: inner query blocks, BLOCK_N: this program's keys
+    (32, 64, 4, 2), (32, 64, 4, 3), (64, 64, 4, 2), (64, 64, 4, 3), (32, 128, 4, 3), (64, 128, 8, 3),
+]
+_DQ_CHOICES = [  # BLOCK_M: this program's queries, BLOCK_N: inner key blocks
+    (64, 32, 4, 2), (64, 64, 4, 2), (64, 64, 4, 3), (128, 32, 4, 3), (128, 64, 8, 3), (128, 64, 4, 2),
+]
+_PRUNE = {"early_config_prune": _prune}
+_fwd_tuned = triton.autotune(_configs(_FWD_CHOICES), key=_KEYS, prune_configs_by=_PRUNE)(attn_fwd_kernel)
+_dkdv_tuned = triton.autotune(_configs(_DKDV_CHOICES), key=_KEYS + ["WEIGHT_GRAD"], prune_configs_by=_PRUNE)(
+    attn_bwd_dkdv_kernel
+)
+_dq_tuned = triton.autotune(_configs(_DQ_CHOICES), key=_KEYS, prune_configs_by=_PRUNE)(attn_bwd_dq_kernel)
+
+
+def _heuristic(kind: str, bd: int, fp32: bool) -> dict:
+    """One config per shape class (SSATTN_AUTOTUNE=0), from the H100 calibration in KERNEL-NOTES."""
+    if INTERPRET:
+        return dict(_INTERPRET_BLOCKS)
+    if kind == "fwd":
+        if fp32:
+            cfg = (64, 64, 4, 2) if bd >= 64 else (64, 64, 4, 3)
+        elif bd <= 32:
+            cfg = (64, 128, 4, 3)
+        elif bd <= 64:
+            cfg = (128, 64, 4, 3)
+        else:
+            cfg = (128, 64, 8, 3)
+    elif kind == "dkdv":
+        cfg = (32, 64, 4, 2) if (fp32 or bd >= 128) else (64, 64, 4, 3)
+    else:
+        cfg = (64, 32, 4, 2) if (fp32 or bd >= 128) else (64, 64, 4, 3)
+    bm, bn, w, s = cfg
+    return {"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": w, "num_stages": s}
+
+
+def _autotune_enabled() -> bool:
+    return os.environ.get("SSATTN_AUTOTUNE", "1") not in ("0", "false", "False")
+
+
+def _launch(tuned, raw, kind, grid_fn, args, meta, bd, fp32):
+    if _autotune_enabled():
+        tuned[lambda m: grid_fn(m["BLOCK_M"], m["BLOCK_N"])](*args, **meta)
+    else:
+        cfg = _heuristic(kind, bd, fp32)
+        raw[grid_fn(cfg["BLOCK_M"], cfg["BLOCK_N"])](*args, **meta, **cfg)
+
+
+# --------------------------------------------------------------------------- checks
+def _check(q, k, v, weight, kpm):
+    if q.dtype not in _DTYPES:
+        raise TypeError(
+            f"the Triton attention kernels take float16, bfloat16 or float32 q, k, v; got {q.dtype} "
+            "(use impl 'torch' or backend='reference')"
+        )
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"q, k and v must share a dtype, got {q.dtype}, {k.dtype} and {v.dtype}")
+    if q.device.type != "cuda" and not (INTERPRET and q.device.type == "cpu"):
+        raise RuntimeError(f"the Triton attention kernels run on CUDA tensors (or CPU under TRITON_INTERPRET=1), got q on {q.device}")
+    d, dv = q.shape[-1], v.shape[-1]
+    if d > _MAX_HEAD_DIM or dv > _MAX_HEAD_DIM:
+        raise ValueError(f"head dims up to {_MAX_HEAD_DIM} are supported, got q/k {d} and v {dv}")
+    B, h = q.shape[:2]
+    if B * h > 65535:
+        raise ValueError(f"batch * heads must be at most 65535 (CUDA grid), got {B} * {h}")
+    if weight is not None and not weight.is_floating_point():
+        raise TypeError(f"weight must be a floating tensor, got {weight.dtype}")
+    if kpm is not None and kpm.dtype != torch.bool:
+        raise TypeError(f"key_padding_mask must be a bool tensor, got {kpm.dtype}")
+
+
+def _common(q, k, v, weight, kpm, scale, options):
+    precision, _ = parse_options(options)
+    fp32 = q.dtype == torch.float32
+    w = weight if weight is not None else q  # dummy pointer when absent (never read)
+    pad = kpm.view(torch.uint8) if kpm is not None else q
+    d, dv = q.shape[-1], v.shape[-1]
+    meta = dict(
+        HEAD_DIM=d, HEAD_DV=dv,
+        BLOCK_D=max(16, triton.next_power_of_2(d)), BLOCK_DV=max(16, triton.next_power_of_2(dv)),
+        HAS_W=weight is not None, HAS_KPM=kpm is not None, NEG=scale < 0,
+        PREC=precision if fp32 else "tf32",  # ignored by half-precision dots
+        DOT_F32=INTERPRET and q.dtype == torch.bfloat16,  # the interpreter's bf16 dot is wrong
+    )
+    wstr = (w.stride(0), w.stride(1)) if weight is not None else (0, 0)
+    pstr = (pad.stride(0), pad.stride(1)) if kpm is not None else (0, 0)
+    return w, pad, wstr, pstr, meta, fp32
+
+
+# --------------------------------------------------------------------------- forward / backward
+def forward(q, k, v, weight, key_padding_mask, scale, options=""):
+    _check(q, k, v, weight, key_padding_mask)
+    B, H, Nq, _ = q.shape
+    Nk, dv = k.shape[2], v.shape[-1]
+    scale = float(scale)
+    out = _empty((B, H, Nq, dv), device=q.device, dtype=q.dtype)
+    lse = _empty((B, H, Nq), device=q.device, dtype=torch.float32)
+    if out.numel() == 0:
+        lse.fill_(float("inf"))
+        return out, lse
+    w, pad, wstr, pstr, meta, fp32 = _common(q, k, v, weight, key_padding_mask, scale, options)
+    args = (
+        q, k, v, w, pad, out, lse, *q.stride(), *k.stride(), *v.stride(), *wstr, *pstr, *out.stride(), *lse.stride(),
+        H, Nq, Nk, abs(scale) * LOG2E, _bucket(Nq), _bucket(Nk),
+    )
+    _launch(_fwd_tuned, attn_fwd_kernel, "fwd", lambda bm, bn: (triton.cdiv(Nq, bm), B * H), args, meta,
+            max(meta["BLOCK_D"], meta["BLOCK_DV"]), fp32)
+    return out, lse
+
+
+def backward(grad_out, q, k, v, weight, key_padding_mask, out, lse, scale, weight_grad, options=""):
+    _check(q, k, v, weight, key_padding_mask)
+    B, H, Nq, _ = q.shape
+    Nk, dv = k.shape[2], v.shape[-1]
+    scale = float(scale)
+    # Same layouts as the op's fake kernel (empty_like keeps a dense input's strides).
+    dq, dk, dvv = _empty_like(q), _empty_like(k), _empty_like(v)
+    weight_grad = bool(weight_grad) and weight is not None
+    if dq.numel() == 0 or dk.numel() == 0:
+        dq.zero_(), dk.zero_(), dvv.zero_()
+        dw = weight.new_zeros(weight.shape) if weight_grad else q.new_empty(0)
+        return dq, dk, dvv, dw
+    w, pad, wstr, pstr, meta, fp32 = _common(q, k, v, weight, key_padding_mask, scale, options)
+    bdv = meta["BLOCK_DV"]
+
+    delta = _empty((B, H, Nq), device=q.device, dtype=torch.float32)
+    bm_delta = 64 if bdv <= 64 else 32
+    attn_bwd_delta_kernel[(triton.cdiv(Nq, bm_delta), B * H)](
+        out, grad_out, delta, *out.stride(), *grad_out.stride(), H, Nq,
+        HEAD_DV=dv, BLOCK_DV=bdv, BLOCK_M=bm_delta,
+    )
+
+    dw_part = _empty((B, H, Nk), device=q.device, dtype=torch.float32) if weight_grad else delta
+    common = (
+        *q.stride(), *k.stride(), *v.stride(), *wstr, *pstr, *grad_out.stride(), *lse.stride(),
+    )
+    args = (
+        q, k, v, w, pad, grad_out, lse, delta, dk, dvv, dw_part, *common, *dk.stride(), *dvv.stride(),
+        H, Nq, Nk, abs(scale) * LOG2E, scale, _bucket(Nq), _bucket(Nk),
+    )
+    _launch(_dkdv_tuned, attn_bwd_dkdv_kernel, "dkdv", lambda bm, bn: (triton.cdiv(Nk, bn), B * H), args,
+            {**meta, "WEIGHT_GRAD": weight_grad}, max(meta["BLOCK_D"], meta["BLOCK_DV"]), fp32)
+    args = (
+        q, k, v, w, pad, grad_out, lse, delta, dq, *common, *dq.stride(),
+        H, Nq, Nk, abs(scale) * LOG2E, abs(scale), _bucket(Nq), _bucket(Nk),
+    )
+    _launch(_dq_tuned, attn_bwd_dq_kernel, "dq", lambda bm, bn: (triton.cdiv(Nq, bm), B * H), args, meta,
+            max(meta["BLOCK_D"], meta["BLOCK_DV"]), fp32)
+
+    # Fixed-order sum over heads: deterministic without atomics.
+    dw = dw_part.sum(1).to(weight.dtype) if weight_grad else q.new_empty(0)
+    return dq, dk, dvv, dw

@@ -1,0 +1,133 @@
+"""Image loading shared by the guidance precompute and the paired dataset.
+
+Every image becomes an RGB float tensor (3, H, W) in [0, 1], whatever its
+mode on disk: grayscale, palette, RGBA (alpha dropped, not composited, so
+the colours the camera saw are kept), CMYK, and 16-bit or float images
+(scaled by their own range, not clipped to 8 bits).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
+
+# Decompression-bomb guard of PIL: refuse images above this many pixels (about 16k x 16k).
+MAX_PIXELS = 268_000_000
+
+
+class ImageLoadError(OSError):
+    """An image file that cannot be read; the message names the file."""
+
+
+def list_images(folder, recursive: bool = False) -> list[Path]:
+    """Image files under `folder`, sorted by relative path (stable across machines and ranks)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"image folder {str(folder)!r} does not exist or is not a directory")
+    pattern = "**/*" if recursive else "*"
+    files = [p for p in folder.glob(pattern) if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS]
+    return sorted(files, key=lambda p: p.relative_to(folder).as_posix())
+
+
+def file_sha256(path, chunk: int = 1 << 20) -> str:
+    """Hash of the file's bytes: the cache key of an image does not depend on its name or place."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _to_array(img) -> np.ndarray:
+    """PIL image -> (H, W, 3): uint8 for 8-bit images (scaled later, in torch), else float32 in [0, 1]."""
+    from PIL import Image
+
+    mode = img.mode
+    if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        a = np.asarray(img, dtype=np.float64)
+        top = 65535.0 if mode.startswith("I;16") or a.max(initial=0) > 255 else 255.0
+        a = np.clip(a / top, 0.0, 1.0)
+    elif mode == "F":
+        a = np.asarray(img, dtype=np.float64)
+        a = np.nan_to_num(a, nan=0.0, posinf=1.0, neginf=0.0)
+        if a.max(initial=0) > 1.0:  # float TIFFs in 0..255 or 0..65535
+            a = a / (255.0 if a.max() <= 255.0 else 65535.0)
+        a = np.clip(a, 0.0, 1.0)
+    elif mode == "1":
+        a = np.asarray(img.convert("L"), dtype=np.float64) / 255.0
+    else:
+        if mode not in ("RGB", "L"):
+            # RGBA/LA/P/CMYK/YCbCr...: PIL's conversion drops alpha and expands palettes.
+            img = img.convert("RGB")
+        a = np.array(img, dtype=np.uint8)  # a writable copy: torch.from_numpy shares it
+    if a.ndim == 2:
+        a = np.repeat(a[:, :, None], 3, axis=2)
+    a = a[:, :, :3]
+    return a if a.dtype == np.uint8 else a.astype(np.float32)
+
+
+def _to_tensor(a: np.ndarray) -> torch.Tensor:
+    x = torch.from_numpy(np.ascontiguousarray(a)).permute(2, 0, 1).contiguous()
+    return x.float().div_(255.0) if x.dtype == torch.uint8 else x
+
+
+def load_image(path) -> torch.Tensor:
+    """Read an image file as an RGB float tensor (3, H, W) in [0, 1].
+
+    Raises ImageLoadError naming the file when it is missing, truncated,
+    not an image, or larger than MAX_PIXELS.
+    """
+    from PIL import Image, ImageOps
+
+    path = os.fspath(path)
+    try:
+        with Image.open(path) as img:
+            if img.width * img.height > MAX_PIXELS:
+                raise ImageLoadError(
+                    f"image {path!r} has {img.width}x{img.height} pixels, more than the limit of {MAX_PIXELS}"
+                )
+            img = ImageOps.exif_transpose(img)  # camera orientation, as a viewer shows it
+            img.load()
+            arr = _to_array(img)
+    except ImageLoadError:
+        raise
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+        raise ImageLoadError(f"cannot read image {path!r}: {exc}") from exc
+    return _to_tensor(arr)
+
+
+def to_image_tensor(image) -> torch.Tensor:
+    """PIL image or tensor (3, H, W) / (H, W) -> float (3, H, W) in [0, 1] (tensors are not rescaled)."""
+    if isinstance(image, torch.Tensor):
+        x = image
+        if x.dim() == 2:
+            x = x.unsqueeze(0)
+        if x.dim() != 3 or x.shape[0] not in (1, 3, 4):
+            raise ValueError(f"image tensors must have shape (3, H, W), (1, H, W) or (H, W), got {tuple(image.shape)}")
+        if not x.is_floating_point():
+            x = x.float() / (65535.0 if x.dtype in (torch.int32, torch.int64) and x.max() > 255 else 255.0)
+        if x.shape[0] == 1:
+            x = x.expand(3, -1, -1)
+        return x[:3].float()
+    if hasattr(image, "mode") and hasattr(image, "size"):  # PIL image
+        return _to_tensor(_to_array(image))
+    raise TypeError(f"image must be a PIL image or a tensor, got {type(image).__name__}")
+
+
+def resize_image(x: torch.Tensor, size) -> torch.Tensor:
+    """Resize (3, H, W) or (B, 3, H, W) to size (h, w): bicubic, antialiased when shrinking, clamped to [0, 1]."""
+    import torch.nn.functional as F
+
+    squeeze = x.dim() == 3
+    if squeeze:
+        x = x.unsqueeze(0)
+    h, w = int(size[0]), int(size[1])
+    if tuple(x.shape[-2:]) != (h, w):
+        x = F.interpolate(x, size=(h, w), mode="bicubic", align_corners=False, antialias=True).clamp_(0.0, 1.0)
+    return x.squeeze(0) if squeeze else x

@@ -1,0 +1,67 @@
+"""Image quality metrics on (B, C, H, W) tensors in [0, data_range]: PSNR and SSIM (per image)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def _check_pair(x: Tensor, y: Tensor) -> None:
+    for name, t in (("x", x), ("y", y)):
+        if not isinstance(t, Tensor) or t.dim() != 4 or not t.is_floating_point():
+            raise ValueError(f"{name} must be a floating (B, C, H, W) tensor, got "
+                             f"{tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__}")
+    if x.shape != y.shape:
+        raise ValueError(f"x and y must have the same shape, got {tuple(x.shape)} and {tuple(y.shape)}")
+
+
+def psnr(x: Tensor, y: Tensor, data_range: float = 1.0) -> Tensor:
+    """Peak signal-to-noise ratio per image (B,) in dB; identical images give +inf."""
+    _check_pair(x, y)
+    mse = (x.double() - y.double()).square().flatten(1).mean(1)
+    return (10 * torch.log10(data_range ** 2 / mse)).float()
+
+
+def _gaussian_window(sigma: float, truncate: float, dtype, device) -> Tensor:
+    radius = int(truncate * sigma + 0.5)  # as scipy.ndimage / skimage
+    t = torch.arange(-radius, radius + 1, dtype=dtype, device=device)
+    g = torch.exp(-0.5 * (t / sigma) ** 2)
+    return g / g.sum()
+
+
+def ssim(x: Tensor, y: Tensor, data_range: float = 1.0, sigma: float = 1.5, truncate: float = 3.5,
+         k1: float = 0.01, k2: float = 0.03) -> Tensor:
+    """Structural similarity per image (B,), Gaussian window (Wang et al. 2004).
+
+    Same convention as skimage.metrics.structural_similarity(gaussian_weights=True,
+    sigma=1.5, use_sample_covariance=False, data_range=...): an 11x11 window,
+    statistics on the valid region only (no padding), mean over channels and
+    pixels. Images must be at least 11 pixels on each side.
+    """
+    _check_pair(x, y)
+    g = _gaussian_window(sigma, truncate, torch.float64, x.device)
+    win = g.numel()
+    if x.shape[-1] < win or x.shape[-2] < win:
+        raise ValueError(f"ssim needs images of at least {win}x{win} pixels, got {tuple(x.shape[-2:])}")
+    B, C, H, W = x.shape
+    xs, ys = x.double().reshape(B * C, 1, H, W), y.double().reshape(B * C, 1, H, W)
+    gh, gv = g.view(1, 1, 1, -1), g.view(1, 1, -1, 1)
+
+    def filt(t):
+        return F.conv2d(F.conv2d(t, gh), gv)
+
+    mx, my = filt(xs), filt(ys)
+    sxx = filt(xs * xs) - mx * mx
+    syy = filt(ys * ys) - my * my
+    sxy = filt(xs * ys) - mx * my
+    c1, c2 = (k1 * data_range) ** 2, (k2 * data_range) ** 2
+    s = ((2 * mx * my + c1) * (2 * sxy + c2)) / ((mx * mx + my * my + c1) * (sxx + syy + c2))
+    return s.reshape(B, -1).mean(1).float()
+
+
+def mean_finite(values) -> float:
+    vals = [float(v) for v in values if math.isfinite(float(v))]
+    return sum(vals) / len(vals) if vals else float("nan")

@@ -1,0 +1,168 @@
+"""ssattn.training: metrics, losses, the resumable loop, and the train / eval commands."""
+
+import json
+import os
+import warnings
+
+import pytest
+import torch
+
+from ssattn.cli import main as cli_main
+from ssattn.data.synthetic import SyntheticUnderwater
+from ssattn.models import UNet, unet_ss
+from ssattn.training import ReconstructionLoss, TrainConfig, VGGPerceptualLoss, psnr, ssim, train, vgg19_features
+from ssattn.training.trainer import batch_indices, load_model
+
+warnings.filterwarnings("ignore", message=r"ssattn\..*falling back")
+
+
+def test_psnr_and_ssim_against_skimage():
+    metrics = pytest.importorskip("skimage.metrics")
+    x = torch.rand(2, 3, 23, 30)
+    y = (x + 0.1 * torch.randn_like(x)).clamp(0, 1)
+    for i in range(2):
+        xi, yi = x[i].permute(1, 2, 0).double().numpy(), y[i].permute(1, 2, 0).double().numpy()
+        exp_s = metrics.structural_similarity(xi, yi, gaussian_weights=True, sigma=1.5, use_sample_covariance=False,
+                                              data_range=1.0, channel_axis=2)
+        exp_p = metrics.peak_signal_noise_ratio(xi, yi, data_range=1.0)
+        assert abs(float(ssim(x, y)[i]) - exp_s) < 1e-5
+        assert abs(float(psnr(x, y)[i]) - exp_p) < 1e-4
+
+
+def test_metric_properties():
+    x = torch.rand(3, 3, 16, 16)
+    assert torch.all(torch.isinf(psnr(x, x)))
+    torch.testing.assert_close(ssim(x, x), torch.ones(3))
+    y = torch.rand(3, 3, 16, 16)
+    torch.testing.assert_close(ssim(x, y), ssim(y, x))
+    assert torch.all(ssim(x, y) < 0.5)
+    torch.testing.assert_close(psnr(x, x + 0.1), torch.full((3,), 20.0), rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="at least 11x11"):
+        ssim(x[..., :8, :8], y[..., :8, :8])
+    with pytest.raises(ValueError, match="same shape"):
+        psnr(x, y[:1])
+
+
+def test_vgg_perceptual_loss_loads_torchvision_layout(tmp_path):
+    with torch.device("meta"):  # structure only: no 20M-parameter initialisation
+        feats = vgg19_features()
+    assert len(feats) == 36 and isinstance(feats[34], torch.nn.Conv2d) and feats[34].out_channels == 512
+    path = os.path.join(tmp_path, "vgg19.pth")
+    torch.save({f"features.{k}": v for k, v in vgg19_features(9).state_dict().items()}, path)
+    loss = VGGPerceptualLoss(path, layers=(3, 8))
+    x = torch.rand(1, 3, 16, 16, requires_grad=True)
+    y = torch.rand(1, 3, 16, 16)
+    assert float(loss(y, y)) == 0.0
+    value = loss(x, y)
+    value.backward()
+    assert value > 0 and x.grad.abs().sum() > 0
+    assert not any(p.requires_grad for p in loss.features.parameters())
+    torch.save({"0.weight": torch.zeros(64, 3, 3, 3)}, path)
+    with pytest.raises(ValueError, match="lacks VGG-19 feature weights"):
+        VGGPerceptualLoss(path, layers=(3, 8))
+    with pytest.raises(FileNotFoundError, match="vgg_weights"):
+        VGGPerceptualLoss(os.path.join(tmp_path, "missing.pth"))
+
+
+def test_reconstruction_loss_without_weights_is_l1_and_says_so():
+    crit = ReconstructionLoss(None)
+    assert "disabled" in crit.describe()
+    x, y = torch.rand(2, 3, 8, 8), torch.rand(2, 3, 8, 8)
+    torch.testing.assert_close(crit(x, y), (x - y).abs().mean())
+
+
+def test_batch_order_depends_only_on_seed_and_step():
+    a = [batch_indices(10, 4, seed=3, step=s) for s in range(6)]
+    b = [batch_indices(10, 4, seed=3, step=s) for s in range(6)]
+    assert all(torch.equal(i, j) for i, j in zip(a, b))
+    assert set(torch.cat(a[:2]).tolist()).isdisjoint(set())  # within an epoch no index repeats
+    assert len(set(torch.cat(a[:2]).tolist())) == 8
+    assert not torch.equal(batch_indices(10, 4, seed=4, step=0), a[0])
+
+
+@pytest.fixture(scope="module")
+def tiny_data():
+    return SyntheticUnderwater(size=16, n=6, seed=0).tensors()
+
+
+def test_training_reduces_the_loss(tiny_data):
+    torch.manual_seed(0)
+    model = unet_ss(width=4, levels=("dec3", "dec2"))
+    hist = train(model, tiny_data, TrainConfig(steps=12, batch_size=3, lr=3e-3, progress=False))
+    assert hist["steps"] == 12 and len(hist["loss"]) == 12 and hist["step_time_s"] > 0
+    assert sum(hist["loss"][-3:]) < sum(hist["loss"][:3])
+    assert "alignment" in hist["loss_description"]
+
+
+def test_resume_continues_exactly(tiny_data, tmp_path):
+    def fresh():
+        torch.manual_seed(0)
+        return unet_ss(width=4, levels=("dec3",))
+
+    cfg = TrainConfig(steps=4, batch_size=2, lr=1e-2, progress=False)
+    straight = fresh()
+    train(straight, tiny_data, cfg)
+    run_dir = str(tmp_path / "run")
+    first = fresh()
+    train(first, tiny_data, cfg, run_dir, stop_at=2)  # interrupted after 2 of 4 steps
+    # A new process would rebuild the model and optimizer; only the checkpoint carries state.
+    resumed = fresh()
+    torch.manual_seed(123)  # the checkpoint's RNG state must win over this
+    hist = train(resumed, tiny_data, cfg, run_dir)
+    assert hist["steps"] == 4 and len(hist["loss"]) == 4
+    for (n, a), (_, b) in zip(straight.state_dict().items(), resumed.state_dict().items()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=n)
+
+
+def test_train_and_eval_cli_on_synthetic(tmp_path, capsys):
+    run_dir = str(tmp_path / "run")
+    rc = cli_main(["train", "--data", "synthetic", "--out", run_dir, "--size", "16", "--n", "4", "--steps", "2",
+                   "--batch-size", "2", "--width", "4", "--levels", "dec3,dec2", "--no-progress", "--device", "cpu"])
+    assert rc == 0 and os.path.isfile(os.path.join(run_dir, "checkpoint.pt"))
+    hist = json.load(open(os.path.join(run_dir, "history.json")))
+    assert hist["steps"] == 2 and len(hist["loss_per_step"]) == 2
+    model, ckpt = load_model(os.path.join(run_dir, "checkpoint.pt"))
+    assert list(model.pairs) == ["dec3", "dec2"] and ckpt["step"] == 2
+    out_json = str(tmp_path / "eval.json")
+    rc = cli_main(["eval", "--checkpoint", os.path.join(run_dir, "checkpoint.pt"), "--data", "synthetic",
+                   "--size", "16", "--n", "3", "--json", out_json, "--device", "cpu"])
+    assert rc == 0
+    res = json.load(open(out_json))
+    assert res["n"] == 3 and res["step"] == 2 and 0 < res["ssim"] <= 1 and res["psnr"] > 0
+    assert "PSNR" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="divisible by 8"):
+        cli_main(["train", "--data", "synthetic", "--out", run_dir, "--size", "12"])
+    with pytest.raises(SystemExit, match="neither a folder"):
+        cli_main(["train", "--data", str(tmp_path / "nope"), "--out", run_dir])
+
+
+def test_baseline_and_ss_start_identical():
+    torch.manual_seed(0)
+    base = UNet(width=4)
+    torch.manual_seed(0)
+    ss = unet_ss(width=4)
+    for (n, a), (_, b) in zip(base.state_dict().items(), ss.model.state_dict().items()):
+        assert torch.equal(a, b), n
+
+
+def test_train_cli_on_a_paired_folder(tmp_path):
+    pytest.importorskip("ssattn.data.paired")
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for sub in ("input", "target"):
+        os.makedirs(tmp_path / "data" / sub)
+    for i in range(3):
+        ref = rng.integers(0, 256, size=(20, 24, 3), dtype=np.uint8)
+        deg = (ref * np.array([0.3, 0.8, 0.9])).astype(np.uint8)
+        Image.fromarray(ref).save(tmp_path / "data" / "target" / f"{i}.png")
+        Image.fromarray(deg).save(tmp_path / "data" / "input" / f"{i}.png")
+    run_dir = str(tmp_path / "run")
+    rc = cli_main(["train", "--data", str(tmp_path / "data"), "--out", run_dir, "--size", "16", "--steps", "1",
+                   "--batch-size", "2", "--width", "4", "--levels", "dec3", "--no-progress", "--device", "cpu",
+                   "--cache-dir", str(tmp_path / "cache")])
+    assert rc == 0 and os.path.isfile(os.path.join(run_dir, "checkpoint.pt"))
+    rc = cli_main(["eval", "--checkpoint", os.path.join(run_dir, "checkpoint.pt"), "--data", str(tmp_path / "data"),
+                   "--size", "16", "--device", "cpu", "--json", str(tmp_path / "e.json")])
+    assert rc == 0 and json.load(open(tmp_path / "e.json"))["n"] == 3
