@@ -48,6 +48,9 @@ def _setup_context(ctx, inputs, output):
     ctx.levels = len(inputs[0])
     ctx.save_for_backward(*gf, *gm)
     ctx.mark_non_differentiable(*gf, *gm)
+    # The gradient outputs get no incoming gradient; without this autograd
+    # would allocate and zero-fill one tensor the size of every dF per backward.
+    ctx.set_materialize_grads(False)
 
 
 def _grad_is_one(g: Tensor) -> bool:
@@ -60,12 +63,14 @@ def _grad_is_one(g: Tensor) -> bool:
 
 
 def _backward(ctx, grad_loss, _grad_gf, _grad_gm):
+    none = [None] * ctx.levels  # the returned structure must match the inputs (lists of levels)
+    if grad_loss is None:  # the loss took no part in what is differentiated
+        return none, none, None, None, None, None, None
     saved = ctx.saved_tensors
     gf, gm = list(saved[: ctx.n_f]), list(saved[ctx.n_f :])
-    if grad_loss is not None and not _grad_is_one(grad_loss):
+    if not _grad_is_one(grad_loss):
         gf = [g * grad_loss for g in gf]
         gm = [g * grad_loss for g in gm]
-    none = [None] * ctx.levels  # the returned structure must match the inputs (lists of levels)
     return gf or none, gm or none, None, None, None, None, None
 
 
