@@ -38,3 +38,12 @@ def test_cli_info_runs():
     res = subprocess.run([sys.executable, "-m", "ssattn", "info"], capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr
     assert "ssattn 0.1.0" in res.stdout and "native extension ssattn._C" in res.stdout
+
+
+def test_readme_usage_example_runs():
+    readme = (ROOT / "README.md").read_text()
+    example = re.findall(r"```python\n(.+?)\n```", readme.split("## Using it", 1)[1], re.S)[0]
+    namespace: dict = {}
+    exec(compile(example, "README.md:Using it", "exec"), namespace)
+    assert namespace["out"].shape == (2, 4, 1024, 32)
+    assert namespace["loss"].ndim == 0 and bool(namespace["loss"].isfinite())

@@ -3,8 +3,8 @@
 from .images import IMAGE_EXTENSIONS, ImageLoadError, file_sha256, list_images, load_image, resize_image, to_image_tensor
 
 __all__ = [
-    "IMAGE_EXTENSIONS", "ImageLoadError", "LAYOUTS", "PairedGuidanceDataset", "file_sha256", "find_layout",
-    "list_images", "load_image", "pair_files", "resize_image", "to_image_tensor",
+    "IMAGE_EXTENSIONS", "ImageLoadError", "LAYOUTS", "PairedGuidanceDataset", "SyntheticUnderwater", "degrade",
+    "file_sha256", "find_layout", "list_images", "load_image", "pair_files", "resize_image", "to_image_tensor",
 ]
 
 
@@ -14,4 +14,8 @@ def __getattr__(name):
         from . import paired
 
         return getattr(paired, name)
+    if name in ("SyntheticUnderwater", "degrade"):  # the photographs come from scikit-image (demo extra)
+        from . import synthetic
+
+        return getattr(synthetic, name)
     raise AttributeError(f"module 'ssattn.data' has no attribute {name!r}")
