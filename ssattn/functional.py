@@ -19,12 +19,13 @@ from . import ops as _ops  # noqa: F401  (registers torch.ops.ssattn.*)
 
 # --------------------------------------------------------------------------- pyramid
 def _check_pyramid_args(scores, sizes, gamma, delta, text, grid_size):
+    """Validate; returns (level sizes, grid size (gh, gw)) as integer pairs."""
+    _checks.tensor("scores", scores, ndim=3)
     if text is None:
-        _checks.tensor("scores", scores, ndim=3)
         if grid_size is not None:
             raise ValueError("grid_size is only used with text (patch features); scores is already a (B, gh, gw) grid")
+        gh, gw = scores.shape[1], scores.shape[2]
     else:
-        _checks.tensor("scores", scores, ndim=3)
         _checks.tensor("text", text)
         if text.dim() not in (1, 2):
             raise ValueError(f"text must have shape (Cf,) or (B, Cf), got {tuple(text.shape)}")
@@ -50,7 +51,7 @@ def _check_pyramid_args(scores, sizes, gamma, delta, text, grid_size):
         if h > H or w > W:
             raise ValueError(f"sizes[{i}] = {(h, w)} is larger than the image size sizes[0] = {(H, W)}")
     _checks.sharpening(gamma, delta)
-    return pairs
+    return pairs, (gh, gw)
 
 
 def guidance_pyramid(
@@ -72,7 +73,7 @@ def guidance_pyramid(
     that. Values are in [0, 1]; NaN inputs give NaN maps. The fused kernel
     has no backward: inputs that require grad always take the reference path.
     """
-    pairs = _check_pyramid_args(scores, sizes, gamma, delta, text, grid_size)
+    pairs, grid = _check_pyramid_args(scores, sizes, gamma, delta, text, grid_size)
     needs_grad = torch.is_grad_enabled() and (scores.requires_grad or (text is not None and text.requires_grad))
     if needs_grad and backend == "triton":
         raise ValueError(
@@ -83,13 +84,11 @@ def guidance_pyramid(
     if chosen == "reference":
         return reference.guidance_pyramid(
             scores, pairs, gamma=gamma, delta=delta, text=text,
-            grid_size=_checks.size_pair("grid_size", grid_size) if text is not None else None,
-            renormalize=renormalize,
+            grid_size=grid if text is not None else None, renormalize=renormalize,
         )
     flat = [v for hw in pairs for v in hw]
-    grid = list(_checks.size_pair("grid_size", grid_size)) if text is not None else [scores.shape[1], scores.shape[2]]
     return torch.ops.ssattn.guidance_pyramid(
-        scores, text, grid, flat, float(gamma), float(delta), bool(renormalize), "triton"
+        scores, text, list(grid), flat, float(gamma), float(delta), bool(renormalize), "triton"
     )
 
 

@@ -70,11 +70,11 @@ class SemanticCrossAttention(nn.Module):
             raise ValueError(f"guidance must have one channel (B, 1, h, w), got {tuple(guidance.shape)}")
         _checks.unit_interval("guidance", guidance)
         He, We = enc.shape[-2:]
-        m = F.adaptive_avg_pool2d(guidance, (He, We)).reshape(B, He * We)
         q, k, v = self._heads(self.q_proj(dec)), self._heads(self.k_proj(enc)), self._heads(self.v_proj(enc))
+        m = F.adaptive_avg_pool2d(guidance, (He, We)).reshape(B, He * We).to(k.dtype)
         scale = self.scale if self.scale is not None else self.head_dim ** -0.5
-        functional._check_attention_args(q, k, v, m.to(k.dtype), None, scale, check_values=False)
-        out = functional._attention(q, k, v, m.to(k.dtype), None, float(scale), self.backend)
+        functional._check_attention_args(q, k, v, m, None, scale, check_values=False)
+        out = functional._attention(q, k, v, m, None, float(scale), self.backend)
         out = out.transpose(-1, -2).reshape(B, self.heads * self.head_dim, H, W)
         return dec + self.out_proj(out).to(dec.dtype)
 

@@ -58,8 +58,7 @@ def guidance_pyramid_op(
         fn = mod.guidance_pyramid
     else:
         raise ValueError(f"unknown pyramid implementation {impl!r}")
-    return [m.clone() if m is scores else m for m in
-            fn(scores, text, tuple(grid_size), _pairs(sizes), gamma, delta, renormalize, options)]
+    return fn(scores, text, tuple(grid_size), _pairs(sizes), gamma, delta, renormalize, options)
 
 
 @guidance_pyramid_op.register_fake
