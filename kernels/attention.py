@@ -9,7 +9,9 @@ Contract (used by ssattn.ops.attention through the impl string "triton[:options]
 
 q (B, h, Nq, d), k (B, h, Nk, d), v (B, h, Nk, dv) with any strides (read in
 place, never copied); weight (B, Nk) or None; key_padding_mask (B, Nk) bool or
-None (True = padded). out (B, h, Nq, dv) contiguous in q.dtype; lse (B, h, Nq)
+None (True = padded). out (B, h, Nq, dv) in q.dtype and in q's layout when
+dv == d (empty_like, as the op's fake kernel promises), written through its
+strides, so a module's NCHW / channels-last view needs no copy; lse (B, h, Nq)
 float32, natural log, +inf for a row whose keys are all padded (its out is 0).
 
 options: comma-separated flags. Precision of float32 dots: "ieee" (default
@@ -217,7 +219,7 @@ def forward(q, k, v, weight, key_padding_mask, scale, options=""):
     B, H, Nq, _ = q.shape
     Nk, dv = k.shape[2], v.shape[-1]
     scale = float(scale)
-    out = _empty((B, H, Nq, dv), device=q.device, dtype=q.dtype)
+    out = _empty_like(q) if q.shape[-1] == dv else _empty((B, H, Nq, dv), device=q.device, dtype=q.dtype)
     lse = _empty((B, H, Nq), device=q.device, dtype=torch.float32)
     if out.numel() == 0:
         lse.fill_(float("inf"))

@@ -75,8 +75,12 @@ class SemanticCrossAttention(nn.Module):
         scale = self.scale if self.scale is not None else self.head_dim ** -0.5
         functional._check_attention_args(q, k, v, m, None, scale, check_values=False)
         out = functional._attention(q, k, v, m, None, float(scale), self.backend)
+        # out has q's layout, so this is a view in dec's memory format (no copy).
         out = out.transpose(-1, -2).reshape(B, self.heads * self.head_dim, H, W)
-        return dec + self.out_proj(out).to(dec.dtype)
+        update = self.out_proj(out)
+        if torch.promote_types(dec.dtype, update.dtype) == dec.dtype:
+            return dec + update  # e.g. a bf16 update under autocast: the add converts it in passing
+        return dec + update.to(dec.dtype)
 
 
 class GuidancePyramid(nn.Module):

@@ -14,6 +14,7 @@ import os
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import ssattn
 from ssattn import _backends, reference as ref
@@ -168,6 +169,51 @@ def test_module_views_from_nchw_and_channels_last_projections():
         v = (y * 0.5).contiguous(memory_format=fmt).view(B, h, d, 24).transpose(-1, -2)
         w = torch.rand(B, 24, device=DEV)
         check_against_reference(q, k, v, w, None, torch.randn(B, h, H * W, d, device=DEV))
+
+
+class _CopyRecorder(TorchDispatchMode):
+    """Records the copying aten ops run outside the attention kernels (the interpreter's own copies are not ours)."""
+
+    COPIES = {"aten::clone", "aten::copy_", "aten::_to_copy", "aten::contiguous"}
+
+    def __init__(self):
+        super().__init__()
+        self.copies, self.paused = [], False
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if not self.paused and func._schema.name in self.COPIES:
+            self.copies.append((func._schema.name, tuple(args[0].shape)))
+        return out
+
+
+@pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last], ids=["nchw", "channels_last"])
+def test_module_path_makes_no_copies(monkeypatch, fmt):
+    """SemanticCrossAttention fwd + bwd: no permute/contiguous/weighted copy of q, k, v, out or their gradients."""
+    recorder = _CopyRecorder()
+
+    def paused(fn):
+        def run(*args, **kwargs):
+            recorder.paused = True
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                recorder.paused = False
+        return run
+
+    monkeypatch.setattr(kern, "forward", paused(kern.forward))
+    monkeypatch.setattr(kern, "backward", paused(kern.backward))
+    block = ssattn.SemanticCrossAttention(8, 6, heads=2, backend="triton").to(DEV, memory_format=fmt)
+    torch.nn.init.normal_(block.out_proj.weight, std=0.3)
+    dec = torch.randn(2, 8, 9, 7, device=DEV).contiguous(memory_format=fmt).requires_grad_()
+    enc = torch.randn(2, 6, 4, 5, device=DEV).contiguous(memory_format=fmt).requires_grad_()
+    guidance = torch.rand(2, 1, 8, 10, device=DEV).requires_grad_()
+    with recorder:
+        y = block(dec, enc, guidance)
+        y.backward(torch.randn_like(y))
+    assert recorder.copies == []
+    assert y.is_contiguous(memory_format=fmt)
+    assert all(t.grad is not None for t in (dec, enc, guidance))
 
 
 def test_value_head_dim_differs_and_odd_head_dim():

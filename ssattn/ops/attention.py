@@ -6,6 +6,11 @@ same contract: forward returns (out, lse) with lse the natural-log
 log-sum-exp of each query row in float32 (float64 for float64 inputs; +inf for a row with no key, so
 exp(s - lse) = 0); backward returns (dq, dk, dv, dweight), dweight empty
 when not asked for.
+
+Layouts: out takes q's memory layout (`empty_like(q)` when v's head dim is
+q's), so when q is a head view of an NCHW or channels-last projection, out
+seen as (B, h*d, H, W) is a view in the same format: the module's path has
+no copy. Gradients take their input's layout; grad_out is read as it comes.
 """
 
 from __future__ import annotations
@@ -27,6 +32,13 @@ def lse_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def out_like(q: Tensor, dv: int) -> Tensor:
+    """The uninitialised output (B, h, Nq, dv): q's layout when dv == d, else contiguous."""
+    if q.shape[-1] == dv:
+        return torch.empty_like(q)
+    return q.new_empty((*q.shape[:-1], dv))
+
+
 def _scores(q, k, weight, kpm, scale):
     """Weighted keys and masked scores (B, h, Nq, Nk) in compute precision."""
     kw = k if weight is None else k * weight.to(k.dtype)[:, None, :, None]
@@ -37,7 +49,7 @@ def _scores(q, k, weight, kpm, scale):
 
 
 def torch_forward(q, k, v, weight, kpm, scale, options=""):
-    out_dtype = q.dtype
+    q_in, out_dtype = q, q.dtype
     q, k, v = _opmath(q), _opmath(k), _opmath(v)
     weight = None if weight is None else _opmath(weight)
     _, s = _scores(q, k, weight, kpm, scale)
@@ -50,8 +62,8 @@ def torch_forward(q, k, v, weight, kpm, scale, options=""):
     p = e / torch.where(empty, torch.ones_like(row_sum), row_sum)
     lse = torch.where(empty, torch.full_like(row_max, float("inf")), row_max + torch.log(row_sum)).squeeze(-1)
     vw = v if weight is None else v * weight.to(v.dtype)[:, None, :, None]
-    out = torch.matmul(p, vw)
-    return out.to(out_dtype), lse.to(lse_dtype(out_dtype))
+    out = _into(torch.matmul(p, vw), out_like(q_in, v.shape[-1]))
+    return out, lse.to(lse_dtype(out_dtype))
 
 
 def torch_backward(grad_out, q, k, v, weight, kpm, out, lse, scale, weight_grad, options=""):
@@ -78,15 +90,15 @@ def torch_backward(grad_out, q, k, v, weight, kpm, out, lse, scale, weight_grad,
             dweight = ((dkw * k).sum(-1) + (dvw * v).sum(-1)).sum(1).to(weight.dtype)
         else:
             dweight = q.new_empty(0)
-    return _like(dq, q_in), _like(dk, k_in), _like(dv, v_in), dweight
+    return (_into(dq, torch.empty_like(q_in)), _into(dk, torch.empty_like(k_in)),
+            _into(dv, torch.empty_like(v_in)), dweight)
 
 
-def _like(grad: Tensor, x: Tensor) -> Tensor:
-    """grad in x's dtype and in the layout of empty_like(x), as the fake kernel promises."""
-    out = torch.empty_like(x)
-    if out.stride() == grad.stride() and grad.dtype == x.dtype:
-        return grad
-    return out.copy_(grad)
+def _into(result: Tensor, target: Tensor) -> Tensor:
+    """result in target's dtype and strides (those the fake kernel promises); a copy only when they differ."""
+    if result.stride() == target.stride() and result.dtype == target.dtype:
+        return result
+    return target.copy_(result)
 
 
 def _implementation(impl: str):
@@ -114,7 +126,7 @@ def masked_attention_fwd(
 @masked_attention_fwd.register_fake
 def _(q, k, v, weight, key_padding_mask, scale, impl):
     B, h, nq, _ = q.shape
-    out = q.new_empty((B, h, nq, v.shape[-1]))
+    out = out_like(q, v.shape[-1])
     lse = q.new_empty((B, h, nq), dtype=lse_dtype(q.dtype))
     return out, lse
 
@@ -147,8 +159,7 @@ def _backward(ctx, grad_out, grad_lse):
     need = ctx.needs_input_grad
     weight_grad = weight is not None and need[3]
     dq, dk, dv, dw = torch.ops.ssattn.masked_attention_bwd(
-        grad_out.contiguous() if grad_out.stride(-1) != 1 else grad_out,
-        q, k, v, weight, kpm, out, lse, ctx.scale, weight_grad, ctx.impl,
+        grad_out, q, k, v, weight, kpm, out, lse, ctx.scale, weight_grad, ctx.impl,
     )
     return (
         dq if need[0] else None,
