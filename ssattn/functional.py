@@ -165,7 +165,7 @@ def attention_impl(q: Tensor) -> str:
 
 
 # --------------------------------------------------------------------------- alignment loss
-def _check_alignment_args(features, maps, eta, weights, reduction):
+def _check_alignment_args(features, maps, eta, weights, reduction, check_values=True):
     features = _checks.nonempty_list("features", features)
     maps = _checks.nonempty_list("maps", maps)
     if len(features) != len(maps):
@@ -185,7 +185,8 @@ def _check_alignment_args(features, maps, eta, weights, reduction):
                 f"maps[{i}] has shape {tuple(m.shape)} but features[{i}] is {tuple(f.shape)}: "
                 f"expected ({B}, 1, {H}, {W})"
             )
-        _checks.unit_interval(f"maps[{i}]", m)
+        if check_values:
+            _checks.unit_interval(f"maps[{i}]", m)
     if not (isinstance(eta, (int, float)) and math.isfinite(eta) and eta >= 0):
         raise ValueError(f"eta must be a finite number >= 0, got {eta!r}")
     if weights is None:
@@ -216,7 +217,12 @@ def alignment_loss(
     [0, 1] broadcast over channels. Half-precision inputs accumulate in
     float32 and return a float32 loss.
     """
-    features, maps, weights = _check_alignment_args(features, maps, eta, weights, reduction)
+    return _alignment_loss(features, maps, eta, weights, reduction, backend)
+
+
+def _alignment_loss(features, maps, eta, weights, reduction, backend, check_values=True) -> Tensor:
+    """alignment_loss; check_values=False skips the maps' range check (callers that built them from a checked map)."""
+    features, maps, weights = _check_alignment_args(features, maps, eta, weights, reduction, check_values)
     chosen = _backends.resolve("alignment_loss", backend, features[0].device.type)
     if chosen == "reference":
         return reference.alignment_loss(features, maps, eta=eta, weights=weights, reduction=reduction)

@@ -17,11 +17,13 @@ class SemanticCrossAttention(nn.Module):
     returns `dec` unchanged. `guidance` (B, 1, h, w) of any size is
     area-averaged to the encoder feature's size to give the per-key weight m.
 
-    Options: backend ("auto"), scale (head_dim ** -0.5).
+    Options: backend ("auto"), scale (head_dim ** -0.5), check_values (True:
+    each call checks that the guidance lies in [0, 1], one host sync; the
+    drop-in checks its map once per forward and turns the stages' checks off).
     """
 
     def __init__(self, dec_channels: int, enc_channels: int, heads: int = 1, head_dim: int | None = None,
-                 *, backend: str = "auto", scale: float | None = None):
+                 *, backend: str = "auto", scale: float | None = None, check_values: bool = True):
         super().__init__()
         for name, value in (("dec_channels", dec_channels), ("enc_channels", enc_channels), ("heads", heads)):
             if not isinstance(value, int) or value < 1:
@@ -34,7 +36,7 @@ class SemanticCrossAttention(nn.Module):
             raise ValueError(f"head_dim must be a positive integer, got {head_dim!r}")
         self.dec_channels, self.enc_channels = dec_channels, enc_channels
         self.heads, self.head_dim = heads, head_dim
-        self.backend, self.scale = backend, scale
+        self.backend, self.scale, self.check_values = backend, scale, bool(check_values)
         inner = heads * head_dim
         self.q_proj = nn.Conv2d(dec_channels, inner, 1, bias=False)
         self.k_proj = nn.Conv2d(enc_channels, inner, 1, bias=False)
@@ -68,7 +70,8 @@ class SemanticCrossAttention(nn.Module):
             )
         if guidance.shape[1] != 1:
             raise ValueError(f"guidance must have one channel (B, 1, h, w), got {tuple(guidance.shape)}")
-        _checks.unit_interval("guidance", guidance)
+        if self.check_values:
+            _checks.unit_interval("guidance", guidance)
         He, We = enc.shape[-2:]
         q, k, v = self._heads(self.q_proj(dec)), self._heads(self.k_proj(enc)), self._heads(self.v_proj(enc))
         m = F.adaptive_avg_pool2d(guidance, (He, We)).reshape(B, He * We).to(k.dtype)
@@ -109,22 +112,33 @@ class GuidancePyramid(nn.Module):
 
 
 class SemanticAlignmentLoss(nn.Module):
-    """weight * alignment_loss(features, maps) (SPEC 3); weight is lambda_align (paper: 0.1)."""
+    """weight * alignment_loss(features, maps) (SPEC 3); weight is lambda_align (paper: 0.1).
+
+    The weight is folded into the per-level weights rather than multiplied
+    onto the loss, so the fused op's saved gradient needs no rescaling pass
+    when the training loss (a sum containing this term) is backpropagated.
+    check_values (True): check that the maps lie in [0, 1] (one host sync per level).
+    """
 
     def __init__(self, eta: float = 1.0, weight: float = 0.1, level_weights=None, reduction: str = "mean",
-                 *, backend: str = "auto"):
+                 *, backend: str = "auto", check_values: bool = True):
         super().__init__()
         if not (eta >= 0):
             raise ValueError(f"eta must be >= 0, got {eta!r}")
         _checks.choice("reduction", reduction, ("mean", "sum"))
         self.eta, self.weight, self.reduction, self.backend = float(eta), float(weight), reduction, backend
+        self.check_values = bool(check_values)
         self.level_weights = None if level_weights is None else [float(w) for w in level_weights]
 
     def extra_repr(self) -> str:
         return f"eta={self.eta}, weight={self.weight}, level_weights={self.level_weights}, reduction={self.reduction!r}"
 
     def forward(self, features, maps) -> Tensor:
-        loss = functional.alignment_loss(
-            features, maps, eta=self.eta, weights=self.level_weights, reduction=self.reduction, backend=self.backend
+        features = _checks.nonempty_list("features", features)
+        levels = self.level_weights if self.level_weights is not None else [1.0] * len(features)
+        if len(levels) != len(features):
+            raise ValueError(f"level_weights has {len(levels)} values but {len(features)} levels were given")
+        return functional._alignment_loss(
+            features, maps, self.eta, [self.weight * w for w in levels], self.reduction, self.backend,
+            self.check_values,
         )
-        return self.weight * loss

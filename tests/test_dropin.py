@@ -211,6 +211,19 @@ def test_errors_name_the_problem():
         semantic_sensitive(ToyNet(), {"dec_cat": "head"}, channels={"dec_cat": (12, 3)})(x, guidance=g)
 
 
+def test_guidance_range_checked_once_per_call(monkeypatch):
+    """One range check (one host sync on the GPU) per forward, none in the stages or the loss."""
+    from ssattn import _checks
+
+    calls = []
+    real = _checks.unit_interval
+    monkeypatch.setattr(_checks, "unit_interval", lambda name, x: (calls.append(name), real(name, x)))
+    ss = semantic_sensitive(ToyNet(), PAIRS)
+    x, g = _inputs(H=16, W=12)
+    (ss(x, guidance=g).sum() + ss.alignment_loss()).backward()
+    assert calls == ["guidance"]
+
+
 def test_autocast_bf16_cpu():
     ss = _perturb(semantic_sensitive(ToyNet(), PAIRS), std=0.1)
     x, g = _inputs()

@@ -151,6 +151,37 @@ def test_alignment_loss_module_applies_lambda():
         ssattn.SemanticAlignmentLoss(eta=-0.1)
 
 
+def test_alignment_loss_module_backward_has_no_rescaling_pass():
+    """lambda is folded into the level weights: the fused op's saved dF goes to autograd unscaled."""
+    from ssattn.ops import alignment as align_ops
+
+    if not align_ops.available("cpu"):
+        pytest.skip("ssattn._C is not built")
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Muls(TorchDispatchMode):
+        shapes = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func._schema.name == "aten::mul":
+                self.shapes.append(tuple(args[0].shape))
+            return func(*args, **(kwargs or {}))
+
+    fs = [torch.randn(2, c, s, s, requires_grad=True) for c, s in ((4, 8), (8, 4))]
+    ms = [torch.rand(2, 1, s, s) for s in (8, 4)]
+    mod = ssattn.SemanticAlignmentLoss(eta=0.5, level_weights=[1.0, 0.5], backend="native")
+    loss = mod(fs, ms) + 0.0 * fs[0].sum()  # a training loss: a sum containing the term
+    with Muls() as muls:
+        loss.backward()
+    assert not any(shape in [tuple(f.shape) for f in fs] for shape in muls.shapes), muls.shapes
+    truth = [f.detach().double().requires_grad_() for f in fs]
+    (0.1 * ref.alignment_loss(truth, [m.double() for m in ms], eta=0.5, weights=[1.0, 0.5])).backward()
+    for f, t in zip(fs, truth):
+        torch.testing.assert_close(f.grad.double(), t.grad)
+    with pytest.raises(ValueError, match=r"level_weights has 2 values but 1 levels"):
+        mod(fs[:1], ms[:1])
+
+
 def test_modules_move_with_to_and_keep_working_in_float64():
     block = ssattn.SemanticCrossAttention(8, 6, heads=2).to(torch.float64)
     dec, enc, g = _inputs(dtype=torch.float64)
