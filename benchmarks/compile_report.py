@@ -67,7 +67,9 @@ MAX_BLOCKS_PER_SM = 32
 
 ATTN_KINDS = ("fwd", "dkdv", "dq", "delta")
 KINDS = ATTN_KINDS + ("pyramid",)
-DTYPES = {"bf16": (torch.bfloat16, ""), "fp32-tf32": (torch.float32, "tf32"), "fp32-ieee": (torch.float32, "ieee")}
+DTYPES = {"bf16": (torch.bfloat16, ""), "fp32-tf32": (torch.float32, "tf32"), "fp32-ieee": (torch.float32, "ieee"),
+          "fp32-tf32x3": (torch.float32, "tf32x3")}
+DEFAULT_DTYPES = ("bf16", "fp32-tf32", "fp32-ieee")
 CHOICES = {"fwd": attn._FWD_CHOICES, "dkdv": attn._DKDV_CHOICES, "dq": attn._DQ_CHOICES}
 ATTN_B, ATTN_H, ATTN_N = 4, 2, 4096  # N = 64x64 tokens: large enough that _prune's size rule drops nothing
 
@@ -141,14 +143,18 @@ def attention_launches(dtype, prec, d, layout="contiguous", has_w=True, has_kpm=
     return {kind: (fn or raw[kind], args, meta) for kind, fn, args, meta in calls}
 
 
-def attention_jobs(kinds, dtypes, head_dims, quick):
-    """Jobs for every (shape class, kept config); quick: the SSATTN_AUTOTUNE=0 heuristic config only."""
+def attention_jobs(kinds, dtypes, head_dims, quick, configs=None):
+    """Jobs for every (shape class, kept config); quick: the SSATTN_AUTOTUNE=0 heuristic config only;
+    configs: explicit [(BLOCK_M, BLOCK_N, warps, stages)] instead of the autotune lists (not pruned)."""
     jobs = []
     for case, dtype, prec, d, extra, case_kinds in _attention_cases(dtypes, head_dims, quick):
         launches = attention_launches(dtype, prec, d, **extra)
         for kind in (k for k in kinds if k in case_kinds):
             fn, args, meta = launches[kind]
-            for cfg in _attention_configs(kind, fn, args, meta, dtype, quick):
+            cfgs = _attention_configs(kind, fn, args, meta, dtype, quick)
+            if configs and kind != "delta":
+                cfgs = [{"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": w, "num_stages": st} for bm, bn, w, st in configs]
+            for cfg in cfgs:
                 jobs.append(Job(kind, case, fn, args, {**meta, **cfg}))
     return jobs
 
@@ -175,8 +181,7 @@ def _attention_configs(kind, fn, args, meta, dtype, quick):
     fp32 = dtype == torch.float32
     bd = max(meta["BLOCK_D"], meta["BLOCK_DV"])
     if quick:
-        h = attn._heuristic(kind, bd, fp32)
-        return [h]
+        return [attn._heuristic(kind, bd, fp32)]
     named = {**dict(zip(fn.arg_names, args)), **meta}
     kept = attn._prune(attn._configs(CHOICES[kind]), named)
     return [{**c.kwargs, "num_warps": c.num_warps, "num_stages": c.num_stages} for c in kept]
@@ -370,7 +375,9 @@ def to_json(results) -> list:
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--kernels", default=",".join(KINDS), help=f"comma-separated subset of {','.join(KINDS)}")
-    p.add_argument("--dtypes", default=",".join(DTYPES), help=f"comma-separated subset of {','.join(DTYPES)}")
+    p.add_argument("--dtypes", default=",".join(DEFAULT_DTYPES), help=f"comma-separated subset of {','.join(DTYPES)}")
+    p.add_argument("--configs", default="", help="attention configs to compile instead of the autotune lists "
+                   "(not pruned), e.g. 32x64w8s2,64x64w4s3")
     p.add_argument("--head-dims", default=None, help="comma-separated head dims (default 32,64,128; quick: 64)")
     p.add_argument("--quick", action="store_true", help="one config per kernel and shape class (the heuristic one)")
     p.add_argument("--out", help="also write the markdown report to this file")
@@ -384,13 +391,19 @@ def parse_args(argv=None):
     for d in a.dtypes:
         if d not in DTYPES:
             p.error(f"--dtypes: unknown dtype {d!r}; expected some of {','.join(DTYPES)}")
+    try:
+        a.configs = [tuple(int(v) for v in re.fullmatch(r"(\d+)x(\d+)w(\d+)s(\d+)", c).groups())
+                     for c in a.configs.split(",") if c]
+    except AttributeError:
+        p.error(f"--configs: expected BMxBNwWsS items such as 64x64w4s3, got {a.configs!r}")
     a.head_dims = [int(d) for d in (a.head_dims or ("64" if a.quick else "32,64,128")).split(",")]
     return a
 
 
 def main(argv=None) -> int:
     a = parse_args(argv)
-    jobs = attention_jobs([k for k in a.kernels if k in ATTN_KINDS], a.dtypes, a.head_dims, a.quick) if a.dtypes else []
+    attn_kinds = [k for k in a.kernels if k in ATTN_KINDS]
+    jobs = attention_jobs(attn_kinds, a.dtypes, a.head_dims, a.quick, a.configs) if a.dtypes else []
     if "pyramid" in a.kernels:
         jobs += pyramid_jobs(a.quick)
     results = []
