@@ -70,7 +70,6 @@ KINDS = ATTN_KINDS + ("pyramid",)
 DTYPES = {"bf16": (torch.bfloat16, ""), "fp32-tf32": (torch.float32, "tf32"), "fp32-ieee": (torch.float32, "ieee"),
           "fp32-tf32x3": (torch.float32, "tf32x3")}
 DEFAULT_DTYPES = ("bf16", "fp32-tf32", "fp32-ieee")
-CHOICES = {"fwd": attn._FWD_CHOICES, "dkdv": attn._DKDV_CHOICES, "dq": attn._DQ_CHOICES}
 ATTN_B, ATTN_H, ATTN_N = 4, 2, 4096  # N = 64x64 tokens: large enough that _prune's size rule drops nothing
 
 
@@ -101,7 +100,7 @@ class _Recorder:
     def __getitem__(self, grid):  # kernel[grid](*args, **kwargs)
         return lambda *args, **kwargs: self.calls.append((self.kind, None, args, kwargs))
 
-    def __call__(self, tuned, raw, kind, grid_fn, args, meta, bd, fp32):  # attention._launch
+    def __call__(self, tuned, raw, kind, grid_fn, args, meta):  # attention._launch
         self.calls.append((kind, raw, args, meta))
 
 
@@ -178,12 +177,10 @@ def _attention_configs(kind, fn, args, meta, dtype, quick):
     """Kernel kwargs per config: the autotune list after _prune, or the heuristic one."""
     if kind == "delta":
         return [{}]
-    fp32 = dtype == torch.float32
-    bd = max(meta["BLOCK_D"], meta["BLOCK_DV"])
-    if quick:
-        return [attn._heuristic(kind, bd, fp32)]
     named = {**dict(zip(fn.arg_names, args)), **meta}
-    kept = attn._prune(attn._configs(CHOICES[kind]), named)
+    if quick:
+        return [attn._heuristic(kind, attn._class_of(named))]
+    kept = attn._prune(kind, attn._configs(attn.configs.choices(kind)), named)
     return [{**c.kwargs, "num_warps": c.num_warps, "num_stages": c.num_stages} for c in kept]
 
 

@@ -23,11 +23,13 @@ shape instead of autotuning (used by the GPU test sweep to save compile time).
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
 import triton
 
+from . import _attention_configs as configs
 from ._attention_bwd import attn_bwd_delta_kernel, attn_bwd_dkdv_kernel, attn_bwd_dq_kernel
 from ._attention_fwd import attn_fwd_kernel
 
@@ -100,63 +102,47 @@ def _configs(choices):
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s) for bm, bn, w, s in choices]
 
 
-def _prune(configs, named_args, **kwargs):
-    """Drop configs far larger than the problem or too big for the head dim and dtype (registers, shared memory)."""
-    args = {**named_args, **kwargs}
-    nq, nk, bd = args["Nq"], args["Nk"], max(args["BLOCK_D"], args["BLOCK_DV"])
+def _class_of(args) -> tuple[str, int]:
+    """The shape class (configs.TABLE key) of a launch's arguments."""
     fp32 = args["Q"].dtype == torch.float32
-    keep = []
-    for c in configs:
-        bm, bn, stages = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_stages
-        if bm > max(64, triton.next_power_of_2(nq)) or bn > max(64, triton.next_power_of_2(nk)):
-            continue
-        if bd >= 128 and (bm * bn > 128 * 64 or (fp32 and (bm * bn > 64 * 64 or stages > 2))):
-            continue
-        if fp32 and (bm * bn > 64 * 128 or (bd >= 64 and stages > 3)):
-            continue
-        keep.append(c)
-    return keep or [min(configs, key=lambda c: (c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"], c.num_stages))]
+    return configs.shape_class(fp32, args["PREC"], max(args["BLOCK_D"], args["BLOCK_DV"]))
+
+
+def _prune(kind, configs_in, named_args, **kwargs):
+    """The class's own configs (configs.TABLE), without those far larger than the problem."""
+    if INTERPRET:
+        return configs_in
+    args = {**named_args, **kwargs}
+    allowed = configs.TABLE[kind][_class_of(args)]
+    nq, nk = args["Nq"], args["Nk"]
+    by_key = {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages): c for c in configs_in}
+    ours = [by_key[key] for key in allowed if key in by_key]  # in the class's order: the heuristic first
+    fits = [c for c in ours
+            if c.kwargs["BLOCK_M"] <= max(64, triton.next_power_of_2(nq))
+            and c.kwargs["BLOCK_N"] <= max(64, triton.next_power_of_2(nk))]
+    return fits or ours[:1]
 
 
 # Compile time grows with every config (each is built on first use, ~2-10 s on a busy host),
-# so the lists are short: the H100 calibration in KERNEL-NOTES plus neighbours.
+# so each class keeps a short list (kernels/_attention_configs.py).
 _KEYS = ["NQ_BUCKET", "NK_BUCKET", "HEAD_DIM", "HEAD_DV", "HAS_W", "HAS_KPM", "PREC"]
-_FWD_CHOICES = [  # (BLOCK_M queries, BLOCK_N keys, warps, stages)
-    (64, 128, 4, 3), (64, 128, 4, 4), (128, 64, 4, 3), (128, 64, 8, 3),
-    (128, 128, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3), (64, 64, 4, 2),
-]
-_DKDV_CHOICES = [  # BLOCK_M: inner query blocks, BLOCK_N: this program's keys
-    (32, 64, 4, 2), (32, 64, 4, 3), (64, 64, 4, 2), (64, 64, 4, 3), (32, 128, 4, 3), (64, 128, 8, 3),
-]
-_DQ_CHOICES = [  # BLOCK_M: this program's queries, BLOCK_N: inner key blocks
-    (64, 32, 4, 2), (64, 64, 4, 2), (64, 64, 4, 3), (128, 32, 4, 3), (128, 64, 8, 3), (128, 64, 4, 2),
-]
-_PRUNE = {"early_config_prune": _prune}
-_fwd_tuned = triton.autotune(_configs(_FWD_CHOICES), key=_KEYS, prune_configs_by=_PRUNE)(attn_fwd_kernel)
-_dkdv_tuned = triton.autotune(_configs(_DKDV_CHOICES), key=_KEYS + ["WEIGHT_GRAD"], prune_configs_by=_PRUNE)(
-    attn_bwd_dkdv_kernel
-)
-_dq_tuned = triton.autotune(_configs(_DQ_CHOICES), key=_KEYS, prune_configs_by=_PRUNE)(attn_bwd_dq_kernel)
 
 
-def _heuristic(kind: str, bd: int, fp32: bool) -> dict:
-    """One config per shape class (SSATTN_AUTOTUNE=0), from the H100 calibration in KERNEL-NOTES."""
+def _tuned(kind, kernel, keys):
+    prune = {"early_config_prune": functools.partial(_prune, kind)}
+    return triton.autotune(_configs(configs.choices(kind)), key=keys, prune_configs_by=prune)(kernel)
+
+
+_fwd_tuned = _tuned("fwd", attn_fwd_kernel, _KEYS)
+_dkdv_tuned = _tuned("dkdv", attn_bwd_dkdv_kernel, _KEYS + ["WEIGHT_GRAD"])
+_dq_tuned = _tuned("dq", attn_bwd_dq_kernel, _KEYS)
+
+
+def _heuristic(kind: str, cls: tuple[str, int]) -> dict:
+    """The one config per shape class used with SSATTN_AUTOTUNE=0: the first of the class's list."""
     if INTERPRET:
         return dict(_INTERPRET_BLOCKS)
-    if kind == "fwd":
-        if fp32:
-            cfg = (64, 64, 4, 2) if bd >= 64 else (64, 64, 4, 3)
-        elif bd <= 32:
-            cfg = (64, 128, 4, 3)
-        elif bd <= 64:
-            cfg = (128, 64, 4, 3)
-        else:
-            cfg = (128, 64, 8, 3)
-    elif kind == "dkdv":
-        cfg = (32, 64, 4, 2) if (fp32 or bd >= 128) else (64, 64, 4, 3)
-    else:
-        cfg = (64, 32, 4, 2) if (fp32 or bd >= 128) else (64, 64, 4, 3)
-    bm, bn, w, s = cfg
+    bm, bn, w, s = configs.TABLE[kind][cls][0]
     return {"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": w, "num_stages": s}
 
 
@@ -164,11 +150,11 @@ def _autotune_enabled() -> bool:
     return os.environ.get("SSATTN_AUTOTUNE", "1") not in ("0", "false", "False")
 
 
-def _launch(tuned, raw, kind, grid_fn, args, meta, bd, fp32):
+def _launch(tuned, raw, kind, grid_fn, args, meta):
     if _autotune_enabled():
         tuned[lambda m: grid_fn(m["BLOCK_M"], m["BLOCK_N"])](*args, **meta)
     else:
-        cfg = _heuristic(kind, bd, fp32)
+        cfg = _heuristic(kind, _class_of({"Q": args[0], **meta}))
         raw[grid_fn(cfg["BLOCK_M"], cfg["BLOCK_N"])](*args, **meta, **cfg)
 
 
@@ -229,8 +215,7 @@ def forward(q, k, v, weight, key_padding_mask, scale, options=""):
         q, k, v, w, pad, out, lse, *q.stride(), *k.stride(), *v.stride(), *wstr, *pstr, *out.stride(), *lse.stride(),
         H, Nq, Nk, abs(scale) * LOG2E, _bucket(Nq), _bucket(Nk),
     )
-    _launch(_fwd_tuned, attn_fwd_kernel, "fwd", lambda bm, bn: (triton.cdiv(Nq, bm), B * H), args, meta,
-            max(meta["BLOCK_D"], meta["BLOCK_DV"]), fp32)
+    _launch(_fwd_tuned, attn_fwd_kernel, "fwd", lambda bm, bn: (triton.cdiv(Nq, bm), B * H), args, meta)
     return out, lse
 
 
@@ -265,13 +250,12 @@ def backward(grad_out, q, k, v, weight, key_padding_mask, out, lse, scale, weigh
         H, Nq, Nk, abs(scale) * LOG2E, scale, _bucket(Nq), _bucket(Nk),
     )
     _launch(_dkdv_tuned, attn_bwd_dkdv_kernel, "dkdv", lambda bm, bn: (triton.cdiv(Nk, bn), B * H), args,
-            {**meta, "WEIGHT_GRAD": weight_grad}, max(meta["BLOCK_D"], meta["BLOCK_DV"]), fp32)
+            {**meta, "WEIGHT_GRAD": weight_grad})
     args = (
         q, k, v, w, pad, grad_out, lse, delta, dq, *common, *dq.stride(),
         H, Nq, Nk, abs(scale) * LOG2E, abs(scale), _bucket(Nq), _bucket(Nk),
     )
-    _launch(_dq_tuned, attn_bwd_dq_kernel, "dq", lambda bm, bn: (triton.cdiv(Nq, bm), B * H), args, meta,
-            max(meta["BLOCK_D"], meta["BLOCK_DV"]), fp32)
+    _launch(_dq_tuned, attn_bwd_dq_kernel, "dq", lambda bm, bn: (triton.cdiv(Nq, bm), B * H), args, meta)
 
     # Fixed-order sum over heads: deterministic without atomics.
     dw = dw_part.sum(1).to(weight.dtype) if weight_grad else q.new_empty(0)

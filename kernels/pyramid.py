@@ -315,9 +315,10 @@ def guidance_pyramid(scores, text, grid_size, sizes, gamma, delta, renormalize, 
     ]
     interp = device.type != "cuda"
     cells = GH * GW
-    # Tiles sized so that nothing spills on sm_90 (ptxas -v, Triton 3.8): 24x24 grids 168
-    # registers at 64x64 tiles and 4 warps, 64x64 grids 128 registers at 32x32 tiles and 8 warps.
-    bm, bn = opts["tile"] or ((128, 128) if interp else (64, 64) if cells <= 1024 else (32, 32))
+    # Tiles sized so that nothing spills on sm_90 with Triton 3.6, 3.8 and 3.9 (ptxas -v; see
+    # benchmarks/compile_reports/): 24x24 grids 168 registers at 64x32 tiles and 4 warps (64x64
+    # spills 12 B under 3.9's ptxas), 64x64 grids 128 registers at 32x32 tiles and 8 warps.
+    bm, bn = opts["tile"] or ((128, 128) if interp else (64, 32) if cells <= 1024 else (32, 32))
     rch = opts["rows"] or 4 * bm
     rch = -(-rch // bm) * bm  # a whole number of row tiles
     n_items = sum(-(-w // bn) * -(-h // rch) for h, w in sizes)

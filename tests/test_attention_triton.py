@@ -506,3 +506,35 @@ def test_peer_benchmark_script_quick_mode(tmp_path):
     assert "ssattn ieee" in impls and "sdpa-math" in impls
     text = out.read_text()
     assert "| case | dtype | mode | impl | ms |" in text and "ssattn ieee" in text
+
+
+# --------------------------------------------------------------------------- config tables
+def test_config_tables_cover_every_class_and_prune_keeps_the_class(monkeypatch):
+    import triton
+
+    from ssattn.kernels import _attention_configs as configs
+
+    classes = {(p, d) for p in ("half", "tf32", "ieee") for d in (32, 64, 128, 256)}
+    for kind, table in configs.TABLE.items():
+        assert set(table) == classes, kind
+        for cls, entries in table.items():
+            assert entries and len(set(entries)) == len(entries), (kind, cls)
+            for bm, bn, warps, stages in entries:  # tl.dot needs power-of-two sides >= 16
+                assert bm >= 16 and bn >= 16 and bm & (bm - 1) == 0 and bn & (bn - 1) == 0, (kind, cls)
+                assert warps in (4, 8) and stages in (2, 3, 4), (kind, cls)
+    assert configs.shape_class(False, "tf32", 16) == ("half", 32)
+    assert configs.shape_class(True, "tf32x3", 64) == ("tf32", 64)
+    assert configs.shape_class(True, "ieee", 256) == ("ieee", 256)
+
+    monkeypatch.setattr(kern, "INTERPRET", False)
+    every = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
+             for bm, bn, w, s in configs.choices("fwd")]
+    q = torch.empty(0, dtype=torch.bfloat16)
+    args = {"Q": q, "PREC": "tf32", "BLOCK_D": 64, "BLOCK_DV": 64, "Nq": 4096, "Nk": 4096}
+    kept = [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages)
+            for c in kern._prune("fwd", every, args)]
+    assert kept == configs.TABLE["fwd"][("half", 64)]
+    small = kern._prune("fwd", every, {**args, "Nq": 7, "Nk": 7})  # no tile far larger than the problem
+    assert small and all(c.kwargs["BLOCK_M"] <= 64 and c.kwargs["BLOCK_N"] <= 64 for c in small)
+    heuristic = kern._heuristic("dkdv", ("ieee", 64))
+    assert (heuristic["BLOCK_M"], heuristic["BLOCK_N"]) == configs.TABLE["dkdv"][("ieee", 64)][0][:2]

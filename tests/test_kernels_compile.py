@@ -24,11 +24,10 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(REPO, "benchmarks", "compile_report.py")
 KERNELS = ("fwd", "dkdv", "dq", "delta", "pyramid")
 DTYPES = ("bf16", "fp32-tf32")
-# Kernels whose heuristic config must not spill (true with Triton 3.6, 3.8 and 3.9).
-# Not yet: dkdv (64x64 w4 s3 bf16 / 32x64 w4 s2 fp32 spill 28-148 B on every version) and
-# the pyramid (64x64 tiles spill 12 B with Triton 3.9's ptxas 13.4); see
-# benchmarks/compile_report_triton36.md. Add them once their configs change.
-SPILL_FREE = ("fwd", "dq", "delta")
+# The heuristic configs (kernels/_attention_configs.py, first of each class) do not spill with
+# Triton 3.6, 3.8 and 3.9, except fp32-tf32 dkdv at d=64: its wgmma config (32x64, 4 warps) spills
+# 48-64 B; the spill-free 64x32 one would fall back to mma.sync. See benchmarks/compile_reports/.
+SPILL_EXEMPT = {("dkdv", "fp32-tf32")}
 MMA_KERNELS = ("fwd", "dkdv", "dq")
 
 
@@ -82,7 +81,7 @@ def test_compiles_for_sm90(report, kernel, dtype):
     assert r["ok"], f"{kernel} {r['case']} {r['config']} failed to compile: {r['error']}"
     assert r["regs"] is not None and 0 < r["regs"] <= 255, f"no register count read from ptxas: {r}"
     assert r["smem"] <= 227 * 1024, f"{kernel} {r['config']} needs {r['smem']} B of shared memory (H100: 227 KB)"
-    if kernel in SPILL_FREE:
+    if (kernel, dtype) not in SPILL_EXEMPT:
         assert (r["spill_stores"], r["spill_loads"]) == (0, 0), (
             f"{kernel} {r['case']} {r['config']} spills {r['spill_stores']} B / loads {r['spill_loads']} B")
     if kernel in MMA_KERNELS:
