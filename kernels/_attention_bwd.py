@@ -16,7 +16,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ._attention_fwd import load_1d, load_2d, mm, mma, neg, weigh
+from ._attention_fwd import load_1d, load_2d, mm, mma, weigh_kv
 
 LOG2E = 1.4426950408889634
 
@@ -203,16 +203,7 @@ def _dq_inner(
         n_ok = (start_n + offs_n) < Nk
         kT = load_2d(kT_ptrs + start_n * stride_kn, d_ok, n_ok, MASK_D, MASK_N)  # (D, BN)
         vT = load_2d(vT_ptrs + start_n * stride_vn, dv_ok, n_ok, MASK_DV, MASK_N)  # (DV, BN)
-        if HAS_W:
-            w = load_1d(w_ptrs + start_n * stride_wn, n_ok, 0.0, MASK_N).to(kT.dtype)
-            if DOT_F32:  # negate and multiply in fp32 under the interpreter (bf16 ops are wrong there)
-                w = w.to(tl.float32)
-            vT = weigh(vT, w, 0, DOT_F32)
-            if NEG:
-                w = -w
-            kT = weigh(kT, w, 0, DOT_F32)
-        elif NEG:
-            kT = neg(kT, DOT_F32)
+        kT, vT = weigh_kv(kT, vT, w_ptrs + start_n * stride_wn, n_ok, 0, HAS_W, NEG, MASK_N, DOT_F32)
         s = mm(q, kT, PREC, DOT_F32)
         p = tl.math.exp2(s * qk_scale - lse2[:, None])
         if HAS_KPM:

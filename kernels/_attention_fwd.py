@@ -84,6 +84,27 @@ def mm(a, b, PREC: tl.constexpr, DOT_F32: tl.constexpr):
 
 
 @triton.jit
+def weigh_kv(kT, v, w_ptrs, n_ok, V_AXIS: tl.constexpr, HAS_W: tl.constexpr, NEG: tl.constexpr,
+             MASK_N: tl.constexpr, DOT_F32: tl.constexpr):
+    """The K^T (D, BN) and V tiles times the per-key weight, K^T also negated for a negative scale.
+
+    V is (BN, DV) with V_AXIS=1 or V^T (DV, BN) with V_AXIS=0. The weight is rounded to the input
+    dtype (as the reference does), so each element is one rounded product.
+    """
+    if HAS_W:
+        w = load_1d(w_ptrs, n_ok, 0.0, MASK_N).to(kT.dtype)
+        if DOT_F32:  # negate and multiply in fp32 under the interpreter (bf16 ops are wrong there)
+            w = w.to(tl.float32)
+        v = weigh(v, w, V_AXIS, DOT_F32)
+        if NEG:
+            w = -w
+        kT = weigh(kT, w, 0, DOT_F32)
+    elif NEG:
+        kT = neg(kT, DOT_F32)
+    return kT, v
+
+
+@triton.jit
 def _fwd_inner(
     acc, l_i, m_i, q, kT_ptrs, v_ptrs, w_ptrs, pad_ptrs, lo, hi, Nk,
     stride_kn, stride_vn, stride_wn, stride_pn, offs_n, d_ok, dv_ok, qk_scale,
@@ -95,17 +116,7 @@ def _fwd_inner(
         n_ok = (start_n + offs_n) < Nk
         kT = load_2d(kT_ptrs + start_n * stride_kn, d_ok, n_ok, MASK_D, MASK_N)  # (D, BN)
         v = load_2d(v_ptrs + start_n * stride_vn, n_ok, dv_ok, MASK_N, MASK_DV)  # (BN, DV)
-        if HAS_W:
-            # The weight rounded to the input dtype (as the reference does); one rounded product.
-            w = load_1d(w_ptrs + start_n * stride_wn, n_ok, 0.0, MASK_N).to(v.dtype)
-            if DOT_F32:  # negate and multiply in fp32 under the interpreter (bf16 ops are wrong there)
-                w = w.to(tl.float32)
-            v = weigh(v, w, 1, DOT_F32)
-            if NEG:
-                w = -w
-            kT = weigh(kT, w, 0, DOT_F32)
-        elif NEG:
-            kT = neg(kT, DOT_F32)
+        kT, v = weigh_kv(kT, v, w_ptrs + start_n * stride_wn, n_ok, 1, HAS_W, NEG, MASK_N, DOT_F32)
         s = mm(q, kT, PREC, DOT_F32)
         if HAS_KPM:
             pad = load_1d(pad_ptrs + start_n * stride_pn, n_ok, 1, MASK_N)
