@@ -29,7 +29,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from ssattn.models import UNet, unet_ss  # noqa: E402
-from ssattn.modules import SemanticCrossAttention  # noqa: E402
+from ssattn.semantic.modules import SemanticCrossAttention  # noqa: E402
 
 
 class _Chain(SemanticCrossAttention):

@@ -83,7 +83,7 @@ def run(images: int = 512, batch: int = 32, workers: int = 8, device=None, tiny:
         forward = time.perf_counter() - t0
 
         cache = GuidanceCache(tmp / "cache", aligner.settings)
-        from ssattn.data.images import file_sha256, list_images
+        from ssattn.images import file_sha256, list_images
 
         files = list_images(tmp / "imgs")[:batch]
         t0 = time.perf_counter()

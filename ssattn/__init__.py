@@ -9,7 +9,7 @@ from . import models
 from ._checks import set_value_checks
 from .dropin import remove_semantic_sensitive, semantic_sensitive
 from .functional import alignment_loss, guidance_pyramid, masked_cross_attention
-from .modules import GuidancePyramid, SemanticAlignmentLoss, SemanticCrossAttention
+from .semantic import GuidancePyramid, SemanticAlignmentLoss, SemanticCrossAttention
 
 __version__ = "0.1.0"
 

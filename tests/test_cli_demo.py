@@ -6,7 +6,7 @@ import warnings
 
 from PIL import Image
 
-from ssattn.cli import main as cli_main
+from ssattn.apps.cli import main as cli_main
 
 warnings.filterwarnings("ignore", message=r"ssattn\..*falling back")
 

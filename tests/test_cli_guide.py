@@ -6,8 +6,8 @@ import socket
 import pytest
 import torch
 
-from ssattn.cli import main
-from ssattn.data.images import file_sha256, list_images
+from ssattn.apps.cli import main
+from ssattn.images import file_sha256, list_images
 from ssattn.guidance import GuidanceCache, SaliencyGuide, testing
 from ssattn.guidance.precompute import precompute, shard
 
@@ -164,7 +164,7 @@ def _rank_main(rank, world, port, images, out, results):
     import contextlib
     import io
 
-    from ssattn.cli import main as cli_main
+    from ssattn.apps.cli import main as cli_main
 
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf):

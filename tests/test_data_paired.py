@@ -7,10 +7,10 @@ import pytest
 import torch
 from PIL import Image
 
-from ssattn.cli import main
-from ssattn.data import ImageLoadError, PairedGuidanceDataset, find_layout, list_images, load_image, to_image_tensor
-from ssattn.data import images as images_mod
-from ssattn.data.images import file_sha256, resize_image
+from ssattn.apps.cli import main
+from ssattn.apps.data import ImageLoadError, PairedGuidanceDataset, find_layout, list_images, load_image, to_image_tensor
+from ssattn import images as images_mod
+from ssattn.images import file_sha256, resize_image
 from ssattn.guidance import GuidanceCache, SaliencyGuide, render_maps, testing
 
 
@@ -95,7 +95,7 @@ def test_to_image_tensor_and_resize():
 def test_layouts_and_pairing(tmp_path, caplog):
     root = _paired(tmp_path / "uieb", "Raw-890", "reference-890")
     _save(root / "Raw-890" / "lonely.png", 8, 8, 0)
-    with caplog.at_level(logging.WARNING, logger="ssattn.data"):
+    with caplog.at_level(logging.WARNING, logger="ssattn.apps.data"):
         ds = PairedGuidanceDataset(root)
     assert len(ds) == 3 and "without a partner" in caplog.text
     assert [p[0].stem for p in ds.pairs] == ["0_img", "1_img", "2_img"]

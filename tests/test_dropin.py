@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ssattn.dropin import SemanticSensitive, remove_semantic_sensitive, semantic_sensitive
-from ssattn.modules import SemanticCrossAttention
+from ssattn.semantic.modules import SemanticCrossAttention
 from ssattn.reference import alignment_loss as ref_alignment_loss
 
 warnings.filterwarnings("ignore", message=r"ssattn\..*falling back")

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from ssattn import reference
-from ssattn.data.images import resize_image
+from ssattn.images import resize_image
 from ssattn.guidance import Guide, SaliencyGuide, normalized_grid, render_maps, saliency_grid, saliency_guidance
 
 SIZES = [(97, 255), (13, 7), (1, 1)]

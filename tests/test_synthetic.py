@@ -1,11 +1,11 @@
-"""ssattn.data.synthetic: the underwater image formation model and the dataset."""
+"""ssattn.apps.data.synthetic: the underwater image formation model and the dataset."""
 
 import numpy as np
 import pytest
 import torch
 
-from ssattn.data import synthetic
-from ssattn.data.synthetic import SyntheticUnderwater, degrade
+from ssattn.apps.data import synthetic
+from ssattn.apps.data.synthetic import SyntheticUnderwater, degrade
 from ssattn.guidance import saliency_guidance
 
 

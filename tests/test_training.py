@@ -1,4 +1,4 @@
-"""ssattn.training: metrics, losses, the resumable loop, and the train / eval commands."""
+"""ssattn.apps.training: metrics, losses, the resumable loop, and the train / eval commands."""
 
 import json
 import os
@@ -7,11 +7,11 @@ import warnings
 import pytest
 import torch
 
-from ssattn.cli import main as cli_main
-from ssattn.data.synthetic import SyntheticUnderwater
+from ssattn.apps.cli import main as cli_main
+from ssattn.apps.data.synthetic import SyntheticUnderwater
 from ssattn.models import UNet, unet_ss
-from ssattn.training import ReconstructionLoss, TrainConfig, VGGPerceptualLoss, psnr, ssim, train, vgg19_features
-from ssattn.training.trainer import batch_indices, load_model
+from ssattn.apps.training import ReconstructionLoss, TrainConfig, VGGPerceptualLoss, psnr, ssim, train, vgg19_features
+from ssattn.apps.training.trainer import batch_indices, load_model
 
 warnings.filterwarnings("ignore", message=r"ssattn\..*falling back")
 
@@ -146,7 +146,7 @@ def test_baseline_and_ss_start_identical():
 
 
 def test_train_cli_on_a_paired_folder(tmp_path):
-    pytest.importorskip("ssattn.data.paired")
+    pytest.importorskip("ssattn.apps.data.paired")
     import numpy as np
     from PIL import Image
 

@@ -29,7 +29,7 @@ from typing import Protocol, runtime_checkable
 import torch
 from torch import Tensor
 
-from ..data.images import resize_image, to_image_tensor
+from ..images import resize_image, to_image_tensor
 from ..functional import guidance_pyramid
 
 COMBINE_MODES = ("max", "mean")

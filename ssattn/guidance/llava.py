@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ..data.images import to_image_tensor
+from ..images import to_image_tensor
 from .hub import DEFAULT_CAPTIONER, from_pretrained, model_ref, revision_of
 from .prompts import DEFAULT_QUESTION
 

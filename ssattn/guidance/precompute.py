@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from ..data.images import ImageLoadError, file_sha256, list_images, load_image, resize_image
+from ..images import ImageLoadError, file_sha256, list_images, load_image, resize_image
 from .cache import Entry, GuidanceCache
 
 log = logging.getLogger("ssattn.guidance")
@@ -193,6 +193,6 @@ def precompute(images_dir, cache_dir, guide, *, batch_size: int = 16, workers: i
 
 
 def _exts():
-    from ..data.images import IMAGE_EXTENSIONS
+    from ..images import IMAGE_EXTENSIONS
 
     return IMAGE_EXTENSIONS

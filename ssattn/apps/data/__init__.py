@@ -1,6 +1,6 @@
 """Datasets and image loading: paired underwater datasets with cached guidance maps."""
 
-from .images import IMAGE_EXTENSIONS, ImageLoadError, file_sha256, list_images, load_image, resize_image, to_image_tensor
+from ssattn.images import IMAGE_EXTENSIONS, ImageLoadError, file_sha256, list_images, load_image, resize_image, to_image_tensor
 
 __all__ = [
     "IMAGE_EXTENSIONS", "ImageLoadError", "LAYOUTS", "PairedGuidanceDataset", "SyntheticUnderwater", "degrade",
@@ -18,4 +18,4 @@ def __getattr__(name):
         from . import synthetic
 
         return getattr(synthetic, name)
-    raise AttributeError(f"module 'ssattn.data' has no attribute {name!r}")
+    raise AttributeError(f"module 'ssattn.apps.data' has no attribute {name!r}")

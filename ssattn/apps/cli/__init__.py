@@ -18,9 +18,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in COMMANDS:
         try:
-            module = importlib.import_module(f"ssattn.cli.{name}")
+            module = importlib.import_module(f"ssattn.apps.cli.{name}")
         except ModuleNotFoundError as exc:
-            if exc.name == f"ssattn.cli.{name}":
+            if exc.name == f"ssattn.apps.cli.{name}":
                 continue  # subcommand not shipped in this build
             raise
         module.register(sub)

@@ -42,8 +42,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import _checks
-from .modules import SemanticAlignmentLoss, SemanticCrossAttention
+from .. import _checks
+from ..semantic import SemanticAlignmentLoss, SemanticCrossAttention
 
 __all__ = ["SemanticSensitive", "semantic_sensitive", "remove_semantic_sensitive"]
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 def add_data_args(p, *, n_default: int) -> None:
     p.add_argument("--data", required=True,
-                   help="a folder of paired images (ssattn.data.paired.PairedGuidanceDataset) or 'synthetic'")
+                   help="a folder of paired images (ssattn.apps.data.paired.PairedGuidanceDataset) or 'synthetic'")
     p.add_argument("--size", type=int, default=64, help="crop / resize size (default 64; divisible by 8)")
     p.add_argument("--n", type=int, default=n_default, help=f"synthetic items (default {n_default})")
     p.add_argument("--cache-dir", default=None, help="guidance cache folder for folder data")
@@ -18,7 +18,7 @@ def load_data(args, split: str):
     if args.size % 8:
         raise SystemExit(f"--size must be divisible by 8 (the U-Net halves it three times), got {args.size}")
     if args.data == "synthetic":
-        from ssattn.data.synthetic import SyntheticUnderwater
+        from ssattn.apps.data.synthetic import SyntheticUnderwater
 
         return SyntheticUnderwater(args.size, args.n, args.seed, split), f"synthetic {split} ({args.n} x {args.size}px)"
     import os
@@ -26,9 +26,9 @@ def load_data(args, split: str):
     if not os.path.isdir(args.data):
         raise SystemExit(f"--data: {args.data!r} is neither a folder nor 'synthetic'")
     try:
-        from ssattn.data.paired import PairedGuidanceDataset
+        from ssattn.apps.data.paired import PairedGuidanceDataset
     except ImportError as exc:
-        raise SystemExit(f"--data FOLDER needs ssattn.data.paired ({exc}); use --data synthetic") from exc
+        raise SystemExit(f"--data FOLDER needs ssattn.apps.data.paired ({exc}); use --data synthetic") from exc
     return PairedGuidanceDataset(args.data, cache_dir=args.cache_dir, size=args.size), f"folder {args.data}"
 
 
@@ -68,7 +68,7 @@ def run(args) -> int:
 
     import torch
 
-    from ssattn.training import TrainConfig, build_model, train
+    from ssattn.apps.training import TrainConfig, build_model, train
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     device = resolve_device(args.device)

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-log = logging.getLogger("ssattn.training")
+log = logging.getLogger("ssattn.apps.training")
 
 VGG19_CFG = (64, 64, "M", 128, 128, "M", 256, 256, 256, 256, "M", 512, 512, 512, 512, "M", 512, 512, 512, 512, "M")
 # ReLU outputs used for the loss (torchvision indices): relu1_2, relu2_2, relu3_4, relu4_4, relu5_4.

@@ -26,11 +26,11 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset
 
-from ..guidance.base import SaliencyGuide, render_maps
-from ..guidance.cache import GuidanceCache
-from .images import file_sha256, list_images, load_image, resize_image
+from ssattn.guidance.base import SaliencyGuide, render_maps
+from ssattn.guidance.cache import GuidanceCache
+from ssattn.images import file_sha256, list_images, load_image, resize_image
 
-log = logging.getLogger("ssattn.data")
+log = logging.getLogger("ssattn.apps.data")
 
 LAYOUTS = (
     ("input", "target"), ("input", "gt"), ("raw", "reference"), ("raw-890", "reference-890"),

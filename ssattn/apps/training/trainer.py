@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from .losses import ReconstructionLoss
 from .metrics import psnr, ssim
 
-log = logging.getLogger("ssattn.training")
+log = logging.getLogger("ssattn.apps.training")
 
 CHECKPOINT = "checkpoint.pt"
 
@@ -32,7 +32,7 @@ CHECKPOINT = "checkpoint.pt"
 # --------------------------------------------------------------------------- models
 def build_model(spec: dict) -> nn.Module:
     """Rebuild a model from its spec: {"arch": "unet" | "unet-ss", "width": 16, "levels": None, ...}."""
-    from ..models import UNet, unet_ss
+    from ssattn.models import UNet, unet_ss
 
     arch = spec.get("arch", "unet")
     width = int(spec.get("width", 16))
@@ -47,7 +47,7 @@ def build_model(spec: dict) -> nn.Module:
 
 
 def is_ss(model: nn.Module) -> bool:
-    from ..dropin import SemanticSensitive
+    from ssattn.dropin import SemanticSensitive
 
     return isinstance(model, SemanticSensitive)
 

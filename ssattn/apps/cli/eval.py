@@ -17,7 +17,7 @@ def register(sub) -> None:
 def run(args) -> int:
     import json
 
-    from ssattn.training import evaluate, load_model
+    from ssattn.apps.training import evaluate, load_model
 
     from .train import load_data, resolve_device
 

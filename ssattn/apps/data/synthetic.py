@@ -162,7 +162,7 @@ class SyntheticUnderwater(torch.utils.data.Dataset):
 
     def materialize(self, indices=None) -> "SyntheticUnderwater":
         """Compute (and cache) items; guidance is computed for the whole batch at once."""
-        from ..guidance import saliency_guidance
+        from ssattn.guidance import saliency_guidance
 
         todo = [i for i in (range(self.n) if indices is None else indices) if i not in self._cache]
         if not todo:

@@ -1,6 +1,6 @@
 """`ssattn demo`: baseline U-Net vs its -SS version on synthetic underwater images, end to end.
 
-Synthesises degraded crops of scikit-image photographs (ssattn.data.synthetic),
+Synthesises degraded crops of scikit-image photographs (ssattn.apps.data.synthetic),
 computes the embedded saliency guidance, trains the baseline and the -SS
 U-Net on identical data and seeds, evaluates both on held-out crops, and
 writes figure.png, results.md and results.json into --out.
@@ -93,9 +93,9 @@ def run(args) -> int:
 
     import torch
 
-    from ssattn.data.synthetic import SyntheticUnderwater
+    from ssattn.apps.data.synthetic import SyntheticUnderwater
     from ssattn.models import UNet, unet_ss
-    from ssattn.training import TrainConfig, evaluate, train
+    from ssattn.apps.training import TrainConfig, evaluate, train
 
     t_start = time.perf_counter()
     s = _settings(args)

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import _checks, functional
+from .. import _checks, functional
 
 
 class SemanticCrossAttention(nn.Module):
