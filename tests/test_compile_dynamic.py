@@ -130,7 +130,7 @@ class _TinyUNet(nn.Module):
 
 
 def test_inductor_dropin_second_size():
-    ss = ssattn.semantic_sensitive(_TinyUNet(), {"dec1": "enc2"}, backend="reference")
+    ss = ssattn.semantic_sensitive(_TinyUNet(), {"dec1": "enc2"}, heads=2, backend="reference")
     for p in ss.blocks.parameters():
         nn.init.normal_(p, std=0.2)
     compiled = torch.compile(ss, backend="inductor")
