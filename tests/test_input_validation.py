@@ -90,3 +90,75 @@ def test_weight_and_mask_must_be_tensors():
         ssattn.masked_cross_attention(q, k, v, weight=[1.0] * 7)
     with pytest.raises(TypeError, match="key_padding_mask must be a torch.Tensor or None, got list"):
         ssattn.masked_cross_attention(q, k, v, key_padding_mask=[False] * 7)
+
+
+@pytest.mark.parametrize("bad", [True, False, float("inf"), "0.5"])
+def test_attention_scale_rejects_bools_and_non_numbers(bad):
+    q, k, v = _qkv()
+    with pytest.raises(ValueError, match="scale must be a finite number"):
+        ssattn.masked_cross_attention(q, k, v, scale=bad)
+    torch.testing.assert_close(ssattn.masked_cross_attention(q, k, v, scale=1, backend="reference"),
+                               reference.masked_cross_attention(q, k, v, scale=1.0))
+
+
+# --------------------------------------------------------------------------- the registered ops, called directly
+def _fwd(q, k, v, weight=None, kpm=None):
+    return torch.ops.ssattn.masked_attention_fwd(q, k, v, weight, kpm, 0.5, "triton", "ieee", False)
+
+
+@pytest.mark.parametrize("case", ["heads", "batch", "head_dim", "keys", "weight", "mask_shape", "mask_dtype", "dtype"])
+def test_attention_op_checks_shapes_itself(case):
+    q, k, v = _qkv(B=2, h=2, nq=5, nk=7, d=4)
+    w, kpm = torch.rand(2, 7), torch.zeros(2, 7, dtype=torch.bool)
+    if case == "heads":  # read out of bounds on the Triton path before: different garbage each run
+        k, v = k[:, :1], v[:, :1]
+    elif case == "batch":
+        k = k[:1]
+    elif case == "head_dim":
+        k = torch.randn(2, 2, 7, 8)
+    elif case == "keys":
+        v = v[:, :, :6]
+    elif case == "weight":
+        w = torch.rand(2, 6)
+    elif case == "mask_shape":
+        kpm = kpm[:1]
+    elif case == "mask_dtype":
+        kpm = kpm.float()
+    elif case == "dtype":
+        v = v.double()
+    with pytest.raises((ValueError, TypeError)):
+        _fwd(q, k, v, w, kpm)
+    # the fake kernel says the same while tracing, from shapes alone (meta tensors hold no data: no sync)
+    meta = [None if t is None else t.to("meta") for t in (q, k, v, w, kpm)]
+    with pytest.raises((ValueError, TypeError)):
+        _fwd(*meta)
+
+
+def test_attention_backward_op_checks_shapes_itself():
+    q, k, v = _qkv(B=1, h=2, nq=5, nk=7, d=4)
+    out, lse = _fwd(q, k, v)
+    bwd = torch.ops.ssattn.masked_attention_bwd
+    with pytest.raises(ValueError, match="grad_out must have shape"):
+        bwd(torch.randn(1, 2, 4, 4), q, k, v, None, None, out, lse, 0.5, False, "triton", "ieee", False)
+    with pytest.raises(ValueError, match="lse must be"):
+        bwd(torch.randn_like(out), q, k, v, None, None, out, lse[:, :1], 0.5, False, "triton", "ieee", False)
+    dq, dk, dv, _ = bwd(torch.randn_like(out), q, k, v, None, None, out, lse, 0.5, False, "triton", "ieee", False)
+    assert dq.shape == q.shape and dk.shape == k.shape and dv.shape == v.shape
+
+
+def test_pyramid_op_checks_shapes_itself():
+    op = torch.ops.ssattn.guidance_pyramid
+    grid = torch.rand(2, 4, 4)
+    with pytest.raises(ValueError, match="scores must be a"):
+        op(grid, None, [4, 5], [8, 8], 2.0, 0.2, False, "triton")
+    with pytest.raises(ValueError, match="sizes must be a flat list"):
+        op(grid, None, [4, 4], [8, 8, 4], 2.0, 0.2, False, "triton")
+    with pytest.raises(ValueError, match="larger than the image"):
+        op(grid, None, [4, 4], [8, 8, 16, 4], 2.0, 0.2, False, "triton")
+    feats = torch.randn(2, 16, 6)
+    with pytest.raises(ValueError, match="text must have shape"):
+        op(feats, torch.randn(5), [4, 4], [8, 8], 2.0, 0.2, False, "triton")
+    with pytest.raises(ValueError, match="text must have shape"):
+        op(feats, torch.randn(3, 6), [4, 4], [8, 8], 2.0, 0.2, False, "triton")
+    (m,) = op(grid, None, [4, 4], [8, 8], 2.0, 0.2, False, "triton")
+    assert m.shape == (2, 1, 8, 8)
