@@ -10,7 +10,7 @@ import argparse
 import importlib
 import sys
 
-COMMANDS = ("demo", "guide", "train", "eval", "info")
+COMMANDS = ("demo", "guide", "route", "train", "eval", "info")
 
 
 def build_parser() -> argparse.ArgumentParser:
