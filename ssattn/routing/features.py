@@ -110,7 +110,6 @@ def features(images: Tensor) -> Tensor:
     if min(images.shape[-2:]) < 16:
         raise ValueError(f"images must be at least 16x16 pixels, got {tuple(images.shape[-2:])}")
     x = images.detach().float().clamp(0, 1)
-    b = x.shape[0]
     y = (x * x.new_tensor(LUMA).view(1, 3, 1, 1)).sum(1, keepdim=True)
     flat = y.flatten(1)
 
@@ -140,6 +139,4 @@ def features(images: Tensor) -> Tensor:
     sat = (x.amax(1) - x.amin(1)).mean((1, 2))
     cols = [noise, sharp, lap_ratio, c1, c2, min_dir, _blockiness(y, 3), _blockiness(y, 2), _ghost(y), contrast,
             mean, p05, p95, floor, cast_rg, cast_bg, sat]
-    out = torch.stack(cols, 1)
-    assert out.shape == (b, len(FEATURES))
-    return out
+    return torch.stack(cols, 1)
