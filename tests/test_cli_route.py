@@ -97,3 +97,20 @@ def test_errors_are_messages_and_exit_2(folder, tmp_path, capsys):
         for argv, msg in cases:
             assert main(argv) == 2, argv
             assert msg in capsys.readouterr().err, argv
+
+
+def test_vlm_classifier_from_the_command_line(folder, tmp_path, capsys):
+    pytest.importorskip("transformers")
+    from ssattn.guidance import DEFAULT_CAPTIONER
+
+    hub = tmp_path / "hub"
+    testing.hub_snapshot(hub, DEFAULT_CAPTIONER, lambda d: testing.save_llava(d, extra_chars="ABCD"))
+    out = tmp_path / "out"
+    with testing.offline_hub_cache(hub):
+        assert main(_args(folder, out, "--classifier", "vlm", "--classes", "motion_blur,none", "--batch-size", "4")) == 0
+        assert "9 classified" in capsys.readouterr().out
+        rows = _labels(out)
+        assert len(rows) == 9 and {r["class"] for r in rows} <= {"motion_blur", "none"}
+        # another classifier is another set of cache entries, not a hit
+        assert main(_args(folder, out, "--classes", "motion_blur,none")) == 0
+        assert "9 classified, 0 already cached" in capsys.readouterr().out
