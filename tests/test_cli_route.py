@@ -92,6 +92,8 @@ def test_errors_are_messages_and_exit_2(folder, tmp_path, capsys):
         (_args(folder, tmp_path / "o", "--classifier", "clip", "--model", "openai/not-downloaded"), "not-downloaded"),
     ]
     (tmp_path / "empty").mkdir()
+    (tmp_path / "afile").write_text("x")
+    cases.append((_args(folder, tmp_path / "afile"), "is a file"))
     cases.append((_args(tmp_path / "empty", tmp_path / "o"), "no images in"))
     with testing.offline_hub_cache(tmp_path / "hub"):
         for argv, msg in cases:

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import os
 
+from .common import CLIError, positive_int
+
 
 def register(sub) -> None:
     p = sub.add_parser(
@@ -37,12 +39,12 @@ def register(sub) -> None:
                    help="images less confident than this go to --fallback (default: no threshold)")
     p.add_argument("--fallback", default=None, metavar="CLASS",
                    help="class whose expert (or passthrough) takes the uncertain images")
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--batch-size", type=positive_int, default=16)
     p.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda when present)")
     p.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default=None,
                    help="clip/vlm model dtype (default float16 on cuda, float32 on cpu)")
     p.add_argument("--recursive", action="store_true", help="also take images in subfolders")
-    p.add_argument("--limit", type=int, default=None, help="only the first N images")
+    p.add_argument("--limit", type=positive_int, default=None, help="only the first N images")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=run)
 
@@ -134,8 +136,8 @@ def run(args) -> int:
 
     if not os.path.isdir(args.images):
         return fail(f"IMAGES_DIR {args.images!r} is not a folder")
-    if args.batch_size < 1:
-        return fail(f"--batch-size must be >= 1, got {args.batch_size}")
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise CLIError(f"--out {args.out!r} is a file; it must name a folder (created if needed)")
     if (args.threshold is None) != (args.fallback is None):
         return fail("--threshold and --fallback go together")
     classes = tuple(c.strip() for c in args.classes.split(",") if c.strip()) if args.classes else PAPER_CLASSES
