@@ -163,10 +163,9 @@ def run(args) -> int:
     root, out = Path(args.images), Path(args.out)
     rows, failed, computed, cached = {}, [], 0, 0
 
-    def record(path, scores, routes=None):
-        conf, idx = scores.max(0)
-        label = classes[int(idx)]
-        rows[path] = (label, float(conf), routes or router.routes_for(scores[None])[1][0])
+    def record(path, scores):
+        labels, routes, conf = router.routes_for(scores[None])
+        rows[path] = (labels[0], float(conf[0]), routes[0])
 
     bar = tqdm(total=len(files), disable=args.no_progress, unit="img", desc=f"route {cache.id}")
     try:
