@@ -12,13 +12,15 @@ benchmarks/compile_reports/: triton36.md, triton38.md, sweeps.md, and the
 reports of the previous lists): configs that spill registers or need more than
 227 KB of shared memory were left out. Where every config spills, the
 least-spilling ones stay, marked "spills". The first entry is the
-SSATTN_AUTOTUNE=0 heuristic (for half d<=64 forward, the H100 calibration in
+default heuristic (for half d<=64 forward, the H100 calibration in
 KERNEL-NOTES). Which of the rest is fastest is for autotuning on the GPU:
 no GPU timing has informed these lists yet.
 
 Entries are (BLOCK_M, BLOCK_N, warps, stages). fwd: BLOCK_M queries per
 program, BLOCK_N keys per step. dkdv: BLOCK_N keys per program, BLOCK_M
-queries per step. dq: BLOCK_M queries per program, BLOCK_N keys per step.
+queries per step (also the single-pass "fused" kernel). dq: BLOCK_M queries
+per program, BLOCK_N keys per step. Autotuning (opt-in, SSATTN_AUTOTUNE=1)
+times the rest of a class's list.
 """
 
 from __future__ import annotations
@@ -73,6 +75,11 @@ TABLE: dict[str, dict[tuple[str, int], list[Config]]] = {
         ("ieee", 256): [(16, 32, 8, 2)],  # spills
     },
 }
+
+
+# The single-pass backward (dkdv with dq by atomics) walks the same loop as dkdv: its lists until
+# compile reports of its own say otherwise.
+TABLE["fused"] = TABLE["dkdv"]
 
 
 def shape_class(fp32: bool, precision: str, block_d: int) -> tuple[str, int]:
