@@ -409,11 +409,12 @@ PRECISIONS = {  # name: (dtype, float32 dot precision, reference dtype, referenc
 # Each (precision, head dim) compiles its own kernels (seconds each), while sizes reuse them: so the
 # sweep is one test per compile class looping over sizes. fp32-ieee at d=128 is left out: its FMA
 # dots take minutes to compile and are far slower than tf32x3 at the same accuracy class.
-GPU_CLASSES = [("bf16", d) for d in (16, 32, 64, 128)] + [
-    ("fp16", 32), ("fp16", 64), ("fp32-ieee", 16), ("fp32-ieee", 64),
+GPU_CLASSES = [("bf16", d) for d in (16, 24, 32, 40, 48, 64, 72, 80, 96, 112, 128)] + [
+    ("fp16", 32), ("fp16", 48), ("fp16", 64), ("fp16", 96), ("fp32-ieee", 16), ("fp32-ieee", 64),
     ("fp32-tf32", 32), ("fp32-tf32", 128), ("fp32-tf32x3", 32), ("fp32-tf32x3", 64),
 ]
-GPU_SIZES = [(1, 1), (7, 7), (97, 97), (1025, 1025), (4096, 4096), (97, 1025), (1025, 7), (4096, 1)]
+GPU_SIZES = [(1, 1), (7, 7), (97, 97), (113, 203), (203, 113), (1025, 1025), (4096, 4096), (97, 1025), (1025, 7),
+             (4096, 1)]
 LAYOUTS = ["contiguous", "nchw", "channels_last"]
 
 
@@ -426,7 +427,8 @@ def heuristic_configs(monkeypatch):
 @pytest.mark.gpu
 @pytest.mark.parametrize("name,d", GPU_CLASSES, ids=[f"{n}-d{d}" for n, d in GPU_CLASSES])
 def test_gpu_sweep(name, d, heuristic_configs):
-    """Every size in GPU_SIZES, cycling heads 1/2, layouts and key padding; all failures reported together."""
+    """Every size in GPU_SIZES, cycling heads 1/2, the two backward paths, layouts and key padding; all failures
+    reported together."""
     dtype, precision, ref_dtype, ref_prec = PRECISIONS[name]
     floor_scale = 10.0 if precision == "tf32x3" else 1.0  # tf32x3 drops the small*small term: ~2^-22, not 2^-24
     # Layout and padding are fixed per class (each stride==1 pattern and HAS_KPM compiles another binary);
@@ -441,11 +443,13 @@ def test_gpu_sweep(name, d, heuristic_configs):
             kpm[:, -1] = False
         q, k, v, w, _, do = make_inputs(B, h, nq, nk, d, dtype, kpm=kpm, device="cuda")
         q, k, v = (relayout(t, layout) for t in (q, k, v))
+        deterministic = i % 2 == 1
         try:
             check_against_reference(q, k, v, w, kpm, do, precision=precision, ref_dtype=ref_dtype, ref_precision=ref_prec,
-                                    floor_scale=floor_scale)
+                                    floor_scale=floor_scale, deterministic=deterministic)
         except AssertionError as exc:
-            failures.append(f"nq={nq} nk={nk} h={h} {layout} padded={kpm is not None}: {str(exc).splitlines()[0]}")
+            failures.append(f"nq={nq} nk={nk} h={h} {layout} padded={kpm is not None} deterministic={deterministic}: "
+                            f"{str(exc).splitlines()[0]}")
     assert not failures, "\n".join(failures)
 
 
@@ -482,7 +486,7 @@ def test_gpu_large_n_bf16_forward(heuristic_configs):
     """N=65536, d=32, bf16: forward rows checked on a random subset of queries (the float64 truth is chunked)."""
     B, h, n, d = 1, 1, 65536, 32
     q, k, v, w, _, _ = make_inputs(B, h, n, n, d, torch.bfloat16, device="cuda")
-    out, _ = FAST_OP(q, k, v, w, None, d ** -0.5, "triton")
+    out, _ = FAST_OP(q, k, v, w, None, d ** -0.5, "triton", "ieee", False)
     assert torch.isfinite(out).all()
     rows = torch.randperm(n, device="cuda")[:256]
     qs = q[:, :, rows]
@@ -547,3 +551,48 @@ def test_config_tables_cover_every_class_and_prune_keeps_the_class(monkeypatch):
     assert small and all(c.kwargs["BLOCK_M"] <= 64 and c.kwargs["BLOCK_N"] <= 64 for c in small)
     heuristic = kern._heuristic("dkdv", ("ieee", 64))
     assert (heuristic["BLOCK_M"], heuristic["BLOCK_N"]) == configs.TABLE["dkdv"][("ieee", 64)][0][:2]
+
+
+def test_config_policy_heuristic_by_default_autotune_opt_in_deterministic_pinned(monkeypatch):
+    launched = []
+
+    class Fake:
+        def __init__(self, name):
+            self.name = name
+
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: launched.append((self.name, kwargs.get("BLOCK_M")))
+
+    q = torch.empty(1, 1, 4, 16)
+    meta = {"PREC": "ieee", "BLOCK_D": 16, "BLOCK_DV": 16}
+    monkeypatch.delenv("SSATTN_AUTOTUNE", raising=False)
+    for env, deterministic, expected in ((None, False, "raw"), ("1", False, "tuned"), ("1", True, "raw")):
+        if env is not None:
+            monkeypatch.setenv("SSATTN_AUTOTUNE", env)
+        launched.clear()
+        kern._launch(Fake("tuned"), Fake("raw"), "fwd", lambda bm, bn: (1, 1), (q,), meta, deterministic)
+        assert launched[0][0] == expected, (env, deterministic)
+    # The autotune cache key tells the layouts apart (which dim has stride 1), so an NCHW view never
+    # reuses the config tuned for contiguous inputs.
+    assert "LAYOUT" in kern._KEYS
+    x = torch.randn(1, 2, 8, 16)
+    assert kern.layout_code(x, x, x) != kern.layout_code(relayout(x, "nchw"), x, x)
+    assert kern.layout_code(relayout(x, "nchw"), x, x) != kern.layout_code(x, relayout(x, "nchw"), x)
+    # The packed half-precision exp2 is an opt-in, for fp16/bf16 at d <= 64, compiled kernels only.
+    monkeypatch.setenv("SSATTN_FAST_EXP2", "1")
+    assert not kern.fast_exp2_enabled(torch.bfloat16, 64)  # the interpreter has no PTX
+    monkeypatch.setattr(kern, "INTERPRET", False)
+    assert kern.fast_exp2_enabled(torch.bfloat16, 64) and kern.fast_exp2_enabled(torch.float16, 32)
+    assert not kern.fast_exp2_enabled(torch.float32, 32) and not kern.fast_exp2_enabled(torch.bfloat16, 128)
+    monkeypatch.delenv("SSATTN_FAST_EXP2")
+    assert not kern.fast_exp2_enabled(torch.bfloat16, 64)
+
+
+def test_single_pass_and_two_pass_backward_agree():
+    """Both backward paths give the same gradients up to float32 rounding (the order of dq's additions)."""
+    q, k, v, w, kpm, do = make_inputs(1, 2, 97, 130, 16, torch.float32)
+    (o1, g1), (o2, g2) = (run_attention(fast_fn("ieee", deterministic=det), q, k, v, w, kpm, do, 0.25)
+                          for det in (True, False))
+    assert torch.equal(o1, o2)
+    for a, b in zip(g1, g2):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
