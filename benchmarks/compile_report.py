@@ -163,7 +163,7 @@ def attention_launches(dtype, prec, d, layout="contiguous", has_w=True, has_kpm=
     return {kind: (fn or raw[kind], args, meta) for kind, fn, args, meta in calls}
 
 
-def attention_jobs(kinds, dtypes, head_dims, quick, configs=None, pipeline=False):
+def attention_jobs(kinds, dtypes, head_dims, quick, configs=None, pipeline=""):
     """Jobs for every (shape class, kept config); quick: the default heuristic config only;
     configs: explicit [(BLOCK_M, BLOCK_N, warps, stages)] instead of the autotune lists (not pruned);
     pipeline: also each MMA kernel compiled without the weight (case label + NO_W), to compare TTGIR."""
@@ -180,7 +180,7 @@ def attention_jobs(kinds, dtypes, head_dims, quick, configs=None, pipeline=False
     return jobs
 
 
-def _attention_cases(dtypes, head_dims, quick, pipeline=False):
+def _attention_cases(dtypes, head_dims, quick, pipeline=""):
     """(label, dtype, options, d, launch kwargs, kernels): the main grid, the unweighted twins (pipeline),
     the packed-exp2 forward, plus KPM=True and the NCHW view."""
     for name in dtypes:
@@ -191,9 +191,9 @@ def _attention_cases(dtypes, head_dims, quick, pipeline=False):
                     yield f"{name} d={d}", dtype, prec, d, {"fast_exp2": True}, ("fwd",)
                 continue
             yield f"{name} d={d}", dtype, prec, d, {}, ATTN_KINDS
-            # Quick (the CI test): the enforced kernels of the first dtype only, to keep it short.
-            if pipeline and (not quick or name == dtypes[0]):
-                kinds = PIPELINE_ENFORCED if quick else PIPELINE_KINDS
+            # "ci" (the CI test): the enforced kernels of the first dtype only, to keep it short.
+            if pipeline == "all" or (pipeline == "ci" and name == dtypes[0]):
+                kinds = PIPELINE_ENFORCED if pipeline == "ci" else PIPELINE_KINDS
                 yield f"{name} d={d}{NO_W}", dtype, prec, d, {"has_w": False, "weight_grad": False}, kinds
     if quick:
         return
@@ -241,11 +241,13 @@ def _pyramid_launch(B, gh, gw, sizes, has_text):
         scores, text = torch.empty(B, gh, gw, device="meta"), None
     wy, wx, wyoff, wxoff = pyr._weights(gh, gw, sizes, GH, GW, "meta")
     outs = [torch.empty(B, 1, h, w, device="meta") for h, w in sizes]
-    bm, bn = (64, 64) if GH * GW <= 1024 else (32, 32)
+    bm, bn = (64, 32) if GH * GW <= 1024 else (32, 32)  # as guidance_pyramid picks on CUDA
     rch = 4 * bm
     n_items = sum(-(-w // bn) * -(-h // rch) for h, w in sizes)
     G = max(1, min(n_items, -(-(H100_SMS if has_text else 2 * H100_SMS) // B)))
-    pyr._launch(scores, text, wy, wx, outs, sizes, wyoff, wxoff, gh, gw, 2.0, 0.2, False, G, rch,
+    from ssattn.ops.pyramid import NORM_EPS
+
+    pyr._launch(scores, text, wy, wx, outs, sizes, wyoff, wxoff, gh, gw, 2.0, 0.2, False, NORM_EPS, G, rch,
                 GH, GW, bm, bn, "ieee", True)
 
 
@@ -497,8 +499,9 @@ def parse_args(argv=None):
                    "(not pruned), e.g. 32x64w8s2,64x64w4s3")
     p.add_argument("--head-dims", default=None, help="comma-separated head dims (default 32,64,128; quick: 64)")
     p.add_argument("--quick", action="store_true", help="one config per kernel and shape class (the heuristic one)")
-    p.add_argument("--pipeline", action="store_true",
-                   help="also compile fwd/dq/dkdv/fused without the weight and compare their TTGIR (issue 12)")
+    p.add_argument("--pipeline", nargs="?", const="all", default="", choices=("all", "ci"),
+                   help="also compile the MMA kernels without the weight and compare their TTGIR (issue 12): "
+                        "all = fwd/dq/dkdv/fused for every dtype; ci = fwd and dq of the first dtype")
     p.add_argument("--out", help="also write the markdown report to this file")
     p.add_argument("--json", help="write the results as JSON to this file")
     a = p.parse_args(argv)

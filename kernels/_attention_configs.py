@@ -77,9 +77,18 @@ TABLE: dict[str, dict[tuple[str, int], list[Config]]] = {
 }
 
 
-# The single-pass backward (dkdv with dq by atomics) walks the same loop as dkdv: its lists until
-# compile reports of its own say otherwise.
-TABLE["fused"] = TABLE["dkdv"]
+# The single-pass backward (dkdv with dq by atomics) walks dkdv's loop, but its dq product has
+# BLOCK_M rows: 64 keeps it on wgmma (32 falls back to mma.sync). From the sm_90 compile report of
+# 2026-12-01 (Triton 3.8): half d=32 64x64 w4 s2 237 regs, d=64 64x64 w8 s2 235 regs, tf32 d=32
+# 64x64 w8 s2, all without spills; tf32 d=64 spills in every config tried (64x64 w8: 172 B, wgmma;
+# 64x32 w4: 64 B, mma.sync). The other classes keep dkdv's lists until reports of their own.
+TABLE["fused"] = {
+    **TABLE["dkdv"],
+    ("half", 32): [(64, 64, 4, 2), (64, 64, 8, 2), (64, 64, 4, 3)],
+    ("half", 64): [(64, 64, 8, 2), (32, 64, 4, 2)],
+    ("tf32", 32): [(64, 64, 8, 2), (32, 64, 4, 2)],
+    ("tf32", 64): [(64, 64, 8, 2), (64, 32, 4, 2)],  # spills
+}
 
 
 def shape_class(fp32: bool, precision: str, block_d: int) -> tuple[str, int]:

@@ -30,7 +30,9 @@ DTYPES = ("bf16", "fp32-tf32")
 # The heuristic configs (kernels/_attention_configs.py, first of each class) do not spill with
 # Triton 3.6, 3.8 and 3.9, except fp32-tf32 dkdv at d=64: its wgmma config (32x64, 4 warps) spills
 # 48-64 B; the spill-free 64x32 one would fall back to mma.sync. See benchmarks/compile_reports/.
-SPILL_EXEMPT = {("dkdv", "fp32-tf32")}
+# The single-pass backward ("fused") in fp32-tf32 at d=64 spills in every config compiled (172 B in its
+# wgmma config 64x64 w8).
+SPILL_EXEMPT = {("dkdv", "fp32-tf32"), ("fused", "fp32-tf32")}
 MMA_KERNELS = ("fwd", "dkdv", "dq", "fused")
 
 
@@ -61,7 +63,7 @@ def report(tmp_path_factory):
         pytest.skip(f"cannot compile for sm_90 on this machine: {problem}")
     out = tmp_path_factory.mktemp("compile") / "report.json"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    cmd = [sys.executable, SCRIPT, "--quick", "--pipeline", "--kernels", ",".join(KERNELS), "--dtypes",
+    cmd = [sys.executable, SCRIPT, "--quick", "--pipeline", "ci", "--kernels", ",".join(KERNELS), "--dtypes",
            ",".join(DTYPES), "--json", str(out)]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, timeout=600)
     assert out.exists(), f"compile_report.py wrote no results (rc {proc.returncode}):\n{proc.stderr[-3000:]}"
