@@ -64,6 +64,7 @@ from triton.runtime.jit import create_function_from_signature  # noqa: E402
 
 from ssattn.kernels import attention as attn  # noqa: E402
 from ssattn.kernels import pyramid as pyr  # noqa: E402
+from ssattn.reference.pyramid import NORM_EPS  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
 H100_SMS = 132
@@ -245,8 +246,6 @@ def _pyramid_launch(B, gh, gw, sizes, has_text):
     rch = 4 * bm
     n_items = sum(-(-w // bn) * -(-h // rch) for h, w in sizes)
     G = max(1, min(n_items, -(-(H100_SMS if has_text else 2 * H100_SMS) // B)))
-    from ssattn.ops.pyramid import NORM_EPS
-
     pyr._launch(scores, text, wy, wx, outs, sizes, wyoff, wxoff, gh, gw, 2.0, 0.2, False, NORM_EPS, G, rch,
                 GH, GW, bm, bn, "ieee", True)
 
