@@ -496,6 +496,18 @@ def test_gpu_large_n_bf16_forward(heuristic_configs):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("d", [32, 64])
+def test_gpu_fast_exp2_option(heuristic_configs, monkeypatch, dtype, d):
+    """SSATTN_FAST_EXP2=1 (packed ex2.approx.f16x2 in the forward) must still meet the accuracy rule."""
+    monkeypatch.setenv("SSATTN_FAST_EXP2", "1")
+    assert kern.fast_exp2_enabled(dtype, d)
+    for nq, nk in ((97, 1025), (1025, 1025)):
+        q, k, v, w, kpm, do = make_inputs(2, 2, nq, nk, d, dtype, device="cuda")
+        check_against_reference(q, k, v, w, kpm, do)
+
+
+@pytest.mark.gpu
 def test_gpu_deterministic(heuristic_configs):
     q, k, v, w, kpm, do = make_inputs(2, 2, 4096, 4096, 32, torch.bfloat16, device="cuda")
     (o1, g1), (o2, g2) = (run_attention(fast_fn(deterministic=True), q, k, v, w, kpm, do, 0.2) for _ in range(2))

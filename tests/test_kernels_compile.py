@@ -6,8 +6,9 @@ dots), and the pyramid kernel on a 24x24 grid. Catches a Triton API change
 (3.6 to 3.9) or a register blow-up before a GPU session does. Also compiles
 bf16 fwd and dq without the per-key weight and checks, in the TTGIR, that
 the weight costs the Hopper pipeline nothing (issue 12): no more 2-D tile
-round trips through shared memory and no more fully drained wgmma waits. float32 with IEEE dots is
-left to benchmarks/compile_report.py: its FMA kernels take ~10-30 s each.
+round trips through shared memory and no more fully drained wgmma waits.
+float32 with IEEE dots is left to benchmarks/compile_report.py: its FMA
+kernels take ~10-30 s each.
 
 benchmarks/compile_report.py does the work in a subprocess: this session
 runs with TRITON_INTERPRET=1 (tests/conftest.py), under which @triton.jit
@@ -31,8 +32,16 @@ DTYPES = ("bf16", "fp32-tf32")
 # Triton 3.6, 3.8 and 3.9, except fp32-tf32 dkdv at d=64: its wgmma config (32x64, 4 warps) spills
 # 48-64 B; the spill-free 64x32 one would fall back to mma.sync. See benchmarks/compile_reports/.
 # The single-pass backward ("fused") in fp32-tf32 at d=64 spills in every config compiled (172 B in its
-# wgmma config 64x64 w8).
+# wgmma config 64x64 w8); in bf16 its 64x64 w8 config spills 36 B under Triton 3.6 only (clean under 3.8:
+# kernels/_attention_configs.py).
 SPILL_EXEMPT = {("dkdv", "fp32-tf32"), ("fused", "fp32-tf32")}
+try:
+    import triton
+
+    if triton.__version__.startswith("3.6."):
+        SPILL_EXEMPT.add(("fused", "bf16"))
+except ImportError:  # the report fixture skips then
+    pass
 MMA_KERNELS = ("fwd", "dkdv", "dq", "fused")
 
 
