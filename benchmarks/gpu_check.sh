@@ -23,7 +23,7 @@ for arg in "$@"; do
 done
 OUT=${OUT:-./out}
 BUDGET=${GPU_CHECK_BUDGET:-470}
-CAP_BUILD=170; CAP_SMOKE=75; CAP_HEADLINE=130; CAP_BENCH=55; RESERVE=10
+CAP_BUILD=160; CAP_SMOKE=100; CAP_HEADLINE=120; CAP_BENCH=50; RESERVE=10
 SMOKE="test_gpu_padding_and_zero_weights or test_gpu_deterministic or bf16-d32 or fp32-tf32-d32 or test_gpu_grid_cases or test_cuda_deterministic"
 BENCH_K="(grid-B16-512 and (triton or eager or compile)) or (test_alignment_cuda_fwd_bwd and not compile)"
 export PYTHONUNBUFFERED=1 SSATTN_VALUE_CHECKS=0 TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=${MAX_JOBS:-16}

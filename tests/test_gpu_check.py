@@ -50,6 +50,9 @@ def test_headline_benchmark_quick_mode_checks_and_times(tmp_path):
 
     if _backends.kernel_module("attention") is None or not _backends.triton_interpreting():
         pytest.skip("needs the Triton interpreter")
+    from ssattn import _checks
+
+    checks = _checks._VALUE_CHECKS
     spec = importlib.util.spec_from_file_location("headline_attention", REPO / "benchmarks" / "headline_attention.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
@@ -60,3 +63,4 @@ def test_headline_benchmark_quick_mode_checks_and_times(tmp_path):
     assert {"ssattn single-pass", "ssattn two-pass", "chain sdpa-math", "core sdpa-math"} <= timed
     assert all("check" in note for _, _, ms, note in rows if ms is not None)
     assert "| ssattn single-pass ms |" in out.read_text()
+    assert _checks._VALUE_CHECKS == checks  # the script turned value checks off for timing only
