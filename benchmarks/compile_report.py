@@ -20,6 +20,15 @@ constants, multiples of 16 marked divisible.
     python benchmarks/compile_report.py --out report.md           # everything (minutes)
     python benchmarks/compile_report.py --quick                   # one config per kernel
     python benchmarks/compile_report.py --kernels fwd,dq --dtypes bf16 --head-dims 64
+    python benchmarks/compile_report.py --quick --pipeline --dtypes bf16,bf16-fexp2   # + TTGIR comparison
+
+Also from the TTGIR: per kernel, 2-D tile round trips through shared memory
+(`ttg.local_load` into a 2-D tensor, `ttg.local_alloc` of a 2-D register
+tensor), fully drained wgmma waits (`pendings = 0`), and exponential
+instructions per score (1 for exp2, 0.5 for packed ex2.approx.f16x2).
+`--pipeline` compiles each MMA kernel once more without the per-key weight
+and tables the two: the weight must cost fwd and dq no tile round trip and no
+drained wait (issue 12; enforced by tests/test_kernels_compile.py).
 
 Uses Triton internals that are the same in 3.6 to 3.9 (runtime.jit.
 create_function_from_signature, JITFunction._pack_args, compiler.ASTSource).
@@ -66,10 +75,17 @@ REGS_PER_SM = 65536
 MAX_WARPS_PER_SM = 64
 MAX_BLOCKS_PER_SM = 32
 
-ATTN_KINDS = ("fwd", "dkdv", "dq", "delta")
+ATTN_KINDS = ("fwd", "dkdv", "dq", "fused", "delta")  # fused: the single-pass backward (dkdv + dq by atomics)
 KINDS = ATTN_KINDS + ("pyramid",)
-DTYPES = {"bf16": (torch.bfloat16, ""), "fp32-tf32": (torch.float32, "tf32"), "fp32-ieee": (torch.float32, "ieee"),
-          "fp32-tf32x3": (torch.float32, "tf32x3")}
+DTYPES = {"bf16": (torch.bfloat16, ""), "fp16": (torch.float16, ""), "fp32-tf32": (torch.float32, "tf32"),
+          "fp32-ieee": (torch.float32, "ieee"), "fp32-tf32x3": (torch.float32, "tf32x3"),
+          "bf16-fexp2": (torch.bfloat16, ""), "fp16-fexp2": (torch.float16, "")}
+FAST_EXP2_DTYPES = ("bf16-fexp2", "fp16-fexp2")  # the forward with SSATTN_FAST_EXP2=1 (packed ex2.approx.f16x2)
+# Kernels whose weighted TTGIR must not add tile round trips or drained waits to the unweighted one
+# (issue 12); dkdv and fused are compared too, for information.
+PIPELINE_KINDS = ("fwd", "dq", "dkdv", "fused")
+PIPELINE_ENFORCED = ("fwd", "dq")
+NO_W = " no-w"
 DEFAULT_DTYPES = ("bf16", "fp32-tf32", "fp32-ieee")
 ATTN_B, ATTN_H, ATTN_N = 4, 2, 4096  # N = 64x64 tokens: large enough that _prune's size rule drops nothing
 
@@ -101,7 +117,7 @@ class _Recorder:
     def __getitem__(self, grid):  # kernel[grid](*args, **kwargs)
         return lambda *args, **kwargs: self.calls.append((self.kind, None, args, kwargs))
 
-    def __call__(self, tuned, raw, kind, grid_fn, args, meta):  # attention._launch
+    def __call__(self, tuned, raw, kind, grid_fn, args, meta, deterministic=False):  # attention._launch
         self.calls.append((kind, raw, args, meta))
 
 
@@ -130,24 +146,30 @@ def _attn_inputs(dtype, d, layout, has_w, has_kpm):
     return q, k, v, w, kpm
 
 
-def attention_launches(dtype, prec, d, layout="contiguous", has_w=True, has_kpm=False, weight_grad=True):
-    """{kind: (JITFunction, args, meta)} of one forward + backward, from the real host code."""
+def attention_launches(dtype, prec, d, layout="contiguous", has_w=True, has_kpm=False, weight_grad=True,
+                       fast_exp2=False):
+    """{kind: (JITFunction, args, meta)} of one forward + both backwards (two-pass and single-pass),
+    from the real host code."""
     q, k, v, w, kpm = _attn_inputs(dtype, d, layout, has_w, has_kpm)
     scale = d ** -0.5
     calls = []
     with _patched(attn, _check=lambda *a: None, _launch=_Recorder(calls),
-                  attn_bwd_delta_kernel=_Recorder(calls, "delta")):
-        out, lse = attn.forward(q, k, v, w, kpm, scale, precision=prec or "ieee")
-        attn.backward(torch.empty_like(out), q, k, v, w, kpm, out, lse, scale, weight_grad, precision=prec or "ieee")
+                  attn_bwd_delta_kernel=_Recorder(calls, "delta"),
+                  fast_exp2_enabled=lambda *a: fast_exp2):
+        out, stats = attn.forward(q, k, v, w, kpm, scale, precision=prec or "ieee")
+        for deterministic in (True, False):
+            attn.backward(torch.empty_like(out), q, k, v, w, kpm, out, stats, scale, weight_grad,
+                          precision=prec or "ieee", deterministic=deterministic)
     raw = {"delta": attn.attn_bwd_delta_kernel}
     return {kind: (fn or raw[kind], args, meta) for kind, fn, args, meta in calls}
 
 
-def attention_jobs(kinds, dtypes, head_dims, quick, configs=None):
-    """Jobs for every (shape class, kept config); quick: the SSATTN_AUTOTUNE=0 heuristic config only;
-    configs: explicit [(BLOCK_M, BLOCK_N, warps, stages)] instead of the autotune lists (not pruned)."""
+def attention_jobs(kinds, dtypes, head_dims, quick, configs=None, pipeline=""):
+    """Jobs for every (shape class, kept config); quick: the default heuristic config only;
+    configs: explicit [(BLOCK_M, BLOCK_N, warps, stages)] instead of the autotune lists (not pruned);
+    pipeline: also each MMA kernel compiled without the weight (case label + NO_W), to compare TTGIR."""
     jobs = []
-    for case, dtype, prec, d, extra, case_kinds in _attention_cases(dtypes, head_dims, quick):
+    for case, dtype, prec, d, extra, case_kinds in _attention_cases(dtypes, head_dims, quick, pipeline):
         launches = attention_launches(dtype, prec, d, **extra)
         for kind in (k for k in kinds if k in case_kinds):
             fn, args, meta = launches[kind]
@@ -159,12 +181,21 @@ def attention_jobs(kinds, dtypes, head_dims, quick, configs=None):
     return jobs
 
 
-def _attention_cases(dtypes, head_dims, quick):
-    """(label, dtype, options, d, launch kwargs, kernels): the main grid, plus KPM=True and the NCHW view."""
+def _attention_cases(dtypes, head_dims, quick, pipeline=""):
+    """(label, dtype, options, d, launch kwargs, kernels): the main grid, the unweighted twins (pipeline),
+    the packed-exp2 forward, plus KPM=True and the NCHW view."""
     for name in dtypes:
         dtype, prec = DTYPES[name]
         for d in head_dims:
+            if name in FAST_EXP2_DTYPES:
+                if d <= 64:  # the option's range
+                    yield f"{name} d={d}", dtype, prec, d, {"fast_exp2": True}, ("fwd",)
+                continue
             yield f"{name} d={d}", dtype, prec, d, {}, ATTN_KINDS
+            # "ci" (the CI test): the enforced kernels of the first dtype only, to keep it short.
+            if pipeline == "all" or (pipeline == "ci" and name == dtypes[0]):
+                kinds = PIPELINE_ENFORCED if pipeline == "ci" else PIPELINE_KINDS
+                yield f"{name} d={d}{NO_W}", dtype, prec, d, {"has_w": False, "weight_grad": False}, kinds
     if quick:
         return
     dtype, prec = DTYPES[dtypes[0]]
@@ -211,7 +242,7 @@ def _pyramid_launch(B, gh, gw, sizes, has_text):
         scores, text = torch.empty(B, gh, gw, device="meta"), None
     wy, wx, wyoff, wxoff = pyr._weights(gh, gw, sizes, GH, GW, "meta")
     outs = [torch.empty(B, 1, h, w, device="meta") for h, w in sizes]
-    bm, bn = (64, 64) if GH * GW <= 1024 else (32, 32)
+    bm, bn = (64, 32) if GH * GW <= 1024 else (32, 32)  # as guidance_pyramid picks on CUDA
     rch = 4 * bm
     n_items = sum(-(-w // bn) * -(-h // rch) for h, w in sizes)
     G = max(1, min(n_items, -(-(H100_SMS if has_text else 2 * H100_SMS) // B)))
@@ -234,6 +265,12 @@ class Result:
     wgmma: int = 0
     mma_sync: int = 0
     serialized: str = ""  # ptxas C7515/C7510: wgmma serialized (lost overlap), with its reason
+    tile_loads: int = 0  # TTGIR: ttg.local_load into a 2-D tensor (a tile read back from shared memory)
+    tile_allocs: int = 0  # TTGIR: ttg.local_alloc of a 2-D register tensor (a tile written to shared memory)
+    drained_waits: int = 0  # TTGIR: warp_group_dot_wait with pendings = 0 (no wgmma left in flight)
+    ex2_f32: int = 0  # PTX: ex2.approx(.ftz).f32 instructions
+    ex2_packed: int = 0  # PTX: ex2.approx(.ftz).f16x2 / bf16x2 instructions (two exponentials each)
+    ex2_per_score: float | None = None  # TTGIR: exponential instructions per score in the 2-D exp2 sites
 
     def blocks_per_sm(self) -> int | None:
         """Resident CTAs per SM allowed by registers, shared memory, warps (H100 limits)."""
@@ -267,7 +304,43 @@ def compile_job(job: Job, target=TARGET) -> Result:
     res.wgmma = len(re.findall(r"wgmma\.mma_async", ptx))
     res.mma_sync = len(re.findall(r"\bmma\.sync", ptx))
     _parse_ptxas(log.getvalue() or _run_ptxas(ptx, target), res)
+    _parse_ttgir(ck.asm["ttgir"], res)
+    res.ex2_f32 = len(re.findall(r"\bex2\.approx(?:\.ftz)?\.f32\b", ptx))
+    res.ex2_packed = len(re.findall(r"\bex2\.approx(?:\.ftz)?\.(?:f16x2|bf16x2)\b", ptx))
     return res
+
+
+_TENSOR_2D = r"tensor<\d+x\d+x"
+
+
+def pipeline_counts(ttgir: str) -> dict:
+    """The TTGIR facts of issue 12 / KERNEL-NOTES: 2-D tile round trips through shared memory and
+    fully drained wgmma waits. A 1-D local_load (the weight vector's own small ring) is not counted."""
+    lines = ttgir.splitlines()
+    return {
+        "tile_loads": sum(1 for ln in lines if "ttg.local_load" in ln and re.search(r"->\s*" + _TENSOR_2D, ln)),
+        "tile_allocs": sum(1 for ln in lines if re.search(r"ttg\.local_alloc %\S+ : \(" + _TENSOR_2D, ln)),
+        "drained_waits": sum(1 for ln in lines if "warp_group_dot_wait" in ln and "pendings = 0 :" in ln),
+    }
+
+
+def exp2_per_score(ttgir: str) -> float | None:
+    """Exponential instructions per score, averaged over the 2-D exponential sites of the TTGIR:
+    1 for math.exp2, 1/pack for a packed inline-asm ex2 (e.g. 0.5 for ex2.approx.f16x2, pack=2)."""
+    costs = []
+    for ln in ttgir.splitlines():
+        if re.search(r"math\.exp2 %\S+ : " + _TENSOR_2D, ln):
+            costs.append(1.0)
+        elif "elementwise_inline_asm" in ln and "ex2" in ln and re.search(_TENSOR_2D, ln):
+            m = re.search(r"packed_element = (\d+)", ln)
+            costs.append(1.0 / int(m.group(1)) if m else 1.0)
+    return sum(costs) / len(costs) if costs else None
+
+
+def _parse_ttgir(ttgir: str, res: "Result") -> None:
+    for key, value in pipeline_counts(ttgir).items():
+        setattr(res, key, value)
+    res.ex2_per_score = exp2_per_score(ttgir)
 
 
 def _run_ptxas(ptx: str, target) -> str:
@@ -311,7 +384,7 @@ def header(cmd: str, versions: dict) -> str:
         "`GPUTarget(\"cuda\", 90, 32)` (H100); nothing was run. Registers/spills/stack from ptxas -v,",
         "shared memory from Triton's metadata (dynamic shared memory), MMA counts from the PTX.",
         "",
-        f"- date: {datetime.date(2026, 11, 22).isoformat()}",
+        f"- date: {datetime.date.today().isoformat()}",
         f"- triton {versions['triton']}, torch {versions['torch']}",
         f"- ptxas: {versions['ptxas']} ({versions['ptxas_path']})",
         f"- command: `{cmd}`",
@@ -326,21 +399,66 @@ def header(cmd: str, versions: dict) -> str:
 
 
 def markdown_table(results) -> str:
-    rows = ["| kernel | case | config | regs | spill st/ld B | stack B | smem KB | CTAs/SM | wgmma | mma.sync | wgmma ser. | note |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    rows = ["| kernel | case | config | regs | spill st/ld B | stack B | smem KB | CTAs/SM | wgmma | mma.sync | wgmma ser. "
+            "| tile ld/alloc | waits(0) | ex2/score | note |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         j = r.job
         if not r.ok:
-            rows.append(f"| {j.kernel} | {j.case} | {j.config()} | | | | | | | | | FAILED: {r.error} |")
+            rows.append(f"| {j.kernel} | {j.case} | {j.config()} | | | | | | | | | | | | FAILED: {r.error} |")
             continue
         spill = f"{r.spill_stores}/{r.spill_loads}" if r.spill_stores is not None else "?"
         spill = f"**{spill}**" if (r.spill_stores or r.spill_loads) else spill
         note = ">227KB" if r.smem > SMEM_PER_BLOCK else ""
         rows.append(
             f"| {j.kernel} | {j.case} | {j.config()} | {r.regs} | {spill} | {r.stack} | {r.smem / 1024:.1f} | "
-            f"{r.blocks_per_sm()} | {r.wgmma} | {r.mma_sync} | {r.serialized[:60]} | {note} |"
+            f"{r.blocks_per_sm()} | {r.wgmma} | {r.mma_sync} | {r.serialized[:60]} | {r.tile_loads}/{r.tile_allocs} | "
+            f"{r.drained_waits} | {_ex2_text(r)} | {note} |"
         )
     return "\n".join(rows)
+
+
+def _ex2_text(r) -> str:
+    if r.ex2_per_score is None:
+        return ""
+    packed = f", {r.ex2_packed} x2" if r.ex2_packed else ""
+    return f"{r.ex2_per_score:g} ({r.ex2_f32} f32{packed})"
+
+
+def pipeline_pairs(results) -> list[dict]:
+    """Each MMA kernel with the weight against the same kernel and config without it (cases ending NO_W)."""
+    by_key = {(r.job.kernel, r.job.case, r.job.config()): r for r in results if r.ok}
+    pairs = []
+    for (kernel, case, config), plain in by_key.items():
+        if not case.endswith(NO_W):
+            continue
+        weighted = by_key.get((kernel, case[: -len(NO_W)], config))
+        if weighted is None:
+            continue
+        keys = ("tile_loads", "tile_allocs", "drained_waits")
+        w = {k: getattr(weighted, k) for k in keys}
+        u = {k: getattr(plain, k) for k in keys}
+        pairs.append(dict(kernel=kernel, case=case[: -len(NO_W)], config=config, weighted=w, unweighted=u,
+                          enforced=kernel in PIPELINE_ENFORCED, ok=all(w[k] <= u[k] for k in keys)))
+    return pairs
+
+
+def pipeline_table(pairs) -> str:
+    if not pairs:
+        return ""
+    rows = ["## The weight and the Hopper pipeline (TTGIR, with / without the weight)", "",
+            "Per kernel and config: 2-D `ttg.local_load` (a tile read back from shared memory), `ttg.local_alloc`",
+            "of a 2-D register tensor (a tile written to shared memory) and `warp_group_dot_wait {pendings = 0}`",
+            "(no wgmma left in flight), compiled with the per-key weight and without it. The weight must add none",
+            f"in {', '.join(PIPELINE_ENFORCED)} (tests/test_kernels_compile.py); its own 1-D ring is not counted.", "",
+            "| kernel | case | config | tile loads | tile allocs | drained waits | weight costs nothing |",
+            "|---|---|---|---|---|---|---|"]
+    for p in pairs:
+        w, u = p["weighted"], p["unweighted"]
+        verdict = "yes" if p["ok"] else "**NO**"
+        rows.append(f"| {p['kernel']} | {p['case']} | {p['config']} | {w['tile_loads']} / {u['tile_loads']} | "
+                    f"{w['tile_allocs']} / {u['tile_allocs']} | {w['drained_waits']} / {u['drained_waits']} | {verdict} |")
+    return "\n".join(rows) + "\n"
 
 
 def summary(results) -> str:
@@ -366,7 +484,9 @@ def to_json(results) -> list:
     return [dict(kernel=r.job.kernel, case=r.job.case, config=r.job.config(), ok=r.ok, error=r.error,
                  seconds=round(r.seconds, 2), regs=r.regs, spill_stores=r.spill_stores, spill_loads=r.spill_loads,
                  stack=r.stack, smem=r.smem, blocks_per_sm=r.blocks_per_sm() if r.ok else None,
-                 wgmma=r.wgmma, mma_sync=r.mma_sync, serialized=r.serialized) for r in results]
+                 wgmma=r.wgmma, mma_sync=r.mma_sync, serialized=r.serialized, tile_loads=r.tile_loads,
+                 tile_allocs=r.tile_allocs, drained_waits=r.drained_waits, ex2_f32=r.ex2_f32,
+                 ex2_packed=r.ex2_packed, ex2_per_score=r.ex2_per_score) for r in results]
 
 
 # --------------------------------------------------------------------------- main
@@ -378,6 +498,9 @@ def parse_args(argv=None):
                    "(not pruned), e.g. 32x64w8s2,64x64w4s3")
     p.add_argument("--head-dims", default=None, help="comma-separated head dims (default 32,64,128; quick: 64)")
     p.add_argument("--quick", action="store_true", help="one config per kernel and shape class (the heuristic one)")
+    p.add_argument("--pipeline", nargs="?", const="all", default="", choices=("all", "ci"),
+                   help="also compile the MMA kernels without the weight and compare their TTGIR (issue 12): "
+                        "all = fwd/dq/dkdv/fused for every dtype; ci = fwd and dq of the first dtype")
     p.add_argument("--out", help="also write the markdown report to this file")
     p.add_argument("--json", help="write the results as JSON to this file")
     a = p.parse_args(argv)
@@ -401,7 +524,7 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     a = parse_args(argv)
     attn_kinds = [k for k in a.kernels if k in ATTN_KINDS]
-    jobs = attention_jobs(attn_kinds, a.dtypes, a.head_dims, a.quick, a.configs) if a.dtypes else []
+    jobs = attention_jobs(attn_kinds, a.dtypes, a.head_dims, a.quick, a.configs, a.pipeline) if a.dtypes else []
     if "pyramid" in a.kernels:
         jobs += pyramid_jobs(a.quick)
     results = []
@@ -411,15 +534,17 @@ def main(argv=None) -> int:
               f"{'ok' if r.ok else r.error} ({r.seconds:.1f} s)", file=sys.stderr, flush=True)
         results.append(r)
     cmd = "python benchmarks/compile_report.py " + " ".join(sys.argv[1:] if argv is None else argv)
-    text = header(cmd, tool_versions()) + "\n" + summary(results) + "\n" + markdown_table(results) + "\n"
+    pairs = pipeline_pairs(results)
+    text = (header(cmd, tool_versions()) + "\n" + summary(results) + "\n" + pipeline_table(pairs) + "\n"
+            + markdown_table(results) + "\n")
     print(text)
     if a.out:
         with open(a.out, "w") as f:
             f.write(text)
     if a.json:
         with open(a.json, "w") as f:
-            json.dump({"versions": tool_versions(), "results": to_json(results)}, f, indent=1)
-    return 0 if all(r.ok for r in results) else 1
+            json.dump({"versions": tool_versions(), "results": to_json(results), "pipeline": pairs}, f, indent=1)
+    return 0 if all(r.ok for r in results) and all(p["ok"] for p in pairs if p["enforced"]) else 1
 
 
 if __name__ == "__main__":

@@ -12,13 +12,15 @@ benchmarks/compile_reports/: triton36.md, triton38.md, sweeps.md, and the
 reports of the previous lists): configs that spill registers or need more than
 227 KB of shared memory were left out. Where every config spills, the
 least-spilling ones stay, marked "spills". The first entry is the
-SSATTN_AUTOTUNE=0 heuristic (for half d<=64 forward, the H100 calibration in
+default heuristic (for half d<=64 forward, the H100 calibration in
 KERNEL-NOTES). Which of the rest is fastest is for autotuning on the GPU:
 no GPU timing has informed these lists yet.
 
 Entries are (BLOCK_M, BLOCK_N, warps, stages). fwd: BLOCK_M queries per
 program, BLOCK_N keys per step. dkdv: BLOCK_N keys per program, BLOCK_M
-queries per step. dq: BLOCK_M queries per program, BLOCK_N keys per step.
+queries per step (also the single-pass "fused" kernel). dq: BLOCK_M queries
+per program, BLOCK_N keys per step. Autotuning (opt-in, SSATTN_AUTOTUNE=1)
+times the rest of a class's list.
 """
 
 from __future__ import annotations
@@ -72,6 +74,22 @@ TABLE: dict[str, dict[tuple[str, int], list[Config]]] = {
         ("ieee", 128): [(16, 32, 8, 2), (16, 16, 4, 2)],  # spills (368-476 B)
         ("ieee", 256): [(16, 32, 8, 2)],  # spills
     },
+}
+
+
+# The single-pass backward (dkdv with dq by atomics) walks dkdv's loop, but its dq product has
+# BLOCK_M rows: 64 keeps it on wgmma (32 falls back to mma.sync). From the sm_90 compile report of
+# 2026-12-01 (Triton 3.8): half d=32 64x64 w4 s2 237 regs, d=64 64x64 w8 s2 235 regs, tf32 d=32
+# 64x64 w8 s2, all without spills; tf32 d=64 spills in every config tried (64x64 w8: 172 B, wgmma;
+# 64x32 w4: 64 B, mma.sync). Under Triton 3.6 (the GPU image's) half d=64 64x64 w8 s2 spills 36 B,
+# and its clean configs (BLOCK_N 16/32) put the dk/dv products on mma.sync: kept as is until a GPU
+# run compares them. The other classes keep dkdv's lists until reports of their own.
+TABLE["fused"] = {
+    **TABLE["dkdv"],
+    ("half", 32): [(64, 64, 4, 2), (64, 64, 8, 2), (64, 64, 4, 3)],
+    ("half", 64): [(64, 64, 8, 2), (32, 64, 4, 2)],
+    ("tf32", 32): [(64, 64, 8, 2), (32, 64, 4, 2)],
+    ("tf32", 64): [(64, 64, 8, 2), (64, 32, 4, 2)],  # spills
 }
 
 

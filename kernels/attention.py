@@ -2,22 +2,36 @@
 
 Contract (called by ssattn.ops.attention, which chooses the path):
 
-    forward(q, k, v, weight, key_padding_mask, scale, *, precision, deterministic) -> (out, lse)
-    backward(grad_out, q, k, v, weight, key_padding_mask, out, lse, scale,
+    forward(q, k, v, weight, key_padding_mask, scale, *, precision, deterministic) -> (out, stats)
+    backward(grad_out, q, k, v, weight, key_padding_mask, out, stats, scale,
              weight_grad, *, precision, deterministic) -> (dq, dk, dv, dweight)
 
 q (B, h, Nq, d), k (B, h, Nk, d), v (B, h, Nk, dv) with any strides (read in
 place, never copied); weight (B, Nk) or None; key_padding_mask (B, Nk) bool or
 None (True = padded). out (B, h, Nq, dv) in q.dtype and in q's layout when
 dv == d (empty_like, as the op's fake kernel promises), written through its
-strides, so a module's NCHW / channels-last view needs no copy; lse (B, h, Nq)
-float32, natural log, +inf for a row whose keys are all padded (its out is 0).
+strides, so a module's NCHW / channels-last view needs no copy. stats
+(B, h, Nq, 2) float32: the softmax statistics in base 2, [..., 0] the row max
+of the base-2 logits scale*log2(e)*m_j<q_i, k_j>, [..., 1] log2 of the row
+sum of exp2(logit - max); both +inf for a row whose keys are all padded (its
+out is 0), so that the backward's exp2 gives P = 0 there.
 
 precision: float32 dots "ieee", "tf32" or "tf32x3" (half inputs ignore it).
-deterministic: accepted and free: the backward uses no atomics (dweight
-per-head partials are summed in a fixed order). Environment:
-SSATTN_AUTOTUNE=0 launches one heuristic config per shape instead of
-autotuning (used by the GPU test sweep to save compile time).
+deterministic: True runs the two-pass backward (dk/dv per key block, then dq
+per query block; dweight's per-head partials summed in a fixed order) with the
+heuristic config, so two processes give the same bits. False runs the
+single-pass backward: every exponential is computed once, and dq is added
+into a float32 buffer by atomics (its bits vary run to run). Which is faster
+is for the GPU run to show (benchmarks/gpu_check.sh times both).
+
+Environment:
+  SSATTN_AUTOTUNE=1   autotune the block sizes (cached per shape class, head
+                      dims, options and layout); the default launches one
+                      heuristic config per shape class
+                      (kernels/_attention_configs.py, first entry).
+  SSATTN_FAST_EXP2=1  fp16/bf16 forward at head dims <= 64: packed
+                      half-precision exponentials (ex2.approx.f16x2, two per
+                      special-function slot). GPU only; not under the interpreter.
 """
 
 from __future__ import annotations
@@ -36,6 +50,7 @@ LOG2E = 1.4426950408889634
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _MAX_HEAD_DIM = 256
+_FAST_EXP2_MAX_D = 64
 # Block sizes under the interpreter: big enough to be quick, small enough that
 # the CPU tests cover full blocks and a peeled partial one.
 _INTERPRET_BLOCKS = {"BLOCK_M": 64, "BLOCK_N": 64}
@@ -45,6 +60,14 @@ _INTERPRET_BLOCKS = {"BLOCK_M": 64, "BLOCK_N": 64}
 def _bucket(n: int) -> int:
     """Autotune key for a length: its power-of-two class (capped), so results are cached per class."""
     return min(triton.next_power_of_2(max(int(n), 1)), 1 << 16)
+
+
+def layout_code(*tensors) -> int:
+    """Autotune key for the memory layout: per tensor, which of its last two dims has stride 1 (0: d, 1: N, 2: none)."""
+    code = 0
+    for t in tensors:
+        code = code * 3 + (0 if t.stride(-1) == 1 else 1 if t.stride(-2) == 1 else 2)
+    return code
 
 
 def _configs(choices):
@@ -77,33 +100,43 @@ def _prune(kind, configs_in, named_args, **kwargs):
 
 # Compile time grows with every config (each is built on first use, ~2-10 s on a busy host),
 # so each class keeps a short list (kernels/_attention_configs.py).
-_KEYS = ["NQ_BUCKET", "NK_BUCKET", "HEAD_DIM", "HEAD_DV", "HAS_W", "HAS_KPM", "PREC"]
+_KEYS = ["NQ_BUCKET", "NK_BUCKET", "LAYOUT", "HEAD_DIM", "HEAD_DV", "HAS_W", "HAS_KPM", "PREC"]
 
 
-def _tuned(kind, kernel, keys):
+def _tuned(kind, kernel, keys, reset_to_zero=None):
     prune = {"early_config_prune": functools.partial(_prune, kind)}
-    return triton.autotune(_configs(configs.choices(kind)), key=keys, prune_configs_by=prune)(kernel)
+    return triton.autotune(_configs(configs.choices(kind)), key=keys, prune_configs_by=prune,
+                           reset_to_zero=reset_to_zero)(kernel)
 
 
-_fwd_tuned = _tuned("fwd", attn_fwd_kernel, _KEYS)
-_dkdv_tuned = _tuned("dkdv", attn_bwd_dkdv_kernel, _KEYS + ["WEIGHT_GRAD"])
+_fwd_tuned = _tuned("fwd", attn_fwd_kernel, _KEYS + ["FAST_EXP2"])
+_dkdv_tuned = _tuned("dkdv", attn_bwd_dkdv_kernel, _KEYS + ["WEIGHT_GRAD", "FUSED_DQ"])
+# The single-pass kernel adds into DQ: every timed trial starts from zeros again.
+_fused_tuned = _tuned("fused", attn_bwd_dkdv_kernel, _KEYS + ["WEIGHT_GRAD", "FUSED_DQ"], reset_to_zero=["DQ"])
 _dq_tuned = _tuned("dq", attn_bwd_dq_kernel, _KEYS)
 
 
 def _heuristic(kind: str, cls: tuple[str, int]) -> dict:
-    """The one config per shape class used with SSATTN_AUTOTUNE=0: the first of the class's list."""
+    """The one config per shape class used by default: the first of the class's list."""
     if INTERPRET:
         return dict(_INTERPRET_BLOCKS)
     bm, bn, w, s = configs.TABLE[kind][cls][0]
     return {"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": w, "num_stages": s}
 
 
-def _autotune_enabled() -> bool:
-    return os.environ.get("SSATTN_AUTOTUNE", "1") not in ("0", "false", "False")
+def autotune_enabled(deterministic: bool = False) -> bool:
+    """SSATTN_AUTOTUNE=1 opts in; deterministic mode pins the heuristic config (same bits in every process)."""
+    return not deterministic and os.environ.get("SSATTN_AUTOTUNE", "0") == "1"
 
 
-def _launch(tuned, raw, kind, grid_fn, args, meta):
-    if _autotune_enabled():
+def fast_exp2_enabled(dtype: torch.dtype, block_d: int) -> bool:
+    """SSATTN_FAST_EXP2=1, for fp16/bf16 at padded head dims <= 64, compiled (not interpreted)."""
+    return (os.environ.get("SSATTN_FAST_EXP2", "0") == "1" and dtype in (torch.float16, torch.bfloat16)
+            and block_d <= _FAST_EXP2_MAX_D and not INTERPRET)
+
+
+def _launch(tuned, raw, kind, grid_fn, args, meta, deterministic=False):
+    if autotune_enabled(deterministic):
         tuned[lambda m: grid_fn(m["BLOCK_M"], m["BLOCK_N"])](*args, **meta)
     else:
         cfg = _heuristic(kind, _class_of({"Q": args[0], **meta}))
@@ -133,7 +166,7 @@ def _check(q, k, v, weight, kpm):
         raise TypeError(f"key_padding_mask must be a bool tensor, got {kpm.dtype}")
 
 
-def _common(q, k, v, weight, kpm, scale, precision):
+def _common(q, k, v, weight, kpm, precision):
     fp32 = q.dtype == torch.float32
     w = weight if weight is not None else q  # dummy pointer when absent (never read)
     pad = kpm.view(torch.uint8) if kpm is not None else q
@@ -141,9 +174,10 @@ def _common(q, k, v, weight, kpm, scale, precision):
     meta = dict(
         HEAD_DIM=d, HEAD_DV=dv,
         BLOCK_D=max(16, triton.next_power_of_2(d)), BLOCK_DV=max(16, triton.next_power_of_2(dv)),
-        HAS_W=weight is not None, HAS_KPM=kpm is not None, NEG=scale < 0,
+        HAS_W=weight is not None, HAS_KPM=kpm is not None,
         PREC=precision if fp32 else "tf32",  # ignored by half-precision dots
-        DOT_F32=INTERPRET and q.dtype == torch.bfloat16,  # the interpreter's bf16 dot is wrong
+        # Under the interpreter: bf16 dots upcast (its bf16 dot is wrong), float32 dots in float64 (_attention_fwd.mm).
+        INTERP_DOT=(1 if q.dtype == torch.bfloat16 else 2 if fp32 else 0) if INTERPRET else 0,
     )
     wstr = (w.stride(0), w.stride(1)) if weight is not None else (0, 0)
     pstr = (pad.stride(0), pad.stride(1)) if kpm is not None else (0, 0)
@@ -157,20 +191,22 @@ def forward(q, k, v, weight, key_padding_mask, scale, *, precision="ieee", deter
     Nk, dv = k.shape[2], v.shape[-1]
     scale = float(scale)
     out = torch.empty_like(q) if q.shape[-1] == dv else torch.empty((B, H, Nq, dv), device=q.device, dtype=q.dtype)
-    lse = torch.empty((B, H, Nq), device=q.device, dtype=torch.float32)
+    stats = torch.empty((B, H, Nq, 2), device=q.device, dtype=torch.float32)
     if out.numel() == 0:
-        lse.fill_(float("inf"))
-        return out, lse
-    w, pad, wstr, pstr, meta, fp32 = _common(q, k, v, weight, key_padding_mask, scale, precision)
+        stats.fill_(float("inf"))
+        return out, stats
+    w, pad, wstr, pstr, meta, fp32 = _common(q, k, v, weight, key_padding_mask, precision)
+    meta["FAST_EXP2"] = fast_exp2_enabled(q.dtype, max(meta["BLOCK_D"], meta["BLOCK_DV"]))
     args = (
-        q, k, v, w, pad, out, lse, *q.stride(), *k.stride(), *v.stride(), *wstr, *pstr, *out.stride(), *lse.stride(),
-        H, Nq, Nk, abs(scale) * LOG2E, _bucket(Nq), _bucket(Nk),
+        q, k, v, w, pad, out, stats, *q.stride(), *k.stride(), *v.stride(), *wstr, *pstr, *out.stride(),
+        *stats.stride()[:3], H, Nq, Nk, scale * LOG2E, _bucket(Nq), _bucket(Nk), layout_code(q, k, v),
     )
-    _launch(_fwd_tuned, attn_fwd_kernel, "fwd", lambda bm, bn: (triton.cdiv(Nq, bm), B * H), args, meta)
-    return out, lse
+    _launch(_fwd_tuned, attn_fwd_kernel, "fwd", lambda bm, bn: (triton.cdiv(Nq, bm), B * H), args, meta,
+            deterministic)
+    return out, stats
 
 
-def backward(grad_out, q, k, v, weight, key_padding_mask, out, lse, scale, weight_grad, *, precision="ieee",
+def backward(grad_out, q, k, v, weight, key_padding_mask, out, stats, scale, weight_grad, *, precision="ieee",
              deterministic=False):
     _check(q, k, v, weight, key_padding_mask)
     B, H, Nq, _ = q.shape
@@ -183,7 +219,7 @@ def backward(grad_out, q, k, v, weight, key_padding_mask, out, lse, scale, weigh
         dq.zero_(), dk.zero_(), dvv.zero_()
         dw = weight.new_zeros(weight.shape) if weight_grad else q.new_empty(0)
         return dq, dk, dvv, dw
-    w, pad, wstr, pstr, meta, fp32 = _common(q, k, v, weight, key_padding_mask, scale, precision)
+    w, pad, wstr, pstr, meta, fp32 = _common(q, k, v, weight, key_padding_mask, precision)
     bdv = meta["BLOCK_DV"]
 
     delta = torch.empty((B, H, Nq), device=q.device, dtype=torch.float32)
@@ -194,20 +230,28 @@ def backward(grad_out, q, k, v, weight, key_padding_mask, out, lse, scale, weigh
     )
 
     dw_part = torch.empty((B, H, Nk), device=q.device, dtype=torch.float32) if weight_grad else delta
+    # The single pass adds dq into float32 zeros (contiguous); the two-pass path writes dq directly.
+    dq_acc = q.new_zeros(q.shape, dtype=torch.float32) if not deterministic else dq
     common = (
-        *q.stride(), *k.stride(), *v.stride(), *wstr, *pstr, *grad_out.stride(), *lse.stride(),
+        *q.stride(), *k.stride(), *v.stride(), *wstr, *pstr, *grad_out.stride(), *stats.stride()[:3],
     )
+    keys = (_bucket(Nq), _bucket(Nk), layout_code(q, k, v))
     args = (
-        q, k, v, w, pad, grad_out, lse, delta, dk, dvv, dw_part, *common, *dk.stride(), *dvv.stride(),
-        H, Nq, Nk, abs(scale) * LOG2E, scale, _bucket(Nq), _bucket(Nk),
+        q, k, v, w, pad, grad_out, stats, delta, dk, dvv, dw_part, dq_acc, *common, *dk.stride(), *dvv.stride(),
+        *dq_acc.stride(), H, Nq, Nk, scale * LOG2E, scale, *keys,
     )
-    _launch(_dkdv_tuned, attn_bwd_dkdv_kernel, "dkdv", lambda bm, bn: (triton.cdiv(Nk, bn), B * H), args,
-            {**meta, "WEIGHT_GRAD": weight_grad})
-    args = (
-        q, k, v, w, pad, grad_out, lse, delta, dq, *common, *dq.stride(),
-        H, Nq, Nk, abs(scale) * LOG2E, abs(scale), _bucket(Nq), _bucket(Nk),
-    )
-    _launch(_dq_tuned, attn_bwd_dq_kernel, "dq", lambda bm, bn: (triton.cdiv(Nq, bm), B * H), args, meta)
+    kind, tuned = ("dkdv", _dkdv_tuned) if deterministic else ("fused", _fused_tuned)
+    _launch(tuned, attn_bwd_dkdv_kernel, kind, lambda bm, bn: (triton.cdiv(Nk, bn), B * H), args,
+            {**meta, "WEIGHT_GRAD": weight_grad, "FUSED_DQ": not deterministic}, deterministic)
+    if deterministic:
+        args = (
+            q, k, v, w, pad, grad_out, stats, delta, dq, *common, *dq.stride(),
+            H, Nq, Nk, scale * LOG2E, scale, *keys,
+        )
+        _launch(_dq_tuned, attn_bwd_dq_kernel, "dq", lambda bm, bn: (triton.cdiv(Nq, bm), B * H), args, meta,
+                deterministic)
+    else:
+        dq.copy_(dq_acc)
 
     # Fixed-order sum over heads: deterministic without atomics.
     dw = dw_part.sum(1).to(weight.dtype) if weight_grad else q.new_empty(0)

@@ -297,7 +297,7 @@ def test_attention_op_by_accuracy_rule(dtype, nq, nk):
     out64 = ref.masked_cross_attention(*inputs64, pad, scale)
     out_ref = ref.masked_cross_attention(*lowp_ref, pad, scale)
     out, lse = torch.ops.ssattn.masked_attention_fwd(*lowp, pad, scale, "triton", "ieee", False)
-    assert lse.dtype == torch.float32 and lse.shape == (B, h, nq)
+    assert lse.dtype == torch.float32 and lse.shape == (B, h, nq, 2)  # base-2 row max, log2 row sum
     assert_accurate(out, out_ref, out64, name="out")
 
     do = torch.randn_like(out64)

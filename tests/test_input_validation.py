@@ -140,7 +140,7 @@ def test_attention_backward_op_checks_shapes_itself():
     bwd = torch.ops.ssattn.masked_attention_bwd
     with pytest.raises(ValueError, match="grad_out must have shape"):
         bwd(torch.randn(1, 2, 4, 4), q, k, v, None, None, out, lse, 0.5, False, "triton", "ieee", False)
-    with pytest.raises(ValueError, match="lse must be"):
+    with pytest.raises(ValueError, match="stats must be"):
         bwd(torch.randn_like(out), q, k, v, None, None, out, lse[:, :1], 0.5, False, "triton", "ieee", False)
     dq, dk, dv, _ = bwd(torch.randn_like(out), q, k, v, None, None, out, lse, 0.5, False, "triton", "ieee", False)
     assert dq.shape == q.shape and dk.shape == k.shape and dv.shape == v.shape

@@ -4,11 +4,18 @@ The op runs a fast backend named by its `backend` argument ("triton": the
 kernels of ssattn.kernels.attention); the reference (ssattn.reference) is the
 only PyTorch formulation of SPEC 2 and is called directly by the functional
 API, never through this op. Contract of every backend: forward returns
-(out, lse) with lse the natural-log log-sum-exp of each query row in float32
-(+inf for a row with no key, so exp(s - lse) = 0); backward returns
-(dq, dk, dv, dweight), dweight empty when not asked for. `precision` is the
-float32 dot precision ("ieee", "tf32", "tf32x3"; ignored for half inputs),
-`deterministic` asks for the same bits run to run.
+(out, stats), stats (B, h, Nq, 2) float32 the softmax statistics in base 2:
+[..., 0] the row max of the base-2 logits scale*log2(e)*m_j<q_i, k_j>,
+[..., 1] log2 of the row sum of exp2(logit - row max); both +inf for a row
+with no key (so exp2(logit - max - log2sum) = 0). Kept as two numbers, not one
+log-sum-exp, so the backward recomputes the forward's P to float32 rounding
+even at logits of 1e4 (one ulp of a combined value would be ~1e-3 in P).
+Backward returns (dq, dk, dv, dweight), dweight empty when not asked for.
+`precision` is the float32 dot precision ("ieee", "tf32", "tf32x3"; ignored
+for half inputs). `deterministic` asks for the same bits run to run (and in
+every process): the Triton backend then runs its two-pass backward with the
+heuristic config; otherwise its single-pass backward (dq by float32 atomics).
+The functional API passes torch.are_deterministic_algorithms_enabled().
 
 Layouts: out takes q's memory layout (`empty_like(q)` when v's head dim is
 q's), so when q is a head view of an NCHW or channels-last projection, out
@@ -34,8 +41,8 @@ _backends.register(
 )
 
 
-def lse_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The log-sum-exp is kept in float32, or float64 for float64 inputs."""
+def stats_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The softmax statistics are kept in float32, or float64 for float64 inputs."""
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
@@ -69,7 +76,11 @@ def default_precision() -> str:
 
 @_backends.constant_for_compile
 def default_deterministic() -> bool:
-    """torch.use_deterministic_algorithms(True) asks the kernels for the same bits run to run."""
+    """torch.use_deterministic_algorithms(True) asks the kernels for the same bits run to run.
+
+    Off by default (torch's default): the Triton backward then takes its single pass, which computes
+    every exponential once instead of twice.
+    """
     return torch.are_deterministic_algorithms_enabled()
 
 
@@ -112,7 +123,7 @@ def check_inputs(q: Tensor, k: Tensor, v: Tensor, weight: Optional[Tensor], key_
             raise ValueError(f"key_padding_mask must have shape (B, Nk) = {(B, nk)}, got {tuple(key_padding_mask.shape)}")
 
 
-def _check_backward_inputs(grad_out, q, k, v, weight, key_padding_mask, out, lse) -> None:
+def _check_backward_inputs(grad_out, q, k, v, weight, key_padding_mask, out, stats) -> None:
     check_inputs(q, k, v, weight, key_padding_mask)
     B, h, nq, _ = q.shape
     expected = (B, h, nq, v.shape[-1])
@@ -121,9 +132,9 @@ def _check_backward_inputs(grad_out, q, k, v, weight, key_padding_mask, out, lse
             raise ValueError(f"{name} must have shape (B, h, Nq, dv) = {expected}, got {tuple(t.shape)}")
         if t.dtype != q.dtype or t.device != q.device:
             raise ValueError(f"{name} must be {q.dtype} on {q.device} like q, got {t.dtype} on {t.device}")
-    if tuple(lse.shape) != (B, h, nq) or lse.dtype != lse_dtype(q.dtype) or lse.device != q.device:
-        raise ValueError(f"lse must be {lse_dtype(q.dtype)} of shape (B, h, Nq) = {(B, h, nq)} on {q.device}, "
-                         f"got {lse.dtype} {tuple(lse.shape)} on {lse.device}")
+    if tuple(stats.shape) != (B, h, nq, 2) or stats.dtype != stats_dtype(q.dtype) or stats.device != q.device:
+        raise ValueError(f"stats must be {stats_dtype(q.dtype)} of shape (B, h, Nq, 2) = {(B, h, nq, 2)} on {q.device}, "
+                         f"got {stats.dtype} {tuple(stats.shape)} on {stats.device}")
 
 
 def _kernels(backend: str):
@@ -156,45 +167,45 @@ def _(q, k, v, weight, key_padding_mask, scale, backend, precision, deterministi
     check_inputs(q, k, v, weight, key_padding_mask)
     B, h, nq, _ = q.shape
     out = out_like(q, v.shape[-1])
-    lse = q.new_empty((B, h, nq), dtype=lse_dtype(q.dtype))
-    return out, lse
+    stats = q.new_empty((B, h, nq, 2), dtype=stats_dtype(q.dtype))
+    return out, stats
 
 
 @torch.library.custom_op("ssattn::masked_attention_bwd", mutates_args=())
 def masked_attention_bwd(
     grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, weight: Optional[Tensor],
-    key_padding_mask: Optional[Tensor], out: Tensor, lse: Tensor, scale: float, weight_grad: bool,
+    key_padding_mask: Optional[Tensor], out: Tensor, stats: Tensor, scale: float, weight_grad: bool,
     backend: str, precision: str, deterministic: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    _check_backward_inputs(grad_out, q, k, v, weight, key_padding_mask, out, lse)
+    _check_backward_inputs(grad_out, q, k, v, weight, key_padding_mask, out, stats)
     _check_precision(precision)
     dq, dk, dv, dw = _kernels(backend).backward(
-        grad_out, q, k, v, weight, key_padding_mask, out, lse, scale, weight_grad,
+        grad_out, q, k, v, weight, key_padding_mask, out, stats, scale, weight_grad,
         precision=precision, deterministic=deterministic,
     )
     return dq, dk, dv, dw
 
 
 @masked_attention_bwd.register_fake
-def _(grad_out, q, k, v, weight, key_padding_mask, out, lse, scale, weight_grad, backend, precision, deterministic):
-    _check_backward_inputs(grad_out, q, k, v, weight, key_padding_mask, out, lse)
+def _(grad_out, q, k, v, weight, key_padding_mask, out, stats, scale, weight_grad, backend, precision, deterministic):
+    _check_backward_inputs(grad_out, q, k, v, weight, key_padding_mask, out, stats)
     dw = weight.new_empty(weight.shape) if (weight is not None and weight_grad) else q.new_empty(0)
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), dw
 
 
 def _setup_context(ctx, inputs, output):
     q, k, v, weight, kpm, scale, backend, precision, deterministic = inputs
-    out, lse = output
-    ctx.save_for_backward(q, k, v, weight, kpm, out, lse)
+    out, stats = output
+    ctx.save_for_backward(q, k, v, weight, kpm, out, stats)
     ctx.scale, ctx.backend, ctx.precision, ctx.deterministic = scale, backend, precision, deterministic
 
 
-def _backward(ctx, grad_out, grad_lse):
-    q, k, v, weight, kpm, out, lse = ctx.saved_tensors
+def _backward(ctx, grad_out, grad_stats):
+    q, k, v, weight, kpm, out, stats = ctx.saved_tensors
     need = ctx.needs_input_grad
     weight_grad = weight is not None and need[3]
     dq, dk, dv, dw = torch.ops.ssattn.masked_attention_bwd(
-        grad_out, q, k, v, weight, kpm, out, lse, ctx.scale, weight_grad, ctx.backend, ctx.precision,
+        grad_out, q, k, v, weight, kpm, out, stats, ctx.scale, weight_grad, ctx.backend, ctx.precision,
         ctx.deterministic,
     )
     return (
