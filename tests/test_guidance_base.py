@@ -5,7 +5,8 @@ import torch
 
 from ssattn import reference
 from ssattn.images import resize_image
-from ssattn.guidance import Guide, SaliencyGuide, normalized_grid, render_maps, saliency_grid, saliency_guidance
+from ssattn.guidance import Guide, SaliencyGuide, normalized_grid, render_maps, saliency_guidance
+from ssattn.guidance.saliency import guidance_grid
 
 SIZES = [(97, 255), (13, 7), (1, 1)]
 
@@ -75,7 +76,7 @@ def test_saliency_guide_matches_saliency_guidance():
     torch.testing.assert_close(maps.double(), expect.double(), atol=1e-5, rtol=0)
     grids, prompts = g.grids(x)
     assert [t.shape for t in grids] == [(1, 64, 64)] * 2 and prompts == [[], []]
-    torch.testing.assert_close(grids[0][0].double(), reference.normalize_minmax(saliency_grid(small[:1]).double())[0],
+    torch.testing.assert_close(grids[0][0].double(), reference.normalize_minmax(guidance_grid(small[:1]).double())[0],
                                atol=1e-5, rtol=0)
     # same result from the preprocessed batch (what DataLoader workers hand over)
     pre, _ = g.grids(preprocessed=torch.stack([g.preprocess(im) for im in x]))
