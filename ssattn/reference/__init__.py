@@ -1,6 +1,6 @@
 """Pure-PyTorch references: the ground truth every fast path is tested against.
 
-They follow ../SPEC.md literally, differentiate through autograd, and run on
+They follow docs/operations.md literally, differentiate through autograd, and run on
 any device and floating dtype. Inputs are assumed valid (the functional API
 validates them).
 """
