@@ -15,8 +15,8 @@ import math
 import os
 import sys
 
-DEFAULTS = {"steps": 200, "size": 48, "batch_size": 8, "n_train": 192, "n_test": 32, "width": 8, "seeds": 3,
-            "seg_steps": 200}
+DEFAULTS = {"steps": 180, "size": 48, "batch_size": 8, "n_train": 192, "n_test": 32, "width": 8, "seeds": 3,
+            "seg_steps": 150}
 QUICK = {"steps": 3, "size": 32, "batch_size": 4, "n_train": 8, "n_test": 4, "width": 8, "seeds": 3,
          "seg_steps": 3}
 ALIGN_FORMS = ("paper", "normalized")
@@ -188,7 +188,9 @@ def run(args) -> int:
     caption = lambda name: [f"fg {first_outputs[name][1][i]:.2f} dB" for i in order.tolist()]  # noqa: E731
     in_caption = [f"fg {v:.2f} dB" for v in masked_psnr(test["degraded"][order], test["reference"][order],
                                                           test["mask"][order]).tolist()]
-    columns = [("input", test["degraded"][order], in_caption), ("guidance", test["guidance"][order], None),
+    shown = test["guidance"][order]
+    shown = shown / shown.amax(dim=(1, 2, 3), keepdim=True).clamp_min(1e-6)  # sharpened maps peak below 1: stretch
+    columns = [("input", test["degraded"][order], in_caption), ("guidance (÷ max)", shown, None),
                ("object mask", test["mask"][order], None)]
     columns += [(experiment.LABELS[n], first_outputs[n][0][order], caption(n)) for n in experiment.MODELS]
     columns.append(("reference", test["reference"][order], None))

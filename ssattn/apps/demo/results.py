@@ -43,12 +43,14 @@ def paired_delta(results: dict, model: str, metric: str, against: str = "baselin
     return float(d.mean()), _std(d)
 
 
-def effect(mean: float, std: float, unit: str, digits: int) -> str:
-    """A paired difference in words: it counts only when it exceeds its seed spread."""
-    text = f"{mean:+.{digits}f}{unit} (seed spread {std:.{digits}f})"
+def effect(mean: float, std: float, unit: str, digits: int, seeds: int) -> str:
+    """A paired difference in words: it counts only when it exceeds its seed spread (which needs 2+ seeds)."""
     if math.isnan(mean):
         return "n/a"
-    if abs(mean) <= std or std == 0 and abs(mean) < 10 ** -digits:
+    if seeds < 2:
+        return f"{mean:+.{digits}f}{unit} (one seed: no spread, no verdict)"
+    text = f"{mean:+.{digits}f}{unit} (seed spread {std:.{digits}f})"
+    if abs(mean) <= std:
         return text + ": no effect beyond the seed spread"
     return text + (": better" if mean > 0 else ": worse")
 
@@ -60,14 +62,15 @@ def verdict(results: dict) -> list[str]:
         fg = paired_delta(results, name, "psnr_fg")
         mi = paired_delta(results, name, "miou")
         lines.append(f"{LABELS[name]} vs {LABELS['baseline']} over {results['seeds']} seeds: foreground PSNR "
-                     f"{effect(*fg, ' dB', 2)}; mIoU {effect(mi[0] * 100, mi[1] * 100, ' points', 1)}.")
+                     f"{effect(*fg, ' dB', 2, results['seeds'])}; mIoU "
+                     f"{effect(mi[0] * 100, mi[1] * 100, ' points', 1, results['seeds'])}.")
     return lines
 
 
 def helped(results: dict, name: str = "ss") -> bool:
-    """True when -SS raised foreground PSNR by more than its seed spread."""
+    """True when -SS raised foreground PSNR by more than its seed spread (2+ seeds)."""
     mean, std = paired_delta(results, name, "psnr_fg")
-    return mean > 0 and mean > std
+    return results["seeds"] > 1 and mean > std and mean > 0
 
 
 def table(results: dict, extra_rows=()) -> list[str]:
