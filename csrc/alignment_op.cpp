@@ -53,6 +53,7 @@ Result alignment_loss_fused(const std::vector<at::Tensor>& features, const std::
   p.grad_features = grad_features;
   p.grad_maps = grad_maps;
   std::vector<at::Tensor> gf, gm;
+  int64_t samples = 0;
   for (size_t l = 0; l < L; ++l) {
     const at::Tensor& f = features[l];
     const at::Tensor& m = maps[l];
@@ -74,6 +75,8 @@ Result alignment_loss_fused(const std::vector<at::Tensor>& features, const std::
     d.C = f.size(1);
     d.H = f.size(2);
     d.W = f.size(3);
+    d.sample_start = samples;
+    samples += d.B;
     fill_strides(d.fs, f);
     fill_strides(d.ms, m);
     // Channels are the unit-stride dimension: loop over channels innermost.

@@ -326,49 +326,102 @@ needs_cuda_native = pytest.mark.skipif(
 
 @pytest.mark.gpu
 @needs_cuda_native
+@pytest.mark.parametrize("form", FORMS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("layout", ["nchw", "channels_last", "noncontig"])
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
-def test_cuda_matches_reference(dtype, layout, reduction):
+def test_cuda_matches_reference(dtype, layout, reduction, form):
     feats, maps = _make(LEVELS + BIG, dtype, device="cuda", layout=layout)
-    _check_against_reference(feats, maps, eta=0.7, weights=[1.0, 0.5, 2.0, 0.25, 3.0, 1.0], reduction=reduction)
+    _check_against_reference(feats, maps, eta=0.7, weights=[1.0, 0.5, 2.0, 0.25, 3.0, 1.0], reduction=reduction,
+                             form=form)
 
 
 @pytest.mark.gpu
 @needs_cuda_native
+@pytest.mark.parametrize("form", FORMS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_cuda_decoder_levels_and_many_levels(dtype):
+def test_cuda_decoder_levels_and_many_levels(dtype, form):
     shapes = [(2, 32, 256, 256), (2, 64, 128, 128), (2, 128, 64, 64), (2, 256, 32, 32)]
     feats, maps = _make(shapes, dtype, device="cuda", layout="channels_last")
-    _check_against_reference(feats, maps, grad_out=3.0, eta=1.0)
-    many = [(1, 1 + i % 40, 3 + i % 7, 5 + i % 9) for i in range(37)]
+    _check_against_reference(feats, maps, grad_out=3.0, eta=1.0, form=form)
+    many = [(1 + i % 3, 1 + i % 40, 3 + i % 7, 5 + i % 9) for i in range(37)]
     feats, maps = _make(many, dtype, device="cuda", map_dtype=torch.float32)
-    _check_against_reference(feats, maps, eta=0.5, reduction="sum")
+    _check_against_reference(feats, maps, eta=0.5, reduction="sum", form=form)
 
 
 @pytest.mark.gpu
 @needs_cuda_native
+@pytest.mark.parametrize("form", FORMS)
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
-def test_cuda_deterministic(layout):
+def test_cuda_samples_of_very_different_scales_and_partial_grads(layout, form):
+    feats, maps = _make([(3, 5, 13, 7), (3, 3, 4, 97), (3, 1, 1, 1)], torch.float32, device="cuda", layout=layout)
+    scale = torch.tensor([1e-3, 0.0, 1e3], device="cuda").view(3, 1, 1, 1)
+    feats = [f * scale for f in feats]
+    _check_against_reference(feats, maps, eta=0.8, form=form)
+    for which in ("features", "maps"):
+        F, M = _leaf(feats, grad=which == "features"), _leaf(maps, grad=which == "maps")
+        rF, rM = _leaf(feats, grad=which == "features"), _leaf(maps, grad=which == "maps")
+        _native(F, M, eta=0.8, form=form).backward()
+        ref.alignment_loss(rF, rM, eta=0.8, form=form).backward()
+        for x, r in zip(F + M, rF + rM):
+            assert (x.grad is None) == (r.grad is None)
+            if r.grad is not None:
+                torch.testing.assert_close(x.grad, r.grad, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.gpu
+@needs_cuda_native
+@pytest.mark.parametrize("form", FORMS)
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_cuda_empty_levels_give_zero(form, reduction):
+    for shape in [(0, 3, 4, 5), (2, 0, 4, 5), (2, 3, 0, 5)]:
+        f = torch.randn(*shape, device="cuda", requires_grad=True)
+        m = torch.rand(shape[0], 1, *shape[2:], device="cuda", requires_grad=True)
+        loss = _native([f], [m], reduction=reduction, form=form)
+        assert loss.item() == 0.0
+        loss.backward()
+        assert (m.grad == 0).all()
+
+
+@pytest.mark.gpu
+@needs_cuda_native
+@pytest.mark.parametrize("form", FORMS)
+def test_cuda_double_backward(form):
+    f = torch.randn(2, 3, 4, 5, device="cuda", dtype=f64)
+    m = torch.rand(2, 1, 4, 5, device="cuda", dtype=f64)
+    results = []
+    for fn in (_native, ref.alignment_loss):
+        F = f.clone().requires_grad_()
+        (g,) = torch.autograd.grad(fn([F], [m], eta=0.7, form=form) + (F**3).sum(), F, create_graph=True)
+        results.append(torch.autograd.grad(g.sum(), F)[0])
+    torch.testing.assert_close(*results)
+
+
+@pytest.mark.gpu
+@needs_cuda_native
+@pytest.mark.parametrize("form", FORMS)
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_cuda_deterministic(layout, form):
     feats, maps = _make([(8, 32, 256, 256), (8, 256, 32, 32)], torch.float32, device="cuda", layout=layout)
-    r0 = _run(_native, feats, maps, eta=0.7)
+    r0 = _run(_native, feats, maps, eta=0.7, form=form)
     for _ in range(3):
-        r = _run(_native, feats, maps, eta=0.7)
+        r = _run(_native, feats, maps, eta=0.7, form=form)
         assert torch.equal(r[0], r0[0])
         assert all(torch.equal(a, b) for a, b in zip(r[1] + r[2], r0[1] + r0[2]))
 
 
 @pytest.mark.gpu
 @needs_cuda_native
-def test_cuda_compile_and_opcheck():
+@pytest.mark.parametrize("form", FORMS)
+def test_cuda_compile_and_opcheck(form):
     feats, maps = _make(LEVELS, torch.bfloat16, device="cuda", map_dtype=torch.float32)
     torch.library.opcheck(
         torch.ops.ssattn.alignment_loss_fused.default,
-        (_leaf(feats), _leaf(maps), [1.0] * 4, 0.7, True, True, True),
+        (_leaf(feats), _leaf(maps), [1.0] * 4, 0.7, True, form == "normalized", True, True),
     )
 
     def fn(F, M):
-        return ssattn.alignment_loss(F, M, eta=0.7, backend="native")
+        return ssattn.alignment_loss(F, M, eta=0.7, form=form, backend="native")
 
     loss, gf, gm = _run(torch.compile(fn, fullgraph=True), feats, maps, grad_out=2.0)
     eloss, egf, egm = _run(fn, feats, maps, grad_out=2.0)
