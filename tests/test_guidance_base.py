@@ -5,8 +5,8 @@ import torch
 
 from ssattn import reference
 from ssattn.images import resize_image
-from ssattn.guidance import Guide, SaliencyGuide, normalized_grid, render_maps, saliency_guidance
-from ssattn.guidance.saliency import guidance_grid
+from ssattn.guidance import Guide, SaliencyGuide, embedded_guidance, normalized_grid, render_maps
+from ssattn.guidance.embedded import guidance_grid
 
 SIZES = [(97, 255), (13, 7), (1, 1)]
 
@@ -72,7 +72,7 @@ def test_saliency_guide_matches_saliency_guidance():
     maps = g(x, gamma=2.0, delta=0.2)
     assert maps.shape == (2, 1, 40, 70)
     small = resize_image(x, g.input_size)
-    expect = saliency_guidance(small.double(), sizes=[(40, 70)], gamma=2.0, delta=0.2, backend="reference")[0]
+    expect = embedded_guidance(small.double(), sizes=[(40, 70)], gamma=2.0, delta=0.2, backend="reference")[0]
     torch.testing.assert_close(maps.double(), expect.double(), atol=1e-5, rtol=0)
     grids, prompts = g.grids(x)
     assert [t.shape for t in grids] == [(1, 64, 64)] * 2 and prompts == [[], []]

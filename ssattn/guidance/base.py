@@ -130,13 +130,13 @@ class GuideBase:
 
 class SaliencyGuide(GuideBase):
     """The embedded default, no weights, no prompts: method "water-contrast" (default) or "spectral-residual"
-    (ssattn.guidance.saliency.METHODS)."""
+    (ssattn.guidance.embedded.METHODS)."""
 
     def __init__(self, grid: int | None = None, device=None, backend: str = "auto", method: str | None = None):
-        from . import saliency
+        from . import embedded, saliency
 
-        self.method = method or saliency.DEFAULT_METHOD
-        _checks.choice("method", self.method, saliency.METHODS)
+        self.method = method or embedded.DEFAULT_METHOD
+        _checks.choice("method", self.method, embedded.METHODS)
         self.grid = int(grid or saliency.GRID)
         # Saliency works on a small grey image: decode-side resizing to 4x the grid keeps workers cheap.
         self.input_size = (4 * self.grid, 4 * self.grid)
@@ -146,7 +146,7 @@ class SaliencyGuide(GuideBase):
                          "input_size": list(self.input_size)}
 
     def grids(self, images=None, prompts=None, *, preprocessed: Tensor | None = None):
-        from .saliency import guidance_grid
+        from .embedded import guidance_grid
 
         if preprocessed is not None:
             batch = preprocessed

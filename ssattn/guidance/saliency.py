@@ -1,9 +1,5 @@
-"""Embedded guidance that needs no model weights: the methods, and spectral-residual saliency.
-
-METHODS: "water-contrast" (the default: colour contrast against the water's
-colour plus saliency, ssattn.guidance.water_contrast) and "spectral-residual"
-(saliency alone, below). guidance_grid() computes either; saliency_guidance()
-turns it into maps.
+"""Spectral-residual saliency, a guidance method that needs no model weights (the embedded default before
+water-contrast; see ssattn.guidance.embedded).
 
 X. Hou and L. Zhang, "Saliency Detection: A Spectral Residual Approach",
 CVPR 2007. The log-amplitude spectrum of a small grey image minus its local
@@ -27,8 +23,6 @@ from ..functional import guidance_pyramid
 # Hou & Zhang work on a 64-pixel image with a 3x3 average of the log spectrum.
 GRID = 64
 BLUR_SIGMA = 3.0
-METHODS = ("water-contrast", "spectral-residual")
-DEFAULT_METHOD = "water-contrast"
 
 
 def _gaussian_blur(x: Tensor, sigma: float) -> Tensor:
@@ -56,19 +50,9 @@ def saliency_grid(images: Tensor, grid: int = GRID) -> Tensor:
     return _gaussian_blur(sal, BLUR_SIGMA).squeeze(1)
 
 
-def guidance_grid(images: Tensor, method: str = DEFAULT_METHOD, grid: int = GRID) -> Tensor:
-    """The grid (B, grid, grid) of an embedded method (METHODS) for images (B, 3, H, W) in [0, 1]."""
-    _checks.choice("method", method, METHODS)
-    if method == "spectral-residual":
-        return saliency_grid(images, grid)
-    from .water_contrast import water_contrast_grid
-
-    return water_contrast_grid(images, grid)
-
-
 def saliency_guidance(images: Tensor, sizes=None, *, gamma: float = 2.0, delta: float = 0.2,
-                      backend: str = "auto", method: str = DEFAULT_METHOD) -> list[Tensor]:
-    """Guidance maps of an embedded method: one (B, 1, H_l, W_l) map per size (default: the image size)."""
+                      backend: str = "auto") -> list[Tensor]:
+    """Guidance maps from saliency alone: one (B, 1, H_l, W_l) map per size (default: the image size)."""
     if sizes is None:
         sizes = [tuple(images.shape[-2:])]
-    return guidance_pyramid(guidance_grid(images, method), sizes, gamma=gamma, delta=delta, backend=backend)
+    return guidance_pyramid(saliency_grid(images), sizes, gamma=gamma, delta=delta, backend=backend)

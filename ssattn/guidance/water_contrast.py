@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import _checks
+from .saliency import _gaussian_blur, saliency_grid
 
 GRID = 64
 CELLS = 4
@@ -56,8 +57,6 @@ def water_colour(x: Tensor, cells: int = CELLS) -> Tensor:
 
 def water_contrast(images: Tensor, grid: int = GRID, cells: int = CELLS) -> Tensor:
     """Colour distance from the estimated water colour (steps 1-2) of images (B, 3, H, W) -> (B, grid, grid)."""
-    from .saliency import _gaussian_blur
-
     small = F.interpolate(images.float(), size=(grid, grid), mode="bilinear", align_corners=False, antialias=True)
     logc = torch.log(small.clamp_min(LOG_FLOOR))
     residual = logc - water_colour(logc, cells)
@@ -69,8 +68,6 @@ def water_contrast(images: Tensor, grid: int = GRID, cells: int = CELLS) -> Tens
 def water_contrast_grid(images: Tensor, grid: int = GRID, cells: int = CELLS,
                         saliency_weight: float = SALIENCY_WEIGHT) -> Tensor:
     """The embedded default guidance grid of images (B, 3, H, W) in [0, 1] -> (B, grid, grid) float32, in [0, 1]."""
-    from .saliency import saliency_grid
-
     _checks.tensor("images", images, ndim=4)
     if images.shape[1] != 3:
         raise ValueError(f"images must have 3 colour channels (B, 3, H, W), got shape {tuple(images.shape)}")

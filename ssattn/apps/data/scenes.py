@@ -197,7 +197,7 @@ def render_scene(rng: np.random.Generator, size: int) -> dict:
 class UnderwaterScenes(torch.utils.data.Dataset):
     """n scenes of size x size: items (degraded (3,S,S), reference (3,S,S), guidance (1,S,S), mask (1,S,S)).
 
-    guidance is the embedded default guide (ssattn.guidance.saliency_guidance)
+    guidance is the embedded default guide (ssattn.guidance.embedded_guidance)
     of the degraded image with gamma/delta, or the mask itself when
     guidance="oracle". `tensors()` gives the first three stacked (what the
     trainer takes), `masks()` the masks and `labels()` the class maps.
@@ -227,7 +227,7 @@ class UnderwaterScenes(torch.utils.data.Dataset):
 
     def _materialize(self) -> tuple[Tensor, ...]:
         if self._items is None:
-            from ssattn.guidance import saliency_guidance
+            from ssattn.guidance import embedded_guidance
 
             refs, degs, masks, labels = [], [], [], []
             for i in range(self.n):
@@ -245,7 +245,7 @@ class UnderwaterScenes(torch.utils.data.Dataset):
                 guide = mask_b.clone()
             else:
                 with torch.no_grad():
-                    guide = saliency_guidance(deg_b, gamma=self.gamma, delta=self.delta, backend="reference")[0]
+                    guide = embedded_guidance(deg_b, gamma=self.gamma, delta=self.delta, backend="reference")[0]
             self._items = (deg_b, torch.stack(refs), guide.contiguous(), mask_b, torch.stack(labels))
         return self._items
 

@@ -144,7 +144,7 @@ class SyntheticUnderwater(torch.utils.data.Dataset):
 
     split="train" crops the left three quarters of each photograph,
     split="test" the right quarter (no pixel of a test reference is seen in
-    training). guidance is ssattn.guidance.saliency_guidance(degraded) with
+    training). guidance is ssattn.guidance.embedded_guidance(degraded) with
     gamma/delta. Items are computed once and cached in memory.
     """
 
@@ -177,7 +177,7 @@ class SyntheticUnderwater(torch.utils.data.Dataset):
 
     def materialize(self, indices=None) -> "SyntheticUnderwater":
         """Compute (and cache) items; guidance is computed for the whole batch at once."""
-        from ssattn.guidance import saliency_guidance
+        from ssattn.guidance import embedded_guidance
 
         todo = [i for i in (range(self.n) if indices is None else indices) if i not in self._cache]
         if not todo:
@@ -193,7 +193,7 @@ class SyntheticUnderwater(torch.utils.data.Dataset):
             self.params[i] = params
         deg_b = torch.stack(degs)
         with torch.no_grad():
-            guide = saliency_guidance(deg_b, gamma=self.gamma, delta=self.delta, backend="reference")[0]
+            guide = embedded_guidance(deg_b, gamma=self.gamma, delta=self.delta, backend="reference")[0]
         for j, i in enumerate(todo):
             self._cache[i] = (degs[j], refs[j], guide[j].contiguous())
         return self

@@ -51,12 +51,12 @@ def metrics_plot(path: str, panels, labels, colours=("#4c72b0", "#dd8452", "#55a
 
     Each model: a wide mark at the mean, an error bar of one sample std, and a dot per seed.
     """
-    pw, ph, left, top, bottom = 330, 300, 56, 34, 56
+    pw, ph, left, right, top, bottom = 330, 300, 56, 70, 34, 56
     font, small = _font(13), _font(11)
-    canvas = Image.new("RGB", (len(panels) * (pw + left) + 20, ph + top + bottom), "white")
+    canvas = Image.new("RGB", (len(panels) * (left + pw + right) + 10, ph + top + bottom), "white")
     draw = ImageDraw.Draw(canvas)
     for p, (title, values, lines, decimals) in enumerate(panels):
-        x0 = 10 + p * (pw + left) + left
+        x0 = 10 + p * (left + pw + right) + left
         y0, y1 = top, top + ph
         everything = [v for vs in values.values() for v in vs] + [v for _, v in lines]
         lo, hi = min(everything), max(everything)
@@ -73,7 +73,7 @@ def metrics_plot(path: str, panels, labels, colours=("#4c72b0", "#dd8452", "#55a
             y = ymap(v)
             for xs in range(x0, x0 + pw, 8):
                 draw.line([(xs, y), (min(xs + 4, x0 + pw), y)], fill="#888888")
-            draw.text((x0 + pw - 2, y - 2), label, fill="#555555", font=small, anchor="rb")
+            draw.text((x0 + pw + 4, y), label, fill="#555555", font=small, anchor="lm")  # outside the data
         slot = pw / len(labels)
         for i, name in enumerate(labels):
             vs = values[name]

@@ -47,9 +47,10 @@ def effect(mean: float, std: float, unit: str, digits: int, seeds: int) -> str:
     """A paired difference in words: it counts only when it exceeds its seed spread (which needs 2+ seeds)."""
     if math.isnan(mean):
         return "n/a"
+    shown = f"{mean:+.{digits}f}".replace("-0.0", "+0.0") if round(mean, digits) == 0 else f"{mean:+.{digits}f}"
     if seeds < 2:
-        return f"{mean:+.{digits}f}{unit} (one seed: no spread, no verdict)"
-    text = f"{mean:+.{digits}f}{unit} (seed spread {std:.{digits}f})"
+        return f"{shown}{unit} (one seed: no spread, no verdict)"
+    text = f"{shown}{unit} (seed spread {std:.{digits}f})"
     if abs(mean) <= std:
         return text + ": no effect beyond the seed spread"
     return text + (": better" if mean > 0 else ": worse")
