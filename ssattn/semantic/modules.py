@@ -5,10 +5,10 @@ from __future__ import annotations
 import warnings
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import _checks, functional
+from ..reference.area import area_resize
 
 
 class SemanticCrossAttention(nn.Module):
@@ -38,7 +38,7 @@ class SemanticCrossAttention(nn.Module):
             raise ValueError(f"head_dim must be a positive integer, got {head_dim!r}")
         self.dec_channels, self.enc_channels = dec_channels, enc_channels
         self.heads, self.head_dim = heads, head_dim
-        self.backend, self.scale, self.check_values = backend, scale, bool(check_values)
+        self.backend, self.scale, self.check_values = backend, _checks.scale(scale), bool(check_values)
         inner = heads * head_dim
         self.q_proj = nn.Conv2d(dec_channels, inner, 1, bias=False)
         self.k_proj = nn.Conv2d(enc_channels, inner, 1, bias=False)
@@ -56,11 +56,38 @@ class SemanticCrossAttention(nn.Module):
         B, _, H, W = x.shape
         return x.view(B, self.heads, self.head_dim, H * W).transpose(-1, -2)
 
+    def _check_dtypes(self, dec: Tensor, enc: Tensor) -> None:
+        """dec and enc in the parameters' dtype (autocast converts them itself): else conv fails deep inside."""
+        if torch.is_autocast_enabled(dec.device.type):
+            return
+        param = self.q_proj.weight.dtype
+        for name, x in (("dec", dec), ("enc", enc)):
+            if x.dtype != param:
+                raise TypeError(
+                    f"{name} has dtype {x.dtype} but the module's parameters are {param}: convert one "
+                    f"(module.to({x.dtype}) or {name}.to({param})), or run under torch.autocast"
+                )
+
+    def _project_out(self, out: Tensor, B: int, H: int, W: int) -> Tensor:
+        """W_o applied to the attention output (B, h, H*W, d): (B, Cd, H, W)."""
+        inner = self.heads * self.head_dim
+        flat = out.transpose(-1, -2).reshape(B, inner, H * W)
+        if not torch.compiler.is_compiling():
+            # out has q's layout, so this is a view in dec's memory format (no copy).
+            return self.out_proj(flat.view(B, inner, H, W))
+        # Inductor with dynamic shapes fails on a 4-D conv input saved for backward (it cannot
+        # order its symbolic channels-last strides, e.g. 8*H*W against 8): the same 1x1 conv as a matmul.
+        w = self.out_proj.weight.view(self.dec_channels, inner)
+        return (torch.matmul(w, flat) + self.out_proj.bias[:, None]).view(B, self.dec_channels, H, W)
+
     def forward(self, dec: Tensor, enc: Tensor, guidance: Tensor) -> Tensor:
         _checks.tensor("dec", dec, ndim=4)
         _checks.tensor("enc", enc, ndim=4)
         _checks.tensor("guidance", guidance, ndim=4)
         _checks.same_device(dec=dec, enc=enc, guidance=guidance)
+        for name, x in (("dec", dec), ("enc", enc), ("guidance", guidance)):
+            _checks.nonempty_spatial(name, x)
+        self._check_dtypes(dec, enc)
         B, Cd, H, W = dec.shape
         if Cd != self.dec_channels:
             raise ValueError(f"dec must have {self.dec_channels} channels, got shape {tuple(dec.shape)}")
@@ -76,13 +103,11 @@ class SemanticCrossAttention(nn.Module):
             _checks.unit_interval("guidance", guidance)
         He, We = enc.shape[-2:]
         q, k, v = self._heads(self.q_proj(dec)), self._heads(self.k_proj(enc)), self._heads(self.v_proj(enc))
-        m = F.adaptive_avg_pool2d(guidance, (He, We)).reshape(B, He * We).to(k.dtype)
+        m = area_resize(guidance, (He, We)).reshape(B, He * We).to(k.dtype)
         scale = self.scale if self.scale is not None else self.head_dim ** -0.5
         functional._check_attention_args(q, k, v, m, None, scale, check_values=False)
         out = functional._attention(q, k, v, m, None, float(scale), self.backend)
-        # out has q's layout, so this is a view in dec's memory format (no copy).
-        out = out.transpose(-1, -2).reshape(B, self.heads * self.head_dim, H, W)
-        update = self.out_proj(out)
+        update = self._project_out(out, B, H, W)
         if torch.promote_types(dec.dtype, update.dtype) == dec.dtype:
             return dec + update  # e.g. a bf16 update under autocast: the add converts it in passing
         return dec + update.to(dec.dtype)
@@ -97,9 +122,7 @@ class GuidancePyramid(nn.Module):
     def __init__(self, sizes, gamma: float = 2.0, delta: float = 0.2, *, renormalize: bool = False,
                  backend: str = "auto"):
         super().__init__()
-        self.sizes = [_checks.size_pair(f"sizes[{i}]", s) for i, s in enumerate(sizes)]
-        if not self.sizes:
-            raise ValueError("sizes must be a non-empty list of (H, W) pairs")
+        self.sizes = _checks.pyramid_sizes(sizes)
         _checks.sharpening(gamma, delta)
         self.gamma, self.delta, self.renormalize, self.backend = float(gamma), float(delta), renormalize, backend
 
@@ -124,10 +147,11 @@ class SemanticAlignmentLoss(nn.Module):
     check_values (True): check that the maps lie in [0, 1] (one host sync per level).
 
     Divergence guard: every `guard_every` calls with grad enabled (0: never)
-    the RMS of each level's features is compared with its value at the first
-    such call, and one RuntimeWarning is raised the first time a level has
-    grown by `guard_factor` or more. It costs one host sync per check, none
-    in between, and is skipped while torch.compile traces.
+    the scale of each level's features (their RMS weighted by the map) is
+    compared with its value at the first such call, and one RuntimeWarning is
+    raised the first time a level has grown by `guard_factor` or more. It
+    costs one host sync per check, none in between, and is skipped while
+    torch.compile traces.
     """
 
     def __init__(self, eta: float = 1.0, weight: float = 0.1, level_weights=None, reduction: str = "mean",
@@ -161,42 +185,52 @@ class SemanticAlignmentLoss(nn.Module):
             self.check_values, form=self.form,
         )
         if self.guard_every and torch.is_grad_enabled() and not torch.compiler.is_compiling():
-            self._guard.step(features, self.guard_every, self.guard_factor, self.form)
+            self._guard.step(features, maps, self.guard_every, self.guard_factor, self.form)
         return loss
 
 
 class _ScaleGuard:
-    """Warns once when a level's feature RMS grows by orders of magnitude (see SemanticAlignmentLoss)."""
+    """Warns once when a level's feature scale grows by orders of magnitude (see SemanticAlignmentLoss).
+
+    The scale is the RMS of F weighted by the map, sqrt(sum M F^2 / (C sum M)): the paper's form
+    inflates the features inside the map, and a plain RMS dilutes that by the background's share.
+    The normalized form only moves energy into the map, which grows this by at most
+    1 / sqrt(map fraction); a change of scale comes from elsewhere.
+    """
 
     def __init__(self):
         self.calls = 0
         self.first: list[float] | None = None
         self.warned = False
 
-    def step(self, features, every: int, factor: float, form: str) -> None:
+    @staticmethod
+    def scale(f: Tensor, m: Tensor) -> Tensor:
+        f = f.detach().to(torch.promote_types(f.dtype, torch.float32))  # fp16 squares overflow
+        m = m.detach().to(f.dtype)
+        energy, mass = (m * f.square()).sum(), m.sum() * f.shape[1]
+        plain = f.square().sum() / max(f.numel(), 1)
+        return torch.where(mass > 0, energy / mass.clamp_min(1e-30), plain).sqrt()
+
+    def step(self, features, maps, every: int, factor: float, form: str) -> None:
         self.calls += 1
         if self.warned or (self.calls - 1) % every:
             return
-        if any(_checks.is_shape_only(f) for f in features):
+        if any(_checks.is_shape_only(x) for x in list(features) + list(maps)):
             return
-        # One sync for all levels; the norm accumulates in float32 at least (half features would overflow).
-        rms = torch.stack([
-            torch.linalg.vector_norm(f.detach(), dtype=torch.promote_types(f.dtype, torch.float32)).float()
-            / max(f.numel(), 1) ** 0.5
-            for f in features
-        ]).tolist()
-        if self.first is None or len(self.first) != len(rms):
-            self.first = rms
+        scales = torch.stack([self.scale(f, m).float() for f, m in zip(features, maps)]).tolist()  # one sync
+        if self.first is None or len(self.first) != len(scales):
+            self.first = scales
             return
-        for level, (now, then) in enumerate(zip(rms, self.first)):
+        for level, (now, then) in enumerate(zip(scales, self.first)):
             if then > 0 and now >= factor * then:
                 self.warned = True
                 advice = ("the paper's form is unbounded below, so training can lower it by inflating the "
                           "features inside the map; form='normalized' is scale invariant"
                           if form == "paper" else "the normalized form does not reward this: look at the other losses")
                 warnings.warn(
-                    f"ssattn.SemanticAlignmentLoss: the RMS of level {level}'s features grew from {then:.3g} to "
-                    f"{now:.3g} ({now / then:.3g}x) since the first check, {self.calls - 1} calls ago; {advice}",
+                    f"ssattn.SemanticAlignmentLoss: the scale (map-weighted RMS) of level {level}'s features grew "
+                    f"from {then:.3g} to {now:.3g} ({now / then:.3g}x) since the first check, {self.calls - 1} "
+                    f"calls ago; {advice}",
                     RuntimeWarning, stacklevel=3,
                 )
                 return

@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import math
 import os
-import sys
+
+from .common import CLIError
 
 DEFAULTS = {"steps": 180, "size": 48, "batch_size": 8, "n_train": 192, "n_test": 32, "width": 8, "seeds": 3,
             "seg_steps": 150}
@@ -59,21 +60,16 @@ def register(sub) -> None:
     p.set_defaults(func=run)
 
 
-def _fail(message: str):
-    print(f"ssattn demo: {message}", file=sys.stderr)
-    raise SystemExit(2)
-
-
 def _settings(args) -> dict:
     base = QUICK if args.quick else DEFAULTS
     s = {k: (getattr(args, k) if getattr(args, k) is not None else v) for k, v in base.items()}
     if s["size"] % 8 or s["size"] < 16:
-        _fail(f"--size must be a multiple of 8 and >= 16, got {s['size']}")
+        raise CLIError(f"--size must be a multiple of 8 and >= 16, got {s['size']}")
     for k in ("steps", "batch_size", "n_train", "n_test", "width", "seeds", "seg_steps"):
         if s[k] < 1:
-            _fail(f"--{k.replace('_', '-')} must be >= 1, got {s[k]}")
+            raise CLIError(f"--{k.replace('_', '-')} must be >= 1, got {s[k]}")
     if args.eta is not None and not args.eta >= 0:
-        _fail(f"--eta must be >= 0, got {args.eta}")
+        raise CLIError(f"--eta must be >= 0, got {args.eta}")
     return s
 
 
