@@ -27,7 +27,8 @@ ALIGN_FORMS = ("paper", "normalized")
 DEFAULT_ALIGN_FORM = "normalized"
 # Printed when -SS did not help: what was measured about the budget it needs.
 BUDGET_NOTE = ("Measured on a 2-core CPU (benchmarks/RESULTS.md, 2026-12-01): no effect beyond the seed spread at "
-               "180 steps with either alignment form; longer budgets are recorded there as far as they were run.")
+               "180 steps with either alignment form, nor at 540 steps (one seed); a budget that shows one is not "
+               "known yet.")
 
 
 def register(sub) -> None:
