@@ -1,6 +1,8 @@
-"""`ssattn demo --quick`: the end-to-end path runs and writes its figure and tables."""
+"""`ssattn demo --quick`: the end-to-end path runs and writes results.json in the issue's structure, the tables
+and the figures."""
 
 import json
+import math
 import os
 import warnings
 
@@ -10,23 +12,41 @@ from ssattn.apps.cli import main as cli_main
 
 warnings.filterwarnings("ignore", message=r"ssattn\..*falling back")
 
+MODELS = {"baseline", "ss", "ss_oracle"}
+METRICS = {"psnr", "ssim", "psnr_fg", "ssim_fg", "miou", "ms_per_step"}
 
-def test_demo_quick_writes_figure_and_tables(tmp_path, capsys):
+
+def test_demo_quick_writes_results_tables_and_figures(tmp_path, capsys):
     out = str(tmp_path / "demo")
     rc = cli_main(["demo", "--quick", "--out", out, "--no-progress", "--device", "cpu", "--threads", "1"])
     assert rc == 0
     text = capsys.readouterr().out
-    assert "PSNR" in text and "backends:" in text
-    last = text.strip().splitlines()[-1]
-    assert last.startswith("wrote figure.png, results.md and results.json into ") and last.count(out) == 1, last
+    assert "fg PSNR" in text and "backends:" in text and "over 3 seeds: foreground PSNR" in text
+    assert "wrote figure.png, metrics.png, results.md, results.json, run.json into " in text and text.count(out) == 1
     res = json.load(open(os.path.join(out, "results.json")))
-    for name in ("baseline", "-SS", "input"):
-        assert 0 < res["results"][name]["ssim"] <= 1 and res["results"][name]["psnr"] > 0
-    assert res["results"]["-SS"]["params"] > res["results"]["baseline"]["params"]
-    assert res["results"]["baseline"]["step_time_ms"] > 0
-    assert res["backends"]["masked_cross_attention"] and res["ss_levels"] == ["dec3", "dec2"]
+    assert set(res) == {"seeds", "guidance", "models"} and res["seeds"] == 3
+    assert set(res["guidance"]) == {"auc", "iou"} and 0 <= res["guidance"]["auc"] <= 1
+    assert set(res["models"]) == MODELS
+    for name, r in res["models"].items():
+        assert set(r) == METRICS | {"std", "per_seed"}
+        assert set(r["std"]) == set(r["per_seed"]) == METRICS
+        for m in METRICS:
+            assert len(r["per_seed"][m]) == 3 and math.isclose(r[m], sum(r["per_seed"][m]) / 3, rel_tol=1e-9)
+        assert 0 < r["ssim"] <= 1 and 0 <= r["miou"] <= 1 and r["psnr"] > 0 and r["ms_per_step"] > 0
+    run = json.load(open(os.path.join(out, "run.json")))
+    assert run["params"]["ss"] == run["params"]["ss_oracle"] > run["params"]["baseline"]
+    assert run["ss_levels"] == ["dec3", "dec2"] and run["training_seeds"] == [0, 1, 2]
     md = open(os.path.join(out, "results.md")).read()
-    assert "| U-Net -SS |" in md and "| U-Net baseline |" in md
+    for label in ("| U-Net |", "| U-Net-SS |", "| U-Net-SS oracle |", "| reference |", "| degraded input |"):
+        assert label in md
     fig = Image.open(os.path.join(out, "figure.png"))
-    # 5 columns (input, guidance, baseline, -SS, reference) of 4 test images, 32 px crops shown at 4x.
-    assert fig.size[0] > 5 * 128 and fig.size[1] > 4 * 128
+    # 7 columns (input, guidance, mask, 3 models, reference) of 4 held-out scenes, 32 px crops shown at 4x.
+    assert fig.size[0] > 7 * 128 and fig.size[1] > 4 * 128
+    assert Image.open(os.path.join(out, "metrics.png")).size[0] > 400
+
+
+def test_demo_bad_options_exit_2(tmp_path, capsys):
+    for bad in (["--size", "30"], ["--seeds", "0"], ["--eta", "-1"]):
+        assert cli_main(["demo", "--quick", "--out", str(tmp_path), *bad]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("ssattn demo: --") and "Traceback" not in err

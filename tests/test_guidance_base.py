@@ -5,7 +5,8 @@ import torch
 
 from ssattn import reference
 from ssattn.images import resize_image
-from ssattn.guidance import Guide, SaliencyGuide, normalized_grid, render_maps, saliency_grid, saliency_guidance
+from ssattn.guidance import Guide, SaliencyGuide, embedded_guidance, normalized_grid, render_maps
+from ssattn.guidance.embedded import guidance_grid
 
 SIZES = [(97, 255), (13, 7), (1, 1)]
 
@@ -71,11 +72,11 @@ def test_saliency_guide_matches_saliency_guidance():
     maps = g(x, gamma=2.0, delta=0.2)
     assert maps.shape == (2, 1, 40, 70)
     small = resize_image(x, g.input_size)
-    expect = saliency_guidance(small.double(), sizes=[(40, 70)], gamma=2.0, delta=0.2, backend="reference")[0]
+    expect = embedded_guidance(small.double(), sizes=[(40, 70)], gamma=2.0, delta=0.2, backend="reference")[0]
     torch.testing.assert_close(maps.double(), expect.double(), atol=1e-5, rtol=0)
     grids, prompts = g.grids(x)
     assert [t.shape for t in grids] == [(1, 64, 64)] * 2 and prompts == [[], []]
-    torch.testing.assert_close(grids[0][0].double(), reference.normalize_minmax(saliency_grid(small[:1]).double())[0],
+    torch.testing.assert_close(grids[0][0].double(), reference.normalize_minmax(guidance_grid(small[:1]).double())[0],
                                atol=1e-5, rtol=0)
     # same result from the preprocessed batch (what DataLoader workers hand over)
     pre, _ = g.grids(preprocessed=torch.stack([g.preprocess(im) for im in x]))

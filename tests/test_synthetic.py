@@ -6,7 +6,7 @@ import torch
 
 from ssattn.apps.data import synthetic
 from ssattn.apps.data.synthetic import SyntheticUnderwater, degrade
-from ssattn.guidance import saliency_guidance
+from ssattn.guidance import embedded_guidance
 
 
 def test_items_are_deterministic_and_seeded():
@@ -28,7 +28,7 @@ def test_shapes_ranges_and_guidance():
     assert deg.shape == ref.shape == (4, 3, 40, 40) and guide.shape == (4, 1, 40, 40)
     for t in (deg, ref, guide):
         assert torch.isfinite(t).all() and t.min() >= 0 and t.max() <= 1
-    expected = saliency_guidance(deg, backend="reference")[0]
+    expected = embedded_guidance(deg, backend="reference")[0]
     torch.testing.assert_close(guide, expected)
     assert guide.amax(dim=(1, 2, 3)).min() > 0  # every map marks something
     with pytest.raises(IndexError):

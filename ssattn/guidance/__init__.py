@@ -1,4 +1,4 @@
-"""Guidance maps: the embedded saliency default, and (with transformers) the VLM + BLIP pipeline.
+"""Guidance maps: the embedded default (water-contrast + saliency, no weights) and the VLM + BLIP pipeline.
 
 The Guide interface (base.py): grids(images, prompts) -> normalised per-prompt
 grids that the cache stores; render_maps() sharpens, upsamples and combines
@@ -11,12 +11,14 @@ from .base import COMBINE_MODES, Guide, GuideBase, SaliencyGuide, normalized_gri
 from .cache import GuidanceCache, settings_id
 from .hub import DEFAULT_ALIGNER, DEFAULT_CAPTIONER, ModelNotAvailableError
 from .prompts import DEFAULT_PROMPTS, parse_caption, parse_classes, prompts_from_caption
+from .embedded import embedded_guidance, guidance_grid
 from .saliency import saliency_grid, saliency_guidance
 
 __all__ = [
     "COMBINE_MODES", "DEFAULT_ALIGNER", "DEFAULT_CAPTIONER", "DEFAULT_PROMPTS", "BlipAligner", "Guide", "GuideBase",
     "GuidanceCache", "LlavaCaptioner", "ModelNotAvailableError", "SaliencyGuide", "make_guide", "normalized_grid",
     "parse_caption", "parse_classes", "prompts_from_caption", "render_maps", "saliency_grid", "saliency_guidance",
+    "embedded_guidance", "guidance_grid",
     "settings_id",
 ]
 

@@ -29,6 +29,7 @@ from typing import Protocol, runtime_checkable
 import torch
 from torch import Tensor
 
+from .. import _checks
 from ..images import resize_image, to_image_tensor
 from ..functional import guidance_pyramid
 
@@ -128,20 +129,24 @@ class GuideBase:
 
 
 class SaliencyGuide(GuideBase):
-    """The embedded default: spectral-residual saliency (ssattn.guidance.saliency), no weights, no prompts."""
+    """The embedded default, no weights, no prompts: method "water-contrast" (default) or "spectral-residual"
+    (ssattn.guidance.embedded.METHODS)."""
 
-    def __init__(self, grid: int | None = None, device=None, backend: str = "auto"):
-        from . import saliency
+    def __init__(self, grid: int | None = None, device=None, backend: str = "auto", method: str | None = None):
+        from . import embedded, saliency
 
+        self.method = method or embedded.DEFAULT_METHOD
+        _checks.choice("method", self.method, embedded.METHODS)
         self.grid = int(grid or saliency.GRID)
         # Saliency works on a small grey image: decode-side resizing to 4x the grid keeps workers cheap.
         self.input_size = (4 * self.grid, 4 * self.grid)
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         self.backend = backend
-        self.settings = {"method": "saliency", "grid": self.grid, "input_size": list(self.input_size)}
+        self.settings = {"method": "saliency", "cue": self.method, "grid": self.grid,
+                         "input_size": list(self.input_size)}
 
     def grids(self, images=None, prompts=None, *, preprocessed: Tensor | None = None):
-        from .saliency import saliency_grid
+        from .embedded import guidance_grid
 
         if preprocessed is not None:
             batch = preprocessed
@@ -150,5 +155,5 @@ class SaliencyGuide(GuideBase):
         else:
             imgs, _ = as_image_list(images)
             batch = torch.stack([self.preprocess(x) for x in imgs])
-        n = normalized_grid(saliency_grid(batch.to(self.device)), backend=self.backend)
+        n = normalized_grid(guidance_grid(batch.to(self.device), self.method, self.grid), backend=self.backend)
         return [g.unsqueeze(0).cpu() for g in n], [[] for _ in range(n.shape[0])]

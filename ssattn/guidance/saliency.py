@@ -1,4 +1,5 @@
-"""Embedded default guidance that needs no model weights: spectral-residual saliency.
+"""Spectral-residual saliency, a guidance method that needs no model weights (the embedded default before
+water-contrast; see ssattn.guidance.embedded).
 
 X. Hou and L. Zhang, "Saliency Detection: A Spectral Residual Approach",
 CVPR 2007. The log-amplitude spectrum of a small grey image minus its local
@@ -51,7 +52,7 @@ def saliency_grid(images: Tensor, grid: int = GRID) -> Tensor:
 
 def saliency_guidance(images: Tensor, sizes=None, *, gamma: float = 2.0, delta: float = 0.2,
                       backend: str = "auto") -> list[Tensor]:
-    """Guidance maps from saliency: one (B, 1, H_l, W_l) map per size (default: the image size)."""
+    """Guidance maps from saliency alone: one (B, 1, H_l, W_l) map per size (default: the image size)."""
     if sizes is None:
         sizes = [tuple(images.shape[-2:])]
     return guidance_pyramid(saliency_grid(images), sizes, gamma=gamma, delta=delta, backend=backend)

@@ -13,7 +13,7 @@ def register(sub) -> None:
         description=(
             "Compute the guidance grids of every image in IMAGES_DIR once and cache them in CACHE_DIR "
             "(keyed by image content and settings; rerunning skips what is done). Default method: "
-            "spectral-residual saliency (no weights). --method blip runs BLIP with --prompt, --classes or "
+            "embedded water-contrast + saliency guidance (no weights). --method blip runs BLIP with --prompt, --classes or "
             "a LLaVA captioner. Multi-GPU: torchrun --no-python --nproc_per_node N ssattn guide ..."),
     )
     p.add_argument("images", metavar="IMAGES_DIR", help="folder of images (degraded inputs)")

@@ -81,15 +81,30 @@ def _blur(x: Tensor, sigma: float) -> Tensor:
     return y[0]
 
 
-def degrade(clean: Tensor, rng: np.random.Generator) -> tuple[Tensor, dict]:
-    """Underwater version of a clean image (3, H, W) in [0, 1]; returns (degraded, parameters)."""
+def background_depth(rng: np.random.Generator, h: int, w: int) -> tuple[Tensor, float, float]:
+    """Depth map (h, w) in metres: far at the top row, near at the bottom, plus smooth noise; and (near, far)."""
+    near, far = float(rng.uniform(*RANGES["near"])), float(rng.uniform(*RANGES["far"]))
+    rows = torch.linspace(far, near, h).view(h, 1).expand(h, w)
+    depth = (rows + float(rng.uniform(*RANGES["depth_noise"])) * _smooth_noise(rng, h, w)).clamp_min(0.1)
+    return depth, near, far
+
+
+def degrade(clean: Tensor, rng: np.random.Generator, depth: Tensor | None = None) -> tuple[Tensor, dict]:
+    """Underwater version of a clean image (3, H, W) in [0, 1]; returns (degraded, parameters).
+
+    depth (H, W) in metres: the scene's depth map; None draws background_depth().
+    """
     _, h, w = clean.shape
     u = lambda lo_hi: float(rng.uniform(*lo_hi))  # noqa: E731
     beta = torch.tensor([u(r) for r in RANGES["beta"]]).view(3, 1, 1)
     back = torch.tensor([u(r) for r in RANGES["backscatter"]]).view(3, 1, 1)
-    near, far = u(RANGES["near"]), u(RANGES["far"])
-    rows = torch.linspace(far, near, h).view(h, 1).expand(h, w)
-    depth = (rows + u(RANGES["depth_noise"]) * _smooth_noise(rng, h, w)).clamp_min(0.1)
+    if depth is None:
+        depth, near, far = background_depth(rng, h, w)
+    else:
+        if tuple(depth.shape) != (h, w):
+            raise ValueError(f"depth must have shape {(h, w)} (the image's), got {tuple(depth.shape)}")
+        depth = depth.float().clamp_min(0.1)
+        near, far = float(depth.min()), float(depth.max())
     t = torch.exp(-beta * depth)
     img = clean * t + back * (1 - t)
     # Forward scatter: blend a light and a strong blur by relative depth.
@@ -129,7 +144,7 @@ class SyntheticUnderwater(torch.utils.data.Dataset):
 
     split="train" crops the left three quarters of each photograph,
     split="test" the right quarter (no pixel of a test reference is seen in
-    training). guidance is ssattn.guidance.saliency_guidance(degraded) with
+    training). guidance is ssattn.guidance.embedded_guidance(degraded) with
     gamma/delta. Items are computed once and cached in memory.
     """
 
@@ -162,7 +177,7 @@ class SyntheticUnderwater(torch.utils.data.Dataset):
 
     def materialize(self, indices=None) -> "SyntheticUnderwater":
         """Compute (and cache) items; guidance is computed for the whole batch at once."""
-        from ssattn.guidance import saliency_guidance
+        from ssattn.guidance import embedded_guidance
 
         todo = [i for i in (range(self.n) if indices is None else indices) if i not in self._cache]
         if not todo:
@@ -178,7 +193,7 @@ class SyntheticUnderwater(torch.utils.data.Dataset):
             self.params[i] = params
         deg_b = torch.stack(degs)
         with torch.no_grad():
-            guide = saliency_guidance(deg_b, gamma=self.gamma, delta=self.delta, backend="reference")[0]
+            guide = embedded_guidance(deg_b, gamma=self.gamma, delta=self.delta, backend="reference")[0]
         for j, i in enumerate(todo):
             self._cache[i] = (degs[j], refs[j], guide[j].contiguous())
         return self

@@ -1,4 +1,5 @@
-"""Image quality metrics on (B, C, H, W) tensors in [0, data_range]: PSNR and SSIM (per image)."""
+"""Image quality metrics on (B, C, H, W) tensors in [0, data_range]: PSNR and SSIM, whole-image and inside a
+mask (foreground), per image; and the mean IoU of label maps."""
 
 from __future__ import annotations
 
@@ -32,6 +33,25 @@ def _gaussian_window(sigma: float, truncate: float, dtype, device) -> Tensor:
     return g / g.sum()
 
 
+def _check_mask(mask: Tensor, x: Tensor) -> None:
+    if not isinstance(mask, Tensor) or mask.dim() != 4 or mask.shape[1] != 1 or mask.shape[0] != x.shape[0] \
+            or mask.shape[-2:] != x.shape[-2:]:
+        raise ValueError(f"mask must have shape {(x.shape[0], 1, *x.shape[-2:])} (one channel, the images' size), got "
+                         f"{tuple(mask.shape) if isinstance(mask, Tensor) else type(mask).__name__}")
+
+
+def masked_psnr(x: Tensor, y: Tensor, mask: Tensor, data_range: float = 1.0) -> Tensor:
+    """PSNR per image (B,) over the pixels where mask > 0.5 (all channels): +inf when they are identical there,
+    NaN for an image whose mask is empty."""
+    _check_pair(x, y)
+    _check_mask(mask, x)
+    m = (mask > 0.5).double()
+    se = ((x.double() - y.double()).square() * m).flatten(1).sum(1)
+    count = m.flatten(1).sum(1) * x.shape[1]
+    mse = torch.where(count > 0, se / count.clamp_min(1), torch.full_like(se, float("nan")))
+    return (10 * torch.log10(data_range ** 2 / mse)).float()
+
+
 def ssim(x: Tensor, y: Tensor, data_range: float = 1.0, sigma: float = 1.5, truncate: float = 3.5,
          k1: float = 0.01, k2: float = 0.03) -> Tensor:
     """Structural similarity per image (B,), Gaussian window (Wang et al. 2004).
@@ -41,6 +61,12 @@ def ssim(x: Tensor, y: Tensor, data_range: float = 1.0, sigma: float = 1.5, trun
     statistics on the valid region only (no padding), mean over channels and
     pixels. Images must be at least 11 pixels on each side.
     """
+    return ssim_map(x, y, data_range, sigma, truncate, k1, k2).flatten(1).mean(1).float()
+
+
+def ssim_map(x: Tensor, y: Tensor, data_range: float = 1.0, sigma: float = 1.5, truncate: float = 3.5,
+             k1: float = 0.01, k2: float = 0.03) -> Tensor:
+    """SSIM per window centre (B, C, H - 2r, W - 2r), float64, r the window radius (5 by default): ssim()'s terms."""
     _check_pair(x, y)
     g = _gaussian_window(sigma, truncate, torch.float64, x.device)
     win = g.numel()
@@ -59,7 +85,36 @@ def ssim(x: Tensor, y: Tensor, data_range: float = 1.0, sigma: float = 1.5, trun
     sxy = filt(xs * ys) - mx * my
     c1, c2 = (k1 * data_range) ** 2, (k2 * data_range) ** 2
     s = ((2 * mx * my + c1) * (2 * sxy + c2)) / ((mx * mx + my * my + c1) * (sxx + syy + c2))
-    return s.reshape(B, -1).mean(1).float()
+    return s.reshape(B, C, s.shape[-2], s.shape[-1])
+
+
+def masked_ssim(x: Tensor, y: Tensor, mask: Tensor, data_range: float = 1.0) -> Tensor:
+    """SSIM per image (B,) averaged over the windows centred on mask pixels (mask > 0.5); NaN when none is."""
+    _check_mask(mask, x)
+    s = ssim_map(x, y, data_range)
+    r = (mask.shape[-1] - s.shape[-1]) // 2
+    m = (mask[..., r:mask.shape[-2] - r, r:mask.shape[-1] - r] > 0.5).double()
+    count = m.flatten(1).sum(1) * s.shape[1]
+    total = (s * m).flatten(1).sum(1)
+    return torch.where(count > 0, total / count.clamp_min(1), torch.full_like(total, float("nan"))).float()
+
+
+def miou(pred: Tensor, target: Tensor, num_classes: int = 2) -> float:
+    """Mean over classes of |pred = c and target = c| / |pred = c or target = c|, over all pixels of all images.
+
+    pred, target: integer label maps of the same shape. Classes absent from both are left out of the mean.
+    """
+    if not isinstance(pred, Tensor) or not isinstance(target, Tensor) or pred.shape != target.shape:
+        raise ValueError("pred and target must be label tensors of the same shape")
+    if pred.is_floating_point() or target.is_floating_point():
+        raise ValueError("pred and target must be integer label maps (threshold or argmax scores first)")
+    ious = []
+    for c in range(num_classes):
+        p, t = pred == c, target == c
+        union = int((p | t).sum())
+        if union:
+            ious.append(int((p & t).sum()) / union)
+    return sum(ious) / len(ious) if ious else float("nan")
 
 
 def mean_finite(values) -> float:

@@ -1,0 +1,34 @@
+"""ssattn.apps.demo.results: aggregation over seeds into results.json's structure, and the verdict's wording."""
+
+import math
+
+import pytest
+
+from ssattn.apps.demo import results as res
+
+
+def _runs(fg, base=20.0):
+    return [{"psnr": base, "ssim": 0.8, "psnr_fg": v, "ssim_fg": 0.7, "miou": 0.5, "ms_per_step": 10.0} for v in fg]
+
+
+def test_aggregate_means_std_and_structure():
+    per_seed = {"baseline": _runs([20.0, 21.0, 22.0]), "ss": _runs([21.0, 22.0, 23.5]), "ss_oracle": _runs([20, 21, 22])}
+    r = res.aggregate(per_seed, {"auc": 0.9, "iou": 0.6, "auc_per_image": [0.9]})
+    assert set(r) == {"seeds", "guidance", "models"} and r["seeds"] == 3 and r["guidance"] == {"auc": 0.9, "iou": 0.6}
+    b = r["models"]["baseline"]
+    assert b["psnr_fg"] == 21.0 and math.isclose(b["std"]["psnr_fg"], 1.0) and b["per_seed"]["psnr_fg"] == [20, 21, 22]
+    # Paired: ss - baseline = 1, 1, 1.5 -> mean 7/6, sample std sqrt(1/12).
+    mean, std = res.paired_delta(r, "ss", "psnr_fg")
+    assert math.isclose(mean, 7 / 6) and math.isclose(std, math.sqrt(1 / 12))
+    assert res.helped(r, "ss") and not res.helped(r, "ss_oracle")
+    lines = res.verdict(r)
+    assert "+1.17 dB (seed spread 0.29): better" in lines[0]
+    assert "+0.00 dB (seed spread 0.00): no effect beyond the seed spread" in lines[1]
+    with pytest.raises(ValueError, match="models"):
+        res.aggregate({"baseline": per_seed["baseline"]}, {"auc": 0.5, "iou": 0.5})
+
+
+def test_one_seed_gives_no_verdict():
+    r = res.aggregate({n: _runs([20.0 + (n == "ss")]) for n in ("baseline", "ss", "ss_oracle")}, {"auc": 1, "iou": 1})
+    assert r["models"]["ss"]["std"]["psnr_fg"] == 0.0 and not res.helped(r)
+    assert "one seed: no spread, no verdict" in res.verdict(r)[0]
