@@ -82,7 +82,7 @@ class SemanticSensitive(nn.Module):
 
     def __init__(self, model: nn.Module, pairs: Mapping[str, str], *, heads: int = 1, head_dim: int | None = None,
                  backend: str = "auto", scale: float | None = None, eta: float = 1.0, weight: float = 0.1,
-                 level_weights=None, reduction: str = "mean", channels: Mapping | None = None,
+                 level_weights=None, reduction: str = "mean", form: str = "paper", channels: Mapping | None = None,
                  example_inputs=None):
         super().__init__()
         if not isinstance(model, nn.Module):
@@ -102,7 +102,7 @@ class SemanticSensitive(nn.Module):
         self.blocks = nn.ModuleDict()
         # The guidance is range-checked once per forward (_check_guidance); the stages' and the loss's
         # maps are area averages of it, so their own checks (a host sync each) are off.
-        self.align = SemanticAlignmentLoss(eta=eta, weight=weight, level_weights=level_weights, reduction=reduction,
+        self.align = SemanticAlignmentLoss(eta=eta, weight=weight, level_weights=level_weights, reduction=reduction, form=form,
                                            backend=backend, check_values=False)
         self._attn_options = dict(heads=heads, head_dim=head_dim, backend=backend, scale=scale, check_values=False)
         # Per-call state, only set inside forward().
@@ -299,7 +299,7 @@ def semantic_sensitive(model: nn.Module, pairs: Mapping[str, str], **options) ->
 
     pairs: {decoder module name: encoder module name} as in model.named_modules().
     options: heads (1), head_dim, backend ("auto"), scale (attention stages);
-    eta (1.0), weight (lambda_align, 0.1), level_weights, reduction ("mean")
+    eta (1.0), weight (lambda_align, 0.1), level_weights, reduction ("mean"), form ("paper" or "normalized")
     (alignment loss); channels {dec: (dec_channels, enc_channels)},
     example_inputs (tuple) (how the stages are sized).
     """
