@@ -68,7 +68,10 @@ def run(args) -> int:
 
     import torch
 
+    import sys
+
     from ssattn.apps.training import TrainConfig, build_model, train
+    from ssattn.apps.training.trainer import CheckpointMismatch
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     device = resolve_device(args.device)
@@ -85,7 +88,11 @@ def run(args) -> int:
                       checkpoint_every=args.checkpoint_every, device=str(device), amp=args.amp,
                       progress=not args.no_progress, desc=f"train {args.model}")
     print(f"ssattn train: {args.model} (width {args.width}) on {desc}, {args.steps} steps, device {device}")
-    hist = train(model, data, cfg, args.out, spec=spec, resume=not args.no_resume)
+    try:
+        hist = train(model, data, cfg, args.out, spec=spec, resume=not args.no_resume)
+    except CheckpointMismatch as exc:
+        print(f"ssattn train: {exc}", file=sys.stderr)
+        return 2
     summary = {"steps": hist["steps"], "final_loss": hist["loss"][-1] if hist["loss"] else None,
                "step_time_s": hist["step_time_s"], "loss": hist["loss_description"], "spec": spec}
     with open(os.path.join(args.out, "history.json"), "w") as f:
