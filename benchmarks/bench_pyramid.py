@@ -58,8 +58,10 @@ def _fn(impl, scores, text, sizes):
 
     grid = (24, 24) if text is not None else tuple(scores.shape[1:])
     if impl.startswith("triton"):
-        opts = {"triton": "", "triton-tf32x3": "prec=tf32x3", "triton-bf16out": "out=bf16"}[impl]
-        return lambda: kp.guidance_pyramid(scores, text, grid, sizes, GAMMA, DELTA, False, opts)
+        from ssattn.reference.pyramid import NORM_EPS
+
+        opts = {"triton": {}, "triton-tf32x3": {"precision": "tf32x3"}, "triton-bf16out": {"out_dtype": torch.bfloat16}}[impl]
+        return lambda: kp.guidance_pyramid(scores, text, grid, sizes, GAMMA, DELTA, False, eps=NORM_EPS, **opts)
     kw = dict(gamma=GAMMA, delta=DELTA, text=text, grid_size=grid if text is not None else None)
     if impl == "api":
         return lambda: ssattn.guidance_pyramid(scores, sizes, backend="triton", **kw)

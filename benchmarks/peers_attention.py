@@ -126,8 +126,8 @@ def ssattn_chain(options):
         d = qh.shape[-1]
         if options is None:
             out = ssattn.masked_cross_attention(qh, kh, vh, w, backend="triton")
-        else:  # an explicit precision: the op with that impl string (what the functional does for float32)
-            out = torch.ops.ssattn.masked_attention_fwd(qh, kh, vh, w, None, d ** -0.5, f"triton:{options}")[0]
+        else:  # an explicit float32 precision: the op with it (what the functional does for float32)
+            out = torch.ops.ssattn.masked_attention_fwd(qh, kh, vh, w, None, d ** -0.5, "triton", options, False)[0]
         return _back(out, q.shape)
 
     return run

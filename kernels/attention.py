@@ -1,11 +1,10 @@
-"""Triton kernels for SPEC 2's mask-weighted K/V cross-attention (host side).
+"""Triton kernels for SPEC 2's mask-weighted K/V cross-attention (host side: launchers only).
 
-Contract (used by ssattn.ops.attention through the impl string "triton[:options]"):
+Contract (called by ssattn.ops.attention, which chooses the path):
 
-    forward(q, k, v, weight, key_padding_mask, scale, options) -> (out, lse)
+    forward(q, k, v, weight, key_padding_mask, scale, *, precision, deterministic) -> (out, lse)
     backward(grad_out, q, k, v, weight, key_padding_mask, out, lse, scale,
-             weight_grad, options) -> (dq, dk, dv, dweight)
-    default_impl(q) -> "triton" | "triton:tf32" | "triton:ieee" | "torch"
+             weight_grad, *, precision, deterministic) -> (dq, dk, dv, dweight)
 
 q (B, h, Nq, d), k (B, h, Nk, d), v (B, h, Nk, dv) with any strides (read in
 place, never copied); weight (B, Nk) or None; key_padding_mask (B, Nk) bool or
@@ -14,11 +13,11 @@ dv == d (empty_like, as the op's fake kernel promises), written through its
 strides, so a module's NCHW / channels-last view needs no copy; lse (B, h, Nq)
 float32, natural log, +inf for a row whose keys are all padded (its out is 0).
 
-options: comma-separated flags. Precision of float32 dots: "ieee" (default
-for float32), "tf32", "tf32x3". "deterministic" is accepted and free: the
-backward uses no atomics (dweight per-head partials are summed in a fixed
-order). Environment: SSATTN_AUTOTUNE=0 launches one heuristic config per
-shape instead of autotuning (used by the GPU test sweep to save compile time).
+precision: float32 dots "ieee", "tf32" or "tf32x3" (half inputs ignore it).
+deterministic: accepted and free: the backward uses no atomics (dweight
+per-head partials are summed in a fixed order). Environment:
+SSATTN_AUTOTUNE=0 launches one heuristic config per shape instead of
+autotuning (used by the GPU test sweep to save compile time).
 """
 
 from __future__ import annotations
@@ -35,58 +34,11 @@ from ._attention_fwd import attn_fwd_kernel
 
 LOG2E = 1.4426950408889634
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-_PRECISIONS = ("ieee", "tf32", "tf32x3")
-_FLAGS = ("deterministic",)
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _MAX_HEAD_DIM = 256
-# Output allocators (module level so a test can poison them and catch unwritten elements).
-_empty = torch.empty
-_empty_like = torch.empty_like
 # Block sizes under the interpreter: big enough to be quick, small enough that
 # the CPU tests cover full blocks and a peeled partial one.
 _INTERPRET_BLOCKS = {"BLOCK_M": 64, "BLOCK_N": 64}
-
-
-# --------------------------------------------------------------------------- options
-def parse_options(options: str) -> tuple[str, bool]:
-    """(precision, deterministic) from an options string such as "tf32,deterministic"."""
-    precision, deterministic = None, False
-    for flag in (f.strip() for f in (options or "").split(",")):
-        if not flag:
-            continue
-        if flag in _PRECISIONS:
-            if precision is not None and precision != flag:
-                raise ValueError(f"attention options {options!r} name two precisions ({precision}, {flag})")
-            precision = flag
-        elif flag in _FLAGS:
-            deterministic = True
-        else:
-            raise ValueError(
-                f"unknown attention option {flag!r} in {options!r}; expected comma-separated flags from "
-                f"{list(_PRECISIONS + _FLAGS)}"
-            )
-    return precision or "ieee", deterministic
-
-
-def _fp32_allows_tf32() -> bool:
-    matmul = torch.backends.cuda.matmul
-    prec = getattr(matmul, "fp32_precision", None)  # newer torch: "ieee" | "tf32" | "none"
-    if prec in ("tf32",):
-        return True
-    if prec in ("ieee",):
-        return False
-    if torch.get_float32_matmul_precision() != "highest":
-        return True
-    return bool(getattr(matmul, "allow_tf32", False))
-
-
-def default_impl(q: torch.Tensor) -> str:
-    """The impl string for q: "triton" for half inputs; float32 follows torch's TF32 setting."""
-    if q.dtype in (torch.float16, torch.bfloat16):
-        return "triton"
-    if q.dtype == torch.float32:
-        return "triton:tf32" if _fp32_allows_tf32() else "triton:ieee"
-    return "torch"  # float64 and others: the explicit PyTorch formulas
 
 
 # --------------------------------------------------------------------------- configs
@@ -163,7 +115,7 @@ def _check(q, k, v, weight, kpm):
     if q.dtype not in _DTYPES:
         raise TypeError(
             f"the Triton attention kernels take float16, bfloat16 or float32 q, k, v; got {q.dtype} "
-            "(use impl 'torch' or backend='reference')"
+            "(use backend='reference')"
         )
     if not (q.dtype == k.dtype == v.dtype):
         raise TypeError(f"q, k and v must share a dtype, got {q.dtype}, {k.dtype} and {v.dtype}")
@@ -181,8 +133,7 @@ def _check(q, k, v, weight, kpm):
         raise TypeError(f"key_padding_mask must be a bool tensor, got {kpm.dtype}")
 
 
-def _common(q, k, v, weight, kpm, scale, options):
-    precision, _ = parse_options(options)
+def _common(q, k, v, weight, kpm, scale, precision):
     fp32 = q.dtype == torch.float32
     w = weight if weight is not None else q  # dummy pointer when absent (never read)
     pad = kpm.view(torch.uint8) if kpm is not None else q
@@ -200,17 +151,17 @@ def _common(q, k, v, weight, kpm, scale, options):
 
 
 # --------------------------------------------------------------------------- forward / backward
-def forward(q, k, v, weight, key_padding_mask, scale, options=""):
+def forward(q, k, v, weight, key_padding_mask, scale, *, precision="ieee", deterministic=False):
     _check(q, k, v, weight, key_padding_mask)
     B, H, Nq, _ = q.shape
     Nk, dv = k.shape[2], v.shape[-1]
     scale = float(scale)
-    out = _empty_like(q) if q.shape[-1] == dv else _empty((B, H, Nq, dv), device=q.device, dtype=q.dtype)
-    lse = _empty((B, H, Nq), device=q.device, dtype=torch.float32)
+    out = torch.empty_like(q) if q.shape[-1] == dv else torch.empty((B, H, Nq, dv), device=q.device, dtype=q.dtype)
+    lse = torch.empty((B, H, Nq), device=q.device, dtype=torch.float32)
     if out.numel() == 0:
         lse.fill_(float("inf"))
         return out, lse
-    w, pad, wstr, pstr, meta, fp32 = _common(q, k, v, weight, key_padding_mask, scale, options)
+    w, pad, wstr, pstr, meta, fp32 = _common(q, k, v, weight, key_padding_mask, scale, precision)
     args = (
         q, k, v, w, pad, out, lse, *q.stride(), *k.stride(), *v.stride(), *wstr, *pstr, *out.stride(), *lse.stride(),
         H, Nq, Nk, abs(scale) * LOG2E, _bucket(Nq), _bucket(Nk),
@@ -219,29 +170,30 @@ def forward(q, k, v, weight, key_padding_mask, scale, options=""):
     return out, lse
 
 
-def backward(grad_out, q, k, v, weight, key_padding_mask, out, lse, scale, weight_grad, options=""):
+def backward(grad_out, q, k, v, weight, key_padding_mask, out, lse, scale, weight_grad, *, precision="ieee",
+             deterministic=False):
     _check(q, k, v, weight, key_padding_mask)
     B, H, Nq, _ = q.shape
     Nk, dv = k.shape[2], v.shape[-1]
     scale = float(scale)
     # Same layouts as the op's fake kernel (empty_like keeps a dense input's strides).
-    dq, dk, dvv = _empty_like(q), _empty_like(k), _empty_like(v)
+    dq, dk, dvv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     weight_grad = bool(weight_grad) and weight is not None
     if dq.numel() == 0 or dk.numel() == 0:
         dq.zero_(), dk.zero_(), dvv.zero_()
         dw = weight.new_zeros(weight.shape) if weight_grad else q.new_empty(0)
         return dq, dk, dvv, dw
-    w, pad, wstr, pstr, meta, fp32 = _common(q, k, v, weight, key_padding_mask, scale, options)
+    w, pad, wstr, pstr, meta, fp32 = _common(q, k, v, weight, key_padding_mask, scale, precision)
     bdv = meta["BLOCK_DV"]
 
-    delta = _empty((B, H, Nq), device=q.device, dtype=torch.float32)
+    delta = torch.empty((B, H, Nq), device=q.device, dtype=torch.float32)
     bm_delta = 64 if bdv <= 64 else 32
     attn_bwd_delta_kernel[(triton.cdiv(Nq, bm_delta), B * H)](
         out, grad_out, delta, *out.stride(), *grad_out.stride(), H, Nq,
         HEAD_DV=dv, BLOCK_DV=bdv, BLOCK_M=bm_delta,
     )
 
-    dw_part = _empty((B, H, Nk), device=q.device, dtype=torch.float32) if weight_grad else delta
+    dw_part = torch.empty((B, H, Nk), device=q.device, dtype=torch.float32) if weight_grad else delta
     common = (
         *q.stride(), *k.stride(), *v.stride(), *wstr, *pstr, *grad_out.stride(), *lse.stride(),
     )

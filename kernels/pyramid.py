@@ -18,16 +18,14 @@ of up to RCH rows; T = S' @ Wx^T (gh x BN) is computed once per item and
 reused for each BM-row tile. Only the requested maps are written; M_sem
 is never materialised unless it is requested (it always is, as sizes[0]).
 
-Options (the "triton:<options>" part of the op's impl string, comma
-separated): out=fp32|fp16|bf16 (output dtype, default the scores' dtype),
-prec=ieee|tf32x3 (float32 dot precision, default ieee), ppi=N (programs
-per image), tile=BMxBN, rows=N (rows per work item), poison (fill the
-outputs with NaN before the launch: tests use it to prove every element
-is written).
+Launcher options (keyword arguments of guidance_pyramid): out_dtype (default
+the scores' dtype), precision "ieee" | "tf32x3" (float32 dots), and tuning
+knobs ppi (programs per image), tile (BM, BN) and rows (rows per work item).
 
-float64 inputs run the PyTorch formulas (Triton has no float64 dot here);
-grids of more than 64 x 64 cells (after padding each side to a power of
-two) do too, with a warning. A NaN or infinite score makes all of that
+The kernel takes float16, bfloat16 and float32 inputs and grids of up to
+64 x 64 cells (after padding each side to a power of two): `fits` tells, and
+the dispatch layer (ssattn.ops.pyramid) sends anything else to the reference.
+A NaN or infinite score makes all of that
 image's maps NaN; the reference agrees for NaN and -inf (min/max spread
 them), while for +inf it gives NaN only around the infinite cell. The
 weight cache is filled on the first call per configuration: make one call
@@ -39,15 +37,12 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
-import warnings
 
 import numpy as np
 import torch
 import triton
 import triton.language as tl
 from triton.language.extra import libdevice
-
-from ssattn.reference.pyramid import NORM_EPS
 
 MAX_GRID_CELLS = 64 * 64  # S' lives in registers (padded to powers of two): larger grids take the PyTorch path
 
@@ -230,33 +225,13 @@ def _weights(gh, gw, sizes, GH, GW, device):
 
 
 # --------------------------------------------------------------------------- host entry
-_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+PRECISIONS = ("ieee", "tf32x3")
 
 
-def parse_options(options: str) -> dict:
-    """Parse the comma-separated options of "triton:<options>" (see the module docstring)."""
-    opts = {"out": None, "prec": "ieee", "ppi": None, "tile": None, "rows": None, "poison": False}
-    for tok in filter(None, (t.strip() for t in (options or "").split(","))):
-        key, _, val = tok.partition("=")
-        if key == "out" and val in _DTYPES:
-            opts["out"] = _DTYPES[val]
-        elif key == "prec" and val in ("ieee", "tf32x3"):
-            opts["prec"] = val
-        elif key in ("ppi", "rows") and val.isdigit() and int(val) > 0:
-            opts[key] = int(val)
-        elif key == "tile" and len(val.split("x")) == 2 and all(v.isdigit() for v in val.split("x")):
-            bm, bn = (int(v) for v in val.split("x"))
-            if bm < 16 or bn < 16 or _pow2(bm) != bm or _pow2(bn) != bn:
-                raise ValueError(f"pyramid option tile={val}: both sides must be powers of two >= 16")
-            opts["tile"] = (bm, bn)
-        elif key == "poison" and not val:
-            opts["poison"] = True
-        else:
-            raise ValueError(
-                f"unknown pyramid option {tok!r}; expected out=fp32|fp16|bf16, prec=ieee|tf32x3, "
-                "ppi=N, rows=N, tile=BMxBN or poison"
-            )
-    return opts
+def fits(gh: int, gw: int) -> bool:
+    """Whether a (gh, gw) grid fits the kernel's registers (larger grids need the PyTorch formulas)."""
+    return max(16, _pow2(gh)) * max(16, _pow2(gw)) <= MAX_GRID_CELLS
 
 
 @functools.lru_cache(maxsize=None)
@@ -276,17 +251,10 @@ def _programs_per_image(B: int, n_items: int, device, has_text: bool, ppi) -> in
     return max(1, min(n_items, -(-target // B)))
 
 
-def _torch_path(scores, text, grid_size, sizes, gamma, delta, renormalize, out_dtype):
-    from ssattn.ops.pyramid import torch_pyramid
-
-    maps = torch_pyramid(scores, text, grid_size, sizes, gamma, delta, renormalize)
-    return [m.to(out_dtype) for m in maps]
-
-
-def guidance_pyramid(scores, text, grid_size, sizes, gamma, delta, renormalize, options=""):
-    """SPEC 1 maps, one (B, 1, H_l, W_l) tensor per size (see the module docstring)."""
-    opts = parse_options(options)
-    out_dtype = opts["out"] or scores.dtype
+def guidance_pyramid(scores, text, grid_size, sizes, gamma, delta, renormalize, *, eps, out_dtype=None,
+                     precision="ieee", ppi=None, tile=None, rows=None):
+    """SPEC 1 maps, one (B, 1, H_l, W_l) tensor per size (see the module docstring); eps guards the norms."""
+    out_dtype = out_dtype or scores.dtype
     gh, gw = (int(v) for v in grid_size)
     sizes = [(int(h), int(w)) for h, w in sizes]
     has_text = text is not None
@@ -296,41 +264,40 @@ def guidance_pyramid(scores, text, grid_size, sizes, gamma, delta, renormalize, 
             raise ValueError(f"scores must be patch features (B, {gh * gw}, Cf) for grid_size {(gh, gw)}, got {tuple(scores.shape)}")
     elif scores.dim() != 3 or tuple(scores.shape[1:]) != (gh, gw):
         raise ValueError(f"scores must be a (B, {gh}, {gw}) grid for grid_size {(gh, gw)}, got {tuple(scores.shape)}")
+    if scores.dtype not in DTYPES or (has_text and text.dtype not in DTYPES) or not fits(gh, gw):
+        raise ValueError(f"the pyramid kernel takes {DTYPES} inputs and grids that fit (fits()), "
+                         f"got {scores.dtype} scores and a {gh}x{gw} grid")
+    if out_dtype not in DTYPES:
+        raise ValueError(f"out_dtype must be one of {DTYPES}, got {out_dtype}")
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {list(PRECISIONS)}, got {precision!r}")
+    if tile is not None:
+        bm, bn = (int(v) for v in tile)
+        if bm < 16 or bn < 16 or _pow2(bm) != bm or _pow2(bn) != bn:
+            raise ValueError(f"tile {tile}: both sides must be powers of two >= 16")
     GH, GW = max(16, _pow2(gh)), max(16, _pow2(gw))
-    if scores.dtype == torch.float64 or (has_text and text.dtype == torch.float64) or GH * GW > MAX_GRID_CELLS:
-        if GH * GW > MAX_GRID_CELLS:
-            warnings.warn(
-                f"ssattn: the Triton pyramid kernel holds grids up to {MAX_GRID_CELLS} cells; "
-                f"{gh}x{gw} uses the PyTorch formulas", RuntimeWarning, stacklevel=2,
-            )
-        return _torch_path(scores, text, (gh, gw), sizes, gamma, delta, renormalize, out_dtype)
 
     device = scores.device
     wy, wx, wyoff, wxoff = _weights(gh, gw, sizes, GH, GW, device)
-    make = torch.full if opts["poison"] else None
-    outs = [
-        make((B, 1, h, w), float("nan"), dtype=out_dtype, device=device) if make
-        else torch.empty((B, 1, h, w), dtype=out_dtype, device=device)
-        for h, w in sizes
-    ]
+    outs = [torch.empty((B, 1, h, w), dtype=out_dtype, device=device) for h, w in sizes]
     interp = device.type != "cuda"
     cells = GH * GW
     # Tiles sized so that nothing spills on sm_90 with Triton 3.6, 3.8 and 3.9 (ptxas -v; see
     # benchmarks/compile_reports/): 24x24 grids 168 registers at 64x32 tiles and 4 warps (64x64
     # spills 12 B under 3.9's ptxas), 64x64 grids 128 registers at 32x32 tiles and 8 warps.
-    bm, bn = opts["tile"] or ((128, 128) if interp else (64, 32) if cells <= 1024 else (32, 32))
-    rch = opts["rows"] or 4 * bm
+    bm, bn = tile or ((128, 128) if interp else (64, 32) if cells <= 1024 else (32, 32))
+    rch = rows or 4 * bm
     rch = -(-rch // bm) * bm  # a whole number of row tiles
     n_items = sum(-(-w // bn) * -(-h // rch) for h, w in sizes)
-    G = _programs_per_image(B, n_items, device, has_text, opts["ppi"])
+    G = _programs_per_image(B, n_items, device, has_text, ppi)
     guard = torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
     with guard:
-        _launch(scores, text, wy, wx, outs, sizes, wyoff, wxoff, gh, gw, gamma, delta, renormalize, G, rch,
-                GH, GW, bm, bn, opts["prec"], not interp)
+        _launch(scores, text, wy, wx, outs, sizes, wyoff, wxoff, gh, gw, gamma, delta, renormalize, eps, G, rch,
+                GH, GW, bm, bn, precision, not interp)
     return outs
 
 
-def _launch(scores, text, wy, wx, outs, sizes, wyoff, wxoff, gh, gw, gamma, delta, renormalize, G, rch,
+def _launch(scores, text, wy, wx, outs, sizes, wyoff, wxoff, gh, gw, gamma, delta, renormalize, eps, G, rch,
             GH, GW, bm, bn, prec, libdevice_pow):
     B, cells, has_text = scores.shape[0], GH * GW, text is not None
     if has_text:
@@ -345,7 +312,7 @@ def _launch(scores, text, wy, wx, outs, sizes, wyoff, wxoff, gh, gw, gamma, delt
         scores, text if has_text else scores, wy, wx, tuple(outs),
         tuple(h for h, _ in sizes), tuple(w for _, w in sizes), wyoff, wxoff,
         gh, gw, cf, src_strides[0], src_strides[1], src_strides[2], t_sb, t_sc,
-        float(gamma), float(delta), NORM_EPS, G, rch,
+        float(gamma), float(delta), float(eps), G, rch,
         NLEV=len(sizes), HAS_TEXT=has_text, RENORM=bool(renormalize),
         GH=GH, GW=GW, BK=bk, BM=bm, BN=bn, PREC=prec, LIBDEVICE=libdevice_pow, num_warps=warps,
     )

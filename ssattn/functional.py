@@ -14,7 +14,9 @@ import torch
 from torch import Tensor
 
 from . import _backends, _checks, reference
-from . import ops as _ops  # noqa: F401  (registers torch.ops.ssattn.*)
+from .ops import alignment as _alignment_ops
+from .ops import attention as _attention_ops
+from .ops import pyramid as _pyramid_ops
 
 
 # --------------------------------------------------------------------------- pyramid
@@ -75,12 +77,8 @@ def guidance_pyramid(
     """
     pairs, grid = _check_pyramid_args(scores, sizes, gamma, delta, text, grid_size)
     needs_grad = torch.is_grad_enabled() and (scores.requires_grad or (text is not None and text.requires_grad))
-    if needs_grad and backend == "triton":
-        raise ValueError(
-            "guidance_pyramid: the triton backend has no backward; inputs that require grad need "
-            "backend='reference' or 'auto' (or detach them)"
-        )
-    chosen = _backends.resolve("guidance_pyramid", backend, scores.device.type, not needs_grad)
+    dtype = scores.dtype if text is None else torch.promote_types(scores.dtype, text.dtype)
+    chosen = _pyramid_ops.choose(backend, scores.device.type, dtype, grid, needs_grad)
     if chosen == "reference":
         return reference.guidance_pyramid(
             scores, pairs, gamma=gamma, delta=delta, text=text,
@@ -88,7 +86,7 @@ def guidance_pyramid(
         )
     flat = [v for hw in pairs for v in hw]
     return torch.ops.ssattn.guidance_pyramid(
-        scores, text, list(grid), flat, float(gamma), float(delta), bool(renormalize), "triton"
+        scores, text, list(grid), flat, float(gamma), float(delta), bool(renormalize), chosen
     )
 
 
@@ -152,16 +150,10 @@ def masked_cross_attention(
 
 def _attention(q, k, v, weight, key_padding_mask, scale: float, backend: str) -> Tensor:
     """masked_cross_attention after validation (the modules validate their own map)."""
-    chosen = _backends.resolve("masked_cross_attention", backend, q.device.type)
+    chosen = _backends.resolve("masked_cross_attention", backend, q.device.type, q.dtype)
     if chosen == "reference":
         return reference.masked_cross_attention(q, k, v, weight, key_padding_mask, scale)
-    out, _ = torch.ops.ssattn.masked_attention_fwd(q, k, v, weight, key_padding_mask, scale, attention_impl(q))
-    return out
-
-
-def attention_impl(q: Tensor) -> str:
-    """The Triton implementation string for q's dtype (precision options for float32)."""
-    return _backends.attention_impl(q.dtype)
+    return _attention_ops.masked_attention(q, k, v, weight, key_padding_mask, scale, chosen)
 
 
 # --------------------------------------------------------------------------- alignment loss
@@ -223,9 +215,7 @@ def alignment_loss(
 def _alignment_loss(features, maps, eta, weights, reduction, backend, check_values=True) -> Tensor:
     """alignment_loss; check_values=False skips the maps' range check (callers that built them from a checked map)."""
     features, maps, weights = _check_alignment_args(features, maps, eta, weights, reduction, check_values)
-    chosen = _backends.resolve("alignment_loss", backend, features[0].device.type)
+    chosen = _backends.resolve("alignment_loss", backend, features[0].device.type, features[0].dtype)
     if chosen == "reference":
         return reference.alignment_loss(features, maps, eta=eta, weights=weights, reduction=reduction)
-    from .ops import alignment as _align_ops
-
-    return _align_ops.alignment_loss_native(features, maps, eta=float(eta), weights=weights, reduction=reduction)
+    return _alignment_ops.alignment_loss_native(features, maps, eta=float(eta), weights=weights, reduction=reduction)

@@ -20,6 +20,8 @@ import ssattn
 from ssattn import _backends, reference as ref
 from ssattn.ops import attention as attn_ops
 from tests._accuracy import FLOOR, assert_accurate
+from tests._flash_torch import flash_formulation
+from tests._poison import PoisonEmpty
 
 kern = _backends.kernel_module("attention")  # ssattn.kernels.attention, or None without Triton
 pytestmark = pytest.mark.skipif(
@@ -90,9 +92,9 @@ def same_strides(src):
     return out.copy_(src.detach())
 
 
-def fast_fn(impl):
+def fast_fn(precision="ieee", deterministic=False):
     def fn(q, k, v, w, kpm, scale):
-        return FAST_OP(q, k, v, w, kpm, scale, impl)[0]
+        return FAST_OP(q, k, v, w, kpm, scale, "triton", precision, deterministic)[0]
 
     return fn
 
@@ -105,19 +107,20 @@ def to(x, dtype):
     return None if x is None else x.detach().to(dtype)
 
 
-def check_against_reference(q, k, v, w, kpm, do, scale=None, impl=None, *, ref_dtype=None, ref_precision="highest",
-                            floor_scale=1.0, weight_grad=True):
-    """Fast path (impl) vs the reference in the same dtype vs the float64 truth, output and every gradient."""
+def check_against_reference(q, k, v, w, kpm, do, scale=None, precision=None, *, ref_dtype=None,
+                            ref_precision="highest", floor_scale=1.0, weight_grad=True, deterministic=False):
+    """Fast path (float32 dot precision) vs the reference in the same dtype vs the float64 truth, output and every gradient."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    impl = impl or kern.default_impl(q)
-    fast_out, fast_grads = run_attention(fast_fn(impl), q, k, v, w, kpm, do, scale, weight_grad=weight_grad)
+    precision = precision or attn_ops.default_precision()
+    fast = fast_fn(precision, deterministic)
+    fast_out, fast_grads = run_attention(fast, q, k, v, w, kpm, do, scale, weight_grad=weight_grad)
     ref_dtype = ref_dtype or q.dtype
     base = [to(t.contiguous(), ref_dtype) if t is not None else None for t in (q, k, v, w)]
     with fp32_matmul(ref_precision):
         ref_out, ref_grads = run_attention(ref_fn, *base, kpm, to(do, ref_dtype), scale, weight_grad=weight_grad)
     truth = [to(t, f64) for t in (q, k, v, w)]
     true_out, true_grads = run_attention(ref_fn, *truth, kpm, to(do, f64), scale, weight_grad=weight_grad)
-    floor_dtype = {"tf32": torch.float16}.get(impl.partition(":")[2], q.dtype)
+    floor_dtype = torch.float16 if (q.dtype == torch.float32 and precision == "tf32") else q.dtype
     names = ["out", "dq", "dk", "dv", "dweight"]
     for name, fast, refd, truth_t in zip(names, [fast_out, *fast_grads], [ref_out, *ref_grads], [true_out, *true_grads]):
         if truth_t is None:
@@ -221,11 +224,11 @@ def test_value_head_dim_differs_and_odd_head_dim():
     check_against_reference(q, k, v, w, kpm, do)
 
 
-@pytest.mark.parametrize("options", ["tf32", "tf32x3", "ieee,deterministic"])
-def test_precision_options_run(options):
+@pytest.mark.parametrize("precision,deterministic", [("tf32", False), ("tf32x3", False), ("ieee", True)])
+def test_precision_options_run(precision, deterministic):
     # The interpreter computes float32 dots exactly in every mode; the GPU tests check each precision's accuracy.
     q, k, v, w, kpm, do = make_inputs(1, 1, 40, 70, 16, torch.float32)
-    check_against_reference(q, k, v, w, kpm, do, impl=f"triton:{options}", floor_scale=1.0)
+    check_against_reference(q, k, v, w, kpm, do, precision=precision, floor_scale=1.0, deterministic=deterministic)
 
 
 def test_bfloat16_under_the_interpreter():
@@ -252,7 +255,7 @@ def test_padding_leaves_one_key_and_fully_padded_batch_gives_zeros():
     for g in grads:
         assert torch.isfinite(g).all()
         assert torch.equal(g[1], torch.zeros_like(g[1]))
-    _, lse = FAST_OP(q, k, v, w, kpm, d ** -0.5, "triton:ieee")
+    _, lse = FAST_OP(q, k, v, w, kpm, d ** -0.5, "triton", "ieee", False)
     assert torch.isinf(lse[1]).all() and (lse[1] > 0).all()
     # One key left: every query attends to key 65 only.
     torch.testing.assert_close(out[0, 0], (v[0, 0, 65] * w[0, 65]).expand(nq, d))
@@ -273,13 +276,13 @@ def test_large_inputs_float32():
     dS = P (dP - delta) with delta = rowsum(do * o), the flash-attention formulation: at a one-hot
     row dP - delta cancels to a rounding residue of size eps |do| |v|, whereas the reference's
     autograd cancels exactly, so its own error is ~0. Those gradients are held to the rule against
-    the op's explicit "torch" formulas (the same formulation in the same dtype), and to eps times
+    the flash formulation in PyTorch (tests/_flash_torch.py: the same formulation in the same dtype), and to eps times
     their natural scale |scale| max|k| max|v| max|do| d.
     """
     q, k, v, w, kpm, do = make_inputs(1, 2, 33, 97, 16, torch.float32, gain=100.0)
     scale = 0.25
-    fast_out, fast_grads = run_attention(fast_fn("triton:ieee"), q, k, v, w, kpm, do, scale)
-    peer_out, peer_grads = run_attention(fast_fn("torch"), q, k, v, w, kpm, do, scale)
+    fast_out, fast_grads = run_attention(fast_fn("ieee"), q, k, v, w, kpm, do, scale)
+    peer_out, peer_grads = run_attention(flash_formulation, q, k, v, w, kpm, do, scale)
     ref_out, ref_grads = run_attention(ref_fn, q, k, v, w, kpm, do, scale)
     true_out, true_grads = run_attention(ref_fn, *(to(t, f64) for t in (q, k, v, w)), kpm, to(do, f64), scale)
     assert_accurate(fast_out, ref_out, true_out, name="out")
@@ -299,7 +302,7 @@ def test_large_inputs_float16_stay_finite():
     matches the float64 truth computed from those fp16-rounded weighted keys and values.
     """
     q, k, v, w, kpm, do = make_inputs(1, 1, 33, 97, 16, torch.float16, gain=100.0)
-    out, grads = run_attention(fast_fn("triton"), q, k, v, w, kpm, do, 0.25)
+    out, grads = run_attention(fast_fn(), q, k, v, w, kpm, do, 0.25)
     for g in [out, *grads]:
         assert torch.isfinite(g).all()
     wk = w.to(torch.float16)[:, None, :, None]
@@ -307,17 +310,17 @@ def test_large_inputs_float16_stay_finite():
     assert (out.double() - truth).abs().max() <= 1e-2 * truth.abs().max()
 
 
-def test_every_output_element_is_written(monkeypatch):
-    """Poison the kernels' output buffers: a NaN left anywhere fails the comparison."""
-    monkeypatch.setattr(kern, "_empty", lambda size, **kw: torch.full(size, float("nan"), **kw))
-    monkeypatch.setattr(kern, "_empty_like", lambda x: torch.full_like(x, float("nan")))
+def test_every_output_element_is_written():
+    """Poison every buffer the launchers allocate: a NaN left anywhere fails the comparison."""
     q, k, v, w, kpm, do = make_inputs(2, 1, 97, 70, 24, torch.float32, dv=20)
-    check_against_reference(relayout(q, "nchw"), k, relayout(v, "channels_last"), w, kpm, do)
+    with PoisonEmpty() as mode:
+        check_against_reference(relayout(q, "nchw"), k, relayout(v, "channels_last"), w, kpm, do)
+    assert mode.poisoned > 0
 
 
 def test_deterministic_mode_gives_identical_bits():
     q, k, v, w, kpm, do = make_inputs(1, 2, 40, 70, 16, torch.float32)
-    runs = [run_attention(fast_fn("triton:ieee,deterministic"), q, k, v, w, kpm, do, 0.25) for _ in range(2)]
+    runs = [run_attention(fast_fn("ieee", deterministic=True), q, k, v, w, kpm, do, 0.25) for _ in range(2)]
     (o1, g1), (o2, g2) = runs
     assert torch.equal(o1, o2)
     assert all(torch.equal(a, b) for a, b in zip(g1, g2))
@@ -336,23 +339,21 @@ def test_public_api_and_module_use_the_kernels():
     torch.testing.assert_close(y, mod(dec, enc, g))
 
 
-def test_default_impl_and_options():
-    assert kern.default_impl(torch.empty(1, dtype=torch.float16)) == "triton"
-    assert kern.default_impl(torch.empty(1, dtype=torch.bfloat16)) == "triton"
-    assert kern.default_impl(torch.empty(1, dtype=torch.float64)) == "torch"
+def test_backend_and_precision_choice():
+    for dtype in (torch.float16, torch.bfloat16, torch.float32):
+        assert _backends.resolve("masked_cross_attention", "triton", DEV, dtype) == "triton"
+    # float64 has no Triton path: it runs the reference formulas, also when triton is asked for by name.
+    assert _backends.resolve("masked_cross_attention", "triton", DEV, torch.float64) == "reference"
     with fp32_matmul("highest"):
-        assert kern.default_impl(torch.empty(1)) == "triton:ieee"
+        assert attn_ops.default_precision() == "ieee"
     with fp32_matmul("high"):
-        assert kern.default_impl(torch.empty(1)) == "triton:tf32"
-    assert kern.parse_options("tf32x3,deterministic") == ("tf32x3", True)
-    assert kern.parse_options("") == ("ieee", False)
-    with pytest.raises(ValueError, match=r"unknown attention option 'fast'"):
-        kern.parse_options("fast")
-    with pytest.raises(ValueError, match=r"two precisions"):
-        kern.parse_options("tf32,ieee")
-    q = torch.randn(1, 1, 4, 16, dtype=f64, device=DEV)
+        assert attn_ops.default_precision() == "tf32"
+    q = torch.randn(1, 1, 4, 16, device=DEV)
+    with pytest.raises(ValueError, match=r"precision must be one of \['ieee', 'tf32', 'tf32x3'\], got 'fast'"):
+        FAST_OP(q, q, q, None, None, 0.25, "triton", "fast", False)
+    q = q.double()
     with pytest.raises(TypeError, match=r"float16, bfloat16 or float32"):
-        kern.forward(q, q, q, None, None, 0.25, "")
+        kern.forward(q, q, q, None, None, 0.25)
 
 
 def test_opcheck():
@@ -362,14 +363,14 @@ def test_opcheck():
     for t in (q, k, v, w):
         t.requires_grad_(True)
     # test_aot_dispatch_dynamic is left to test_torch_compile_fullgraph (aot_eager, fwd + bwd): it triples the time.
-    torch.library.opcheck(FAST_OP, (relayout(q, "nchw"), k, v, w, kpm, 0.25, "triton:ieee"),
+    torch.library.opcheck(FAST_OP, (relayout(q, "nchw"), k, v, w, kpm, 0.25, "triton", "ieee", False),
                           test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
     do = torch.randn(1, 2, 7, 16, device=DEV)
-    out, lse = FAST_OP(q.detach(), k.detach(), v.detach(), w.detach(), kpm, 0.25, "triton:ieee")
+    out, lse = FAST_OP(q.detach(), k.detach(), v.detach(), w.detach(), kpm, 0.25, "triton", "ieee", False)
     torch.library.opcheck(
         torch.ops.ssattn.masked_attention_bwd,
         (do, relayout(q.detach(), "nchw"), relayout(k.detach(), "channels_last"), v.detach(), w.detach(), kpm,
-         out, lse, 0.25, True, "triton:ieee"),
+         out, lse, 0.25, True, "triton", "ieee", False),
         test_utils=("test_schema", "test_faketensor"),
     )
 
@@ -389,9 +390,9 @@ def test_torch_compile_fullgraph():
 
 
 # --------------------------------------------------------------------------- GPU sweep
-PRECISIONS = {  # name: (dtype, impl options, reference dtype, reference fp32 matmul precision)
-    "bf16": (torch.bfloat16, "", torch.bfloat16, "highest"),
-    "fp16": (torch.float16, "", torch.float16, "highest"),
+PRECISIONS = {  # name: (dtype, float32 dot precision, reference dtype, reference fp32 matmul precision)
+    "bf16": (torch.bfloat16, "ieee", torch.bfloat16, "highest"),
+    "fp16": (torch.float16, "ieee", torch.float16, "highest"),
     "fp32-ieee": (torch.float32, "ieee", torch.float32, "highest"),
     "fp32-tf32": (torch.float32, "tf32", torch.float32, "high"),  # the reference with TF32 matmuls is the peer
     "fp32-tf32x3": (torch.float32, "tf32x3", torch.float32, "highest"),
@@ -417,9 +418,8 @@ def heuristic_configs(monkeypatch):
 @pytest.mark.parametrize("name,d", GPU_CLASSES, ids=[f"{n}-d{d}" for n, d in GPU_CLASSES])
 def test_gpu_sweep(name, d, heuristic_configs):
     """Every size in GPU_SIZES, cycling heads 1/2, layouts and key padding; all failures reported together."""
-    dtype, options, ref_dtype, ref_prec = PRECISIONS[name]
-    impl = "triton" + (f":{options}" if options else "")
-    floor_scale = 10.0 if options == "tf32x3" else 1.0  # tf32x3 drops the small*small term: ~2^-22, not 2^-24
+    dtype, precision, ref_dtype, ref_prec = PRECISIONS[name]
+    floor_scale = 10.0 if precision == "tf32x3" else 1.0  # tf32x3 drops the small*small term: ~2^-22, not 2^-24
     # Layout and padding are fixed per class (each stride==1 pattern and HAS_KPM compiles another binary);
     # across the classes every layout is used with and without padding.
     c = GPU_CLASSES.index((name, d))
@@ -433,7 +433,7 @@ def test_gpu_sweep(name, d, heuristic_configs):
         q, k, v, w, _, do = make_inputs(B, h, nq, nk, d, dtype, kpm=kpm, device="cuda")
         q, k, v = (relayout(t, layout) for t in (q, k, v))
         try:
-            check_against_reference(q, k, v, w, kpm, do, impl=impl, ref_dtype=ref_dtype, ref_precision=ref_prec,
+            check_against_reference(q, k, v, w, kpm, do, precision=precision, ref_dtype=ref_dtype, ref_precision=ref_prec,
                                     floor_scale=floor_scale)
         except AssertionError as exc:
             failures.append(f"nq={nq} nk={nk} h={h} {layout} padded={kpm is not None}: {str(exc).splitlines()[0]}")
@@ -485,7 +485,7 @@ def test_gpu_large_n_bf16_forward(heuristic_configs):
 @pytest.mark.gpu
 def test_gpu_deterministic(heuristic_configs):
     q, k, v, w, kpm, do = make_inputs(2, 2, 4096, 4096, 32, torch.bfloat16, device="cuda")
-    (o1, g1), (o2, g2) = (run_attention(fast_fn("triton:deterministic"), q, k, v, w, kpm, do, 0.2) for _ in range(2))
+    (o1, g1), (o2, g2) = (run_attention(fast_fn(deterministic=True), q, k, v, w, kpm, do, 0.2) for _ in range(2))
     assert torch.equal(o1, o2) and all(torch.equal(a, b) for a, b in zip(g1, g2))
 
 

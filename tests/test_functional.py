@@ -280,10 +280,10 @@ def test_import_does_not_need_triton_or_the_extension():
     assert "torch.Size([1, 1, 3, 2])" in res.stdout
 
 
-# --------------------------------------------------------------------------- the registered op's explicit formulas
+# --------------------------------------------------------------------------- the registered op (Triton under the interpreter on CPU)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("nq,nk", [(1, 1), (7, 97), (33, 5)])
-def test_attention_op_torch_impl_by_accuracy_rule(dtype, nq, nk):
+def test_attention_op_by_accuracy_rule(dtype, nq, nk):
     B, h, d = 2, 2, 8
     q64, k64, v64 = (torch.randn(B, h, n, d, dtype=f64) for n in (nq, nk, nk))
     w64 = torch.rand(B, nk, dtype=f64)
@@ -296,7 +296,7 @@ def test_attention_op_torch_impl_by_accuracy_rule(dtype, nq, nk):
 
     out64 = ref.masked_cross_attention(*inputs64, pad, scale)
     out_ref = ref.masked_cross_attention(*lowp_ref, pad, scale)
-    out, lse = torch.ops.ssattn.masked_attention_fwd(*lowp, pad, scale, "torch")
+    out, lse = torch.ops.ssattn.masked_attention_fwd(*lowp, pad, scale, "triton", "ieee", False)
     assert lse.dtype == torch.float32 and lse.shape == (B, h, nq)
     assert_accurate(out, out_ref, out64, name="out")
 
@@ -316,7 +316,7 @@ def test_attention_op_handles_non_contiguous_and_channels_last_views():
     v = torch.randn(B, h, d, H * W).transpose(-1, -2)
     assert not (q.is_contiguous() or k.is_contiguous() or v.is_contiguous())
     w = torch.rand(B, H * W)
-    out, _ = torch.ops.ssattn.masked_attention_fwd(q, k, v, w, None, 0.5, "torch")
+    out, _ = torch.ops.ssattn.masked_attention_fwd(q, k, v, w, None, 0.5, "triton", "ieee", False)
     torch.testing.assert_close(out, ref.masked_cross_attention(q.contiguous(), k.contiguous(), v.contiguous(), w, None, 0.5))
 
 
@@ -325,7 +325,7 @@ def test_attention_op_fully_padded_batch():
     w = torch.rand(2, 7, requires_grad=True)
     pad = torch.zeros(2, 7, dtype=torch.bool)
     pad[0] = True
-    out, lse = torch.ops.ssattn.masked_attention_fwd(q, k, v, w, pad, 0.5, "torch")
+    out, lse = torch.ops.ssattn.masked_attention_fwd(q, k, v, w, pad, 0.5, "triton", "ieee", False)
     assert torch.equal(out[0], torch.zeros_like(out[0])) and torch.isinf(lse[0]).all() and (lse[0] > 0).all()
     out.sum().backward()
     for t in (q, k, v, w):
@@ -335,17 +335,17 @@ def test_attention_op_fully_padded_batch():
 def test_attention_large_magnitude_inputs_stay_finite():
     q64, k64, v64 = (t * 100 for t in _qkv(dtype=f64))
     w64 = torch.rand(2, 7, dtype=f64)
-    out, _ = torch.ops.ssattn.masked_attention_fwd(q64.float(), k64.float(), v64.float(), w64.float(), None, 0.5, "torch")
+    out, _ = torch.ops.ssattn.masked_attention_fwd(q64.float(), k64.float(), v64.float(), w64.float(), None, 0.5, "triton", "ieee", False)
     assert torch.isfinite(out).all()
     ref32 = ref.masked_cross_attention(q64.float(), k64.float(), v64.float(), w64.float(), None, 0.5)
     assert_accurate(out, ref32, ref.masked_cross_attention(q64, k64, v64, w64, None, 0.5))
 
 
 @pytest.mark.parametrize("renormalize", [False, True])
-def test_pyramid_op_torch_impl(renormalize):
+def test_pyramid_op_matches_reference(renormalize):
     feats, text = torch.randn(2, 20, 6), torch.randn(2, 6)
     sizes = [(17, 13), (8, 7), (1, 1)]
-    got = torch.ops.ssattn.guidance_pyramid(feats, text, [4, 5], [17, 13, 8, 7, 1, 1], 1.5, 0.3, renormalize, "torch")
+    got = torch.ops.ssattn.guidance_pyramid(feats, text, [4, 5], [17, 13, 8, 7, 1, 1], 1.5, 0.3, renormalize, "triton")
     want = ref.guidance_pyramid(feats, sizes, gamma=1.5, delta=0.3, text=text, grid_size=(4, 5), renormalize=renormalize)
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b)

@@ -15,7 +15,9 @@ import torch.nn.functional as F
 
 import ssattn
 from ssattn import reference as ref
+from ssattn.reference.pyramid import NORM_EPS
 from tests._accuracy import assert_accurate
+from tests._poison import PoisonEmpty
 
 kp = pytest.importorskip("ssattn.kernels.pyramid")
 
@@ -26,11 +28,32 @@ interp = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
                             reason="CPU tensors run the kernel only under TRITON_INTERPRET=1")
 
 
+_OUT = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+def launcher_kwargs(options: str) -> dict:
+    """The launcher's keyword arguments from a compact test notation such as "ppi=3,rows=16,tile=16x32,out=fp16"."""
+    kw = {}
+    for tok in filter(None, options.split(",")):
+        key, _, val = tok.partition("=")
+        if key == "out":
+            kw["out_dtype"] = _OUT[val]
+        elif key == "prec":
+            kw["precision"] = val
+        elif key == "tile":
+            kw["tile"] = tuple(int(v) for v in val.split("x"))
+        else:
+            kw[key] = int(val)
+    return kw
+
+
 def run_kernel(scores, sizes, *, gamma=2.0, delta=0.2, text=None, grid_size=None, renormalize=False, options=""):
+    """The launcher with its outputs poisoned (NaN-filled) first, so an element it does not write shows."""
     if grid_size is None:
         grid_size = tuple(scores.shape[1:])
-    opts = ",".join(filter(None, ["poison", options]))
-    return kp.guidance_pyramid(scores, text, grid_size, sizes, gamma, delta, renormalize, opts)
+    with PoisonEmpty():
+        return kp.guidance_pyramid(scores, text, grid_size, sizes, gamma, delta, renormalize, eps=NORM_EPS,
+                                   **launcher_kwargs(options))
 
 
 def check_against_reference(maps, scores, sizes, *, gamma=2.0, delta=0.2, text=None, grid_size=None,
@@ -165,25 +188,29 @@ def test_nan_or_inf_in_an_image_gives_nan_maps_for_that_image_only():
         check_against_reference([m[1:] for m in maps], s[1:], sizes)
 
 
+@interp
 def test_float64_and_oversized_grids_take_the_pytorch_formulas():
     scores = torch.randn(2, 6, 7, dtype=f64)
     sizes = [(13, 11), (3, 3)]
-    for m, r in zip(run_kernel(scores, sizes), ref.guidance_pyramid(scores, sizes)):
+    for m, r in zip(ssattn.guidance_pyramid(scores, sizes, backend="triton"), ref.guidance_pyramid(scores, sizes)):
         torch.testing.assert_close(m, r, rtol=0, atol=1e-15)
     big = torch.randn(1, 130, 129)
     with pytest.warns(RuntimeWarning, match="130x129"):
-        maps = run_kernel(big, [(140, 135)])
+        maps = ssattn.guidance_pyramid(big, [(140, 135)], backend="triton")
     torch.testing.assert_close(maps[0], ref.guidance_pyramid(big, [(140, 135)])[0])
+    assert not kp.fits(130, 129) and kp.fits(64, 64)
 
 
 def test_bad_options_and_shapes_raise():
     scores = torch.randn(1, 4, 4)
-    with pytest.raises(ValueError, match="unknown pyramid option"):
-        run_kernel(scores, [(8, 8)], options="out=int8")
+    with pytest.raises(ValueError, match="out_dtype"):
+        kp.guidance_pyramid(scores, None, (4, 4), [(8, 8)], 2.0, 0.2, False, eps=1e-8, out_dtype=torch.int8)
     with pytest.raises(ValueError, match="tile"):
         run_kernel(scores, [(8, 8)], options="tile=24x32")
     with pytest.raises(ValueError, match="grid"):
-        kp.guidance_pyramid(scores, None, (4, 5), [(8, 8)], 2.0, 0.2, False, "")
+        kp.guidance_pyramid(scores, None, (4, 5), [(8, 8)], 2.0, 0.2, False, eps=1e-8)
+    with pytest.raises(ValueError, match="takes"):
+        kp.guidance_pyramid(scores.double(), None, (4, 4), [(8, 8)], 2.0, 0.2, False, eps=1e-8)
 
 
 # --------------------------------------------------------------------------- features + text path
@@ -227,13 +254,13 @@ def _flat(sizes):
 
 
 @interp
-@pytest.mark.parametrize("impl", ["triton", "triton:out=fp16"])
-def test_opcheck(impl):
+@pytest.mark.parametrize("out_dtype", [None, torch.float16])
+def test_opcheck(out_dtype):
     scores = torch.randn(2, 4, 5)
-    args = (scores, None, [4, 5], _flat([(9, 7), (3, 2)]), 2.0, 0.2, False, impl)
+    args = (scores, None, [4, 5], _flat([(9, 7), (3, 2)]), 2.0, 0.2, False, "triton", out_dtype)
     torch.library.opcheck(torch.ops.ssattn.guidance_pyramid.default, args)
     feats, text = torch.randn(1, 12, 6), torch.randn(6)
-    args = (feats, text, [3, 4], _flat([(5, 8), (2, 2)]), 1.5, 0.0, True, impl)
+    args = (feats, text, [3, 4], _flat([(5, 8), (2, 2)]), 1.5, 0.0, True, "triton", out_dtype)
     torch.library.opcheck(torch.ops.ssattn.guidance_pyramid.default, args)
 
 
@@ -242,9 +269,9 @@ def test_public_api_runs_the_kernel_for_backend_triton(monkeypatch):
     calls = []
     real = kp.guidance_pyramid
 
-    def counting(*args):
+    def counting(*args, **kwargs):
         calls.append(args[6:])
-        return real(*args)
+        return real(*args, **kwargs)
 
     monkeypatch.setattr(kp, "guidance_pyramid", counting)
     scores = torch.randn(2, 9, 11)

@@ -1,9 +1,10 @@
-"""torch.library registrations: schemas, fake (meta) kernels and autograd.
+"""The ops layer: torch.library registrations (schema, fake kernel, autograd) and dispatch choices.
 
-Each op takes an `impl` string naming the implementation that runs it
-("torch" for the explicit PyTorch formulas, "triton[:options]" for the
-kernels), so one registered op serves every fast path and torch.compile sees
-a single opaque node with a fake kernel.
+One module per operation. Each registers its fast implementations with the
+registry (ssattn._backends.register) when imported, and defines the
+registered op that runs them, with explicit arguments (backend, precision,
+deterministic), so torch.compile sees a single opaque node with a fake
+kernel. No op module imports another.
 """
 
-from . import attention, pyramid  # noqa: F401  (registers the ops)
+from . import alignment, attention, pyramid  # noqa: F401  (registers the ops and their implementations)

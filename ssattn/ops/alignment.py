@@ -23,14 +23,19 @@ def has_cuda() -> bool:
     return mod is not None and bool(getattr(mod, "has_cuda", lambda: False)())
 
 
+def missing(device_type: str) -> str | None:
+    """Why the compiled op cannot run on this device type, or None when it can."""
+    if _backends.native_module() is None or not _ensure_registered():
+        return "the extension ssattn._C is not built; reinstall with a C++ compiler: pip install --no-build-isolation -e ."
+    if device_type == "cuda" and not has_cuda():
+        return "ssattn._C was built without its CUDA kernels (torch was a CPU build or nvcc was not found)"
+    return None
+
+
 def available(device) -> bool:
     """Whether the compiled op can run on `device` (a torch.device or a device type such as "cuda")."""
-    if _backends.native_module() is None or not _registered:
-        return False
     kind = device if isinstance(device, str) else torch.device(device).type
-    if kind == "cuda":
-        return has_cuda()
-    return kind == "cpu"
+    return kind in ("cpu", "cuda") and missing(kind) is None
 
 
 # --------------------------------------------------------------------------- fake kernel + autograd
@@ -77,16 +82,18 @@ def _backward(ctx, grad_loss, _grad_gf, _grad_gm):
 _registered = False
 
 
-def _register() -> None:
+def _ensure_registered() -> bool:
+    """Add the fake kernel and autograd to the compiled op, once, when the extension loads."""
     global _registered
-    if _backends.native_module() is None or not hasattr(torch.ops.ssattn, "alignment_loss_fused"):
-        return
-    torch.library.register_fake(OP_NAME)(_fake)
-    torch.library.register_autograd(OP_NAME, _backward, setup_context=_setup_context)
-    _registered = True
+    if not _registered and _backends.native_module() is not None and hasattr(torch.ops.ssattn, "alignment_loss_fused"):
+        torch.library.register_fake(OP_NAME)(_fake)
+        torch.library.register_autograd(OP_NAME, _backward, setup_context=_setup_context)
+        _registered = True
+    return _registered
 
 
-_register()
+_backends.register("alignment_loss", "native", auto_devices=("cpu", "cuda"),
+                   devices_text="the compiled extension runs on CPU and CUDA tensors", missing=missing)
 
 
 # --------------------------------------------------------------------------- entry point used by functional.py
@@ -106,6 +113,8 @@ def _kernel_dtypes(features, maps):
 
 def alignment_loss_native(features, maps, *, eta: float, weights, reduction: str) -> Tensor:
     """SPEC 3 loss through the compiled op (inputs already validated by functional.alignment_loss)."""
+    if not _ensure_registered():
+        raise RuntimeError(f"ssattn.alignment_loss: {missing('cpu')}")
     fd, md = _kernel_dtypes(features, maps)
     features = [f if f.dtype == fd else f.to(fd) for f in features]
     maps = [m if m.dtype == md else m.to(md) for m in maps]

@@ -1,11 +1,14 @@
-"""ssattn::masked_attention_fwd / _bwd: the op behind masked_cross_attention.
+"""ssattn::masked_attention_fwd / _bwd: the registered op behind masked_cross_attention's fast paths.
 
-The "torch" implementation evaluates SPEC 2's forward and backward formulas
-explicitly (float32 math for half inputs); the Triton kernels implement the
-same contract: forward returns (out, lse) with lse the natural-log
-log-sum-exp of each query row in float32 (float64 for float64 inputs; +inf for a row with no key, so
-exp(s - lse) = 0); backward returns (dq, dk, dv, dweight), dweight empty
-when not asked for.
+The op runs a fast backend named by its `backend` argument ("triton": the
+kernels of ssattn.kernels.attention); the reference (ssattn.reference) is the
+only PyTorch formulation of SPEC 2 and is called directly by the functional
+API, never through this op. Contract of every backend: forward returns
+(out, lse) with lse the natural-log log-sum-exp of each query row in float32
+(+inf for a row with no key, so exp(s - lse) = 0); backward returns
+(dq, dk, dv, dweight), dweight empty when not asked for. `precision` is the
+float32 dot precision ("ieee", "tf32", "tf32x3"; ignored for half inputs),
+`deterministic` asks for the same bits run to run.
 
 Layouts: out takes q's memory layout (`empty_like(q)` when v's head dim is
 q's), so when q is a head view of an NCHW or channels-last projection, out
@@ -20,11 +23,15 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .._backends import kernel_module
+from .. import _backends
 
+OP = "masked_cross_attention"
+PRECISIONS = ("ieee", "tf32", "tf32x3")
 
-def _opmath(x: Tensor) -> Tensor:
-    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+_backends.register(
+    OP, "triton", auto_devices=("cuda",), runs_on=_backends.triton_runs_on, devices_text=_backends.TRITON_DEVICES,
+    dtypes=(torch.float16, torch.bfloat16, torch.float32), missing=lambda _: _backends.kernel_missing("attention"),
+)
 
 
 def lse_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -39,92 +46,59 @@ def out_like(q: Tensor, dv: int) -> Tensor:
     return q.new_empty((*q.shape[:-1], dv))
 
 
-def _scores(q, k, weight, kpm, scale):
-    """Weighted keys and masked scores (B, h, Nq, Nk) in compute precision."""
-    kw = k if weight is None else k * weight.to(k.dtype)[:, None, :, None]
-    s = torch.matmul(q, kw.transpose(-2, -1)) * scale
-    if kpm is not None:
-        s = s.masked_fill(kpm[:, None, None, :], float("-inf"))
-    return kw, s
+def _fp32_allows_tf32() -> bool:
+    matmul = torch.backends.cuda.matmul
+    prec = getattr(matmul, "fp32_precision", None)  # newer torch: "ieee" | "tf32" | "none"
+    if prec == "tf32":
+        return True
+    if prec == "ieee":
+        return False
+    if torch.get_float32_matmul_precision() != "highest":
+        return True
+    return bool(getattr(matmul, "allow_tf32", False))
 
 
-def torch_forward(q, k, v, weight, kpm, scale, options=""):
-    q_in, out_dtype = q, q.dtype
-    q, k, v = _opmath(q), _opmath(k), _opmath(v)
-    weight = None if weight is None else _opmath(weight)
-    _, s = _scores(q, k, weight, kpm, scale)
-    # Normalise as a flash kernel does: exp(s - rowmax) / rowsum, exact for large logits
-    # (exp(s - lse) would lose the low bits of a large lse).
-    row_max = s.amax(dim=-1, keepdim=True)
-    empty = torch.isneginf(row_max)  # a row with no key
-    e = torch.exp(s - torch.where(empty, torch.zeros_like(row_max), row_max))
-    row_sum = e.sum(dim=-1, keepdim=True)
-    p = e / torch.where(empty, torch.ones_like(row_sum), row_sum)
-    lse = torch.where(empty, torch.full_like(row_max, float("inf")), row_max + torch.log(row_sum)).squeeze(-1)
-    vw = v if weight is None else v * weight.to(v.dtype)[:, None, :, None]
-    out = _into(torch.matmul(p, vw), out_like(q_in, v.shape[-1]))
-    return out, lse.to(lse_dtype(out_dtype))
+@_backends.constant_for_compile
+def default_precision() -> str:
+    """float32 dot precision from torch's TF32 setting ("tf32" or "ieee").
+
+    Read once per compiled graph: the setting is baked into a graph when it is traced.
+    """
+    return "tf32" if _fp32_allows_tf32() else "ieee"
 
 
-def torch_backward(grad_out, q, k, v, weight, kpm, out, lse, scale, weight_grad, options=""):
-    q_in, k_in, v_in = q, k, v
-    q, k, v, do, o = (_opmath(t) for t in (q, k, v, grad_out, out))
-    w = None if weight is None else _opmath(weight)
-    kw, s = _scores(q, k, w, kpm, scale)
-    p = torch.exp(s - lse.to(s.dtype).unsqueeze(-1))
-    vw = v if w is None else v * w.to(v.dtype)[:, None, :, None]
-    dvw = torch.matmul(p.transpose(-2, -1), do)
-    dp = torch.matmul(do, vw.transpose(-2, -1))
-    delta = (do * o).sum(-1, keepdim=True)
-    ds = p * (dp - delta)
-    dq = torch.matmul(ds, kw) * scale
-    dkw = torch.matmul(ds.transpose(-2, -1), q) * scale
-    if w is None:
-        dk, dv = dkw, dvw
-        dweight = q.new_empty(0)
-    else:
-        wk = w.to(k.dtype)[:, None, :, None]
-        dk, dv = dkw * wk, dvw * wk
-        if weight_grad:
-            # dm_j = sum_h sum_i dS_ij scale <q_i,k_j> + P_ij <do_i,v_j>  (SPEC 2)
-            dweight = ((dkw * k).sum(-1) + (dvw * v).sum(-1)).sum(1).to(weight.dtype)
-        else:
-            dweight = q.new_empty(0)
-    return (_into(dq, torch.empty_like(q_in)), _into(dk, torch.empty_like(k_in)),
-            _into(dv, torch.empty_like(v_in)), dweight)
+@_backends.constant_for_compile
+def default_deterministic() -> bool:
+    """torch.use_deterministic_algorithms(True) asks the kernels for the same bits run to run."""
+    return torch.are_deterministic_algorithms_enabled()
 
 
-def _into(result: Tensor, target: Tensor) -> Tensor:
-    """result in target's dtype and strides (those the fake kernel promises); a copy only when they differ."""
-    if result.stride() == target.stride() and result.dtype == target.dtype:
-        return result
-    return target.copy_(result)
+def _kernels(backend: str):
+    if backend != "triton":
+        raise ValueError(f"masked_attention: unknown backend {backend!r}; expected 'triton'")
+    mod = _backends.kernel_module("attention")
+    if mod is None:
+        raise RuntimeError("ssattn: the Triton attention kernels are not available")
+    return mod
 
 
-def _implementation(impl: str):
-    """(forward, backward, options) for an impl string such as "torch" or "triton:tf32"."""
-    name, _, options = impl.partition(":")
-    if name == "torch":
-        return torch_forward, torch_backward, options
-    if name == "triton":
-        mod = kernel_module("attention")
-        if mod is None:
-            raise RuntimeError("ssattn: the Triton attention kernels are not available")
-        return mod.forward, mod.backward, options
-    raise ValueError(f"unknown attention implementation {impl!r}")
+def _check_precision(precision: str) -> None:
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {list(PRECISIONS)}, got {precision!r}")
 
 
 @torch.library.custom_op("ssattn::masked_attention_fwd", mutates_args=())
 def masked_attention_fwd(
     q: Tensor, k: Tensor, v: Tensor, weight: Optional[Tensor], key_padding_mask: Optional[Tensor],
-    scale: float, impl: str,
+    scale: float, backend: str, precision: str, deterministic: bool,
 ) -> tuple[Tensor, Tensor]:
-    forward, _, options = _implementation(impl)
-    return forward(q, k, v, weight, key_padding_mask, scale, options)
+    _check_precision(precision)
+    return _kernels(backend).forward(q, k, v, weight, key_padding_mask, scale,
+                                     precision=precision, deterministic=deterministic)
 
 
 @masked_attention_fwd.register_fake
-def _(q, k, v, weight, key_padding_mask, scale, impl):
+def _(q, k, v, weight, key_padding_mask, scale, backend, precision, deterministic):
     B, h, nq, _ = q.shape
     out = out_like(q, v.shape[-1])
     lse = q.new_empty((B, h, nq), dtype=lse_dtype(q.dtype))
@@ -134,24 +108,28 @@ def _(q, k, v, weight, key_padding_mask, scale, impl):
 @torch.library.custom_op("ssattn::masked_attention_bwd", mutates_args=())
 def masked_attention_bwd(
     grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, weight: Optional[Tensor],
-    key_padding_mask: Optional[Tensor], out: Tensor, lse: Tensor, scale: float, weight_grad: bool, impl: str,
+    key_padding_mask: Optional[Tensor], out: Tensor, lse: Tensor, scale: float, weight_grad: bool,
+    backend: str, precision: str, deterministic: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    _, backward, options = _implementation(impl)
-    dq, dk, dv, dw = backward(grad_out, q, k, v, weight, key_padding_mask, out, lse, scale, weight_grad, options)
+    _check_precision(precision)
+    dq, dk, dv, dw = _kernels(backend).backward(
+        grad_out, q, k, v, weight, key_padding_mask, out, lse, scale, weight_grad,
+        precision=precision, deterministic=deterministic,
+    )
     return dq, dk, dv, dw
 
 
 @masked_attention_bwd.register_fake
-def _(grad_out, q, k, v, weight, key_padding_mask, out, lse, scale, weight_grad, impl):
+def _(grad_out, q, k, v, weight, key_padding_mask, out, lse, scale, weight_grad, backend, precision, deterministic):
     dw = weight.new_empty(weight.shape) if (weight is not None and weight_grad) else q.new_empty(0)
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), dw
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, weight, kpm, scale, impl = inputs
+    q, k, v, weight, kpm, scale, backend, precision, deterministic = inputs
     out, lse = output
     ctx.save_for_backward(q, k, v, weight, kpm, out, lse)
-    ctx.scale, ctx.impl = scale, impl
+    ctx.scale, ctx.backend, ctx.precision, ctx.deterministic = scale, backend, precision, deterministic
 
 
 def _backward(ctx, grad_out, grad_lse):
@@ -159,15 +137,24 @@ def _backward(ctx, grad_out, grad_lse):
     need = ctx.needs_input_grad
     weight_grad = weight is not None and need[3]
     dq, dk, dv, dw = torch.ops.ssattn.masked_attention_bwd(
-        grad_out, q, k, v, weight, kpm, out, lse, ctx.scale, weight_grad, ctx.impl,
+        grad_out, q, k, v, weight, kpm, out, lse, ctx.scale, weight_grad, ctx.backend, ctx.precision,
+        ctx.deterministic,
     )
     return (
         dq if need[0] else None,
         dk if need[1] else None,
         dv if need[2] else None,
         dw if weight_grad else None,
-        None, None, None,
+        None, None, None, None, None,
     )
 
 
 masked_attention_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def masked_attention(q, k, v, weight, key_padding_mask, scale: float, backend: str) -> Tensor:
+    """The op's output for validated inputs, with float32 precision and determinism from torch's settings."""
+    out, _ = torch.ops.ssattn.masked_attention_fwd(
+        q, k, v, weight, key_padding_mask, scale, backend, default_precision(), default_deterministic(),
+    )
+    return out

@@ -1,10 +1,11 @@
 """ssattn::guidance_pyramid: the no-grad op behind guidance_pyramid's fast path.
 
-Sizes travel flattened ([H0, W0, H1, W1, ...]). The op has no autograd:
-inputs that require grad take the reference path (ssattn.functional).
-impl "triton:<options>" passes options to ssattn.kernels.pyramid (see its
-docstring); "out=fp32|fp16|bf16" sets the maps' dtype (default: the
-scores' dtype), which the fake kernel below mirrors.
+Sizes travel flattened ([H0, W0, H1, W1, ...]). The op runs the backend named
+by its `backend` argument ("triton": ssattn.kernels.pyramid) and has no
+autograd; which path a call takes (inputs that require grad, float64, grids
+too large for the kernel: the reference) is decided here, by `choose`.
+`out_dtype` sets the maps' dtype (None: the scores' dtype), which the fake
+kernel mirrors; `precision` is the float32 dot precision ("ieee" or "tf32x3").
 """
 
 from __future__ import annotations
@@ -14,54 +15,62 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .. import reference
-from .._backends import kernel_module
+from .. import _backends
+from ..reference.pyramid import NORM_EPS
 
+OP = "guidance_pyramid"
 
-_OUT_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-
-
-def output_dtype(scores: Tensor, impl: str) -> torch.dtype:
-    """The maps' dtype for this impl string: its "out=" option, else the scores' dtype."""
-    name, _, options = impl.partition(":")
-    for tok in options.split(","):
-        key, _, val = tok.strip().partition("=")
-        if name == "triton" and key == "out" and val in _OUT_DTYPES:
-            return _OUT_DTYPES[val]
-    return scores.dtype
+_backends.register(
+    OP, "triton", auto_devices=("cuda",), runs_on=_backends.triton_runs_on, devices_text=_backends.TRITON_DEVICES,
+    dtypes=(torch.float16, torch.bfloat16, torch.float32), missing=lambda _: _backends.kernel_missing("pyramid"),
+)
 
 
 def _pairs(flat: list[int]) -> list[tuple[int, int]]:
     return [(flat[i], flat[i + 1]) for i in range(0, len(flat), 2)]
 
 
-def torch_pyramid(scores, text, grid_size, sizes, gamma, delta, renormalize, options=""):
-    with torch.no_grad():
-        return reference.guidance_pyramid(
-            scores, sizes, gamma=gamma, delta=delta, text=text,
-            grid_size=grid_size if text is not None else None, renormalize=renormalize,
+@_backends.constant_for_compile
+def choose(backend: str, device_type: str, dtype: torch.dtype, grid: tuple[int, int], needs_grad: bool) -> str:
+    """The backend a pyramid call uses: "reference" or "triton"."""
+    if needs_grad and backend == "triton":
+        raise ValueError(
+            "guidance_pyramid: the triton backend has no backward; inputs that require grad need "
+            "backend='reference' or 'auto' (or detach them)"
         )
+    chosen = _backends.resolve(OP, backend, device_type, dtype, not needs_grad)
+    if chosen == "triton" and not _kernels(chosen).fits(*grid):
+        _backends.warn_once(
+            f"{OP}:grid:{grid}",
+            f"ssattn: the Triton pyramid kernel holds grids up to {_kernels(chosen).MAX_GRID_CELLS} cells; "
+            f"{grid[0]}x{grid[1]} uses the PyTorch formulas",
+        )
+        return "reference"
+    return chosen
+
+
+def _kernels(backend: str):
+    if backend != "triton":
+        raise ValueError(f"guidance_pyramid: unknown backend {backend!r}; expected 'triton'")
+    mod = _backends.kernel_module("pyramid")
+    if mod is None:
+        raise RuntimeError("ssattn: the Triton pyramid kernel is not available")
+    return mod
 
 
 @torch.library.custom_op("ssattn::guidance_pyramid", mutates_args=())
 def guidance_pyramid_op(
     scores: Tensor, text: Optional[Tensor], grid_size: list[int], sizes: list[int],
-    gamma: float, delta: float, renormalize: bool, impl: str,
+    gamma: float, delta: float, renormalize: bool, backend: str, out_dtype: Optional[torch.dtype] = None,
+    precision: str = "ieee",
 ) -> list[Tensor]:
-    name, _, options = impl.partition(":")
-    if name == "torch":
-        fn = torch_pyramid
-    elif name == "triton":
-        mod = kernel_module("pyramid")
-        if mod is None:
-            raise RuntimeError("ssattn: the Triton pyramid kernel is not available")
-        fn = mod.guidance_pyramid
-    else:
-        raise ValueError(f"unknown pyramid implementation {impl!r}")
-    return fn(scores, text, tuple(grid_size), _pairs(sizes), gamma, delta, renormalize, options)
+    return _kernels(backend).guidance_pyramid(
+        scores, text, tuple(grid_size), _pairs(sizes), gamma, delta, renormalize,
+        eps=NORM_EPS, out_dtype=out_dtype, precision=precision,
+    )
 
 
 @guidance_pyramid_op.register_fake
-def _(scores, text, grid_size, sizes, gamma, delta, renormalize, impl):
-    dtype = output_dtype(scores, impl)
+def _(scores, text, grid_size, sizes, gamma, delta, renormalize, backend, out_dtype=None, precision="ieee"):
+    dtype = out_dtype or scores.dtype
     return [scores.new_empty((scores.shape[0], 1, h, w), dtype=dtype) for h, w in _pairs(sizes)]
