@@ -281,6 +281,29 @@ def test_activation_checkpointing_recomputes_the_same_stage():
     assert grads[0]["blocks.dec1.q_proj.weight"].abs().sum() > 0
 
 
+class CheckpointedSharedDecoder(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.enc = nn.Conv2d(3, 4, 3, padding=1)
+        self.dec = nn.Conv2d(4, 4, 3, padding=1)
+
+    def forward(self, x):
+        e = self.enc(x)
+        y = checkpoint(self.dec, e, use_reentrant=False)
+        return checkpoint(self.dec, y + e, use_reentrant=False)
+
+
+def test_checkpointed_decoder_called_twice_is_a_clear_error():
+    x, g = _inputs()
+    ss = _perturb(semantic_sensitive(CheckpointedSharedDecoder(), {"dec": "enc#0"}))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        out = ss(x, guidance=g)
+    with pytest.raises(RuntimeError, match=r"decoder module 'dec' ran 2 times in the forward and is recomputed by "
+                                           r"activation checkpointing"):
+        out.sum().backward()
+
+
 # ----------------------------------------------------------------------------- reused modules
 class SharedEncoderNet(nn.Module):
     """One encoder applied to three inputs (frames, or image + two priors), one decoder."""

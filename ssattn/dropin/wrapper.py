@@ -428,6 +428,9 @@ class SemanticSensitive(nn.Module):
                 if c.changed():
                     self._found_in_place(spec, c)
         if not torch.compiler.is_compiling():
+            # An encoder output changed in place after its decoder read it: keep a copy from now on (a
+            # checkpoint recompute reads it again in backward).
+            self._copying.update(s for s, c in call.encoded.items() if c.changed())
             self._calibrated.update(call.features)
             self._calibrated.update(s for s, c in call.encoded.items() if not c.changed())
             self._warn_reuse(call)

@@ -26,10 +26,11 @@ BACKEND = "cpu-flash"
 OP = "masked_cross_attention"
 
 # "auto" takes this path on CPU once the reference's score matrix of one call, B*h*Nq*Nk scores in float32,
-# would exceed this many bytes: the reference keeps about three such matrices alive (scores, probabilities
-# and their gradient), so below it the reference needs under ~200 MB, above it memory grows as N^2
-# (benchmarks/RESULTS.md "CPU attention" measures time and peak memory of both sides of the threshold).
-AUTO_MIN_SCORE_BYTES = 64 * 2**20
+# would pass 16 MiB. Measured (benchmarks/RESULTS.md "CPU attention", B*h = 1, d = 32, 1 thread): at 4 MiB
+# of scores (N = 1024) the reference is as fast or faster (the flash backward has a fixed cost of ~8 ms); from
+# ~20 MiB (N = 2304) the flash kernel is faster forward and backward, and the reference's memory, about
+# three score matrices in fwd+bwd, grows as N^2 (3.1 GB at N = 16384 against 36 MB).
+AUTO_MIN_SCORE_BYTES = 16 * 2**20
 
 _backends.register(
     OP, BACKEND, auto_devices=("cpu",), devices_text="PyTorch's CPU flash-attention kernel runs on CPU tensors",
