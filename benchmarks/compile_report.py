@@ -55,6 +55,7 @@ from triton.runtime.jit import create_function_from_signature  # noqa: E402
 
 from ssattn.kernels import attention as attn  # noqa: E402
 from ssattn.kernels import pyramid as pyr  # noqa: E402
+from ssattn.reference.pyramid import NORM_EPS  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
 H100_SMS = 132
@@ -136,8 +137,8 @@ def attention_launches(dtype, prec, d, layout="contiguous", has_w=True, has_kpm=
     calls = []
     with _patched(attn, _check=lambda *a: None, _launch=_Recorder(calls),
                   attn_bwd_delta_kernel=_Recorder(calls, "delta")):
-        out, lse = attn.forward(q, k, v, w, kpm, scale, prec)
-        attn.backward(torch.empty_like(out), q, k, v, w, kpm, out, lse, scale, weight_grad, prec)
+        out, lse = attn.forward(q, k, v, w, kpm, scale, precision=prec or "ieee")
+        attn.backward(torch.empty_like(out), q, k, v, w, kpm, out, lse, scale, weight_grad, precision=prec or "ieee")
     raw = {"delta": attn.attn_bwd_delta_kernel}
     return {kind: (fn or raw[kind], args, meta) for kind, fn, args, meta in calls}
 
@@ -214,7 +215,7 @@ def _pyramid_launch(B, gh, gw, sizes, has_text):
     rch = 4 * bm
     n_items = sum(-(-w // bn) * -(-h // rch) for h, w in sizes)
     G = max(1, min(n_items, -(-(H100_SMS if has_text else 2 * H100_SMS) // B)))
-    pyr._launch(scores, text, wy, wx, outs, sizes, wyoff, wxoff, gh, gw, 2.0, 0.2, False, G, rch,
+    pyr._launch(scores, text, wy, wx, outs, sizes, wyoff, wxoff, gh, gw, 2.0, 0.2, False, NORM_EPS, G, rch,
                 GH, GW, bm, bn, "ieee", True)
 
 
