@@ -7,6 +7,7 @@ error messages.
 """
 
 import copy
+import io
 import re
 import warnings
 
@@ -226,6 +227,11 @@ def test_deepcopy_is_an_independent_ss_model():
     torch.testing.assert_close(ss(x, guidance=g), out, rtol=0, atol=0)  # its hooks are its own
     averaged = torch.optim.swa_utils.AveragedModel(ss)  # EMA helpers deep-copy the model
     torch.testing.assert_close(averaged(x, guidance=g), out, rtol=0, atol=0)
+    buffer = io.BytesIO()
+    torch.save(ss, buffer)  # a whole-object pickle (hooks included) works the same way
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    torch.testing.assert_close(loaded(x, guidance=g), out, rtol=0, atol=0)
 
 
 def test_wrapping_twice_is_an_error():
