@@ -45,8 +45,9 @@ Activation checkpointing (torch.utils.checkpoint, use_reentrant=False, inside
 the network's forward) works: the recompute in backward refines with the
 guidance and encoder features of the wrapper's most recent forward, so run
 each backward before the next forward of the same wrapper (the usual step).
-A decoder that runs more than once per forward cannot be recomputed (its
-calls cannot be told apart): that raises an error.
+A decoder that runs more than once per forward is recomputed as the call
+whose raw output the recompute reproduces (a few stored values per call tell
+them apart).
 
 copy.deepcopy(ss) is an independent -SS model (EMA and teacher copies);
 wrapping a wrapped model raises. Works with torch.compile (the hooks are
@@ -77,6 +78,11 @@ __all__ = ["SemanticSensitive", "semantic_sensitive", "remove_semantic_sensitive
 def _block_key(spec: str) -> str:
     # ModuleDict keys cannot contain dots.
     return spec.replace(".", "__")
+
+
+def _fingerprint(t: Tensor) -> Tensor:
+    """A few values of a (B, C, H, W) output (its top-left 2x2 pixels): enough to tell calls apart."""
+    return t.detach()[..., :2, :2].clone()
 
 
 def _warn(message: str) -> None:
@@ -121,7 +127,8 @@ class _Call:
         self.counts: dict[str, int] = {}             # module name -> calls so far
         self.encoded: dict[str, _Captured] = {}      # encoder site -> latest (or pinned) capture
         self.features: dict[str, list[_Captured]] = {}   # decoder site -> one capture per refined call
-        self.used: dict[str, list[Tensor]] = {}      # decoder site -> the encoder feature of each refined call
+        self.used: dict[tuple[str, int], Tensor] = {}  # (decoder site, call) -> the encoder feature it used
+        self.prints: dict[str, list[Tensor]] = {}     # decoder module -> a few raw output values per call
         self.channels: dict[str, int] = {}           # probing: site -> measured channel count
 
 
@@ -306,12 +313,15 @@ class SemanticSensitive(nn.Module):
             return self._on_recompute(name, out) if self._recomputing() else None
         k = call.counts.get(name, 0)  # this call's index
         call.counts[name] = k + 1
+        decoders = [site for role, site in self._sites_at[name] if role == "decoder"]
+        if decoders and not call.probing and torch.is_grad_enabled():
+            call.prints.setdefault(name, []).append(_fingerprint(select(decoders[0], "decoder", out)))
         new = out
         for role, site in self._sites_at[name]:
             if site.call is not None and site.call != k:
                 continue
             if role == "decoder":
-                new = self._refine(call, site, new)
+                new = self._refine(call, site, new, k)
             else:
                 feat = select(site, "encoder", new)
                 if call.probing:
@@ -351,7 +361,7 @@ class SemanticSensitive(nn.Module):
                   f"after the module), which the first forward did not show; this call used the changed values, "
                   f"later calls keep a copy")
 
-    def _refine(self, call: _Call, dec: Site, out):
+    def _refine(self, call: _Call, dec: Site, out, k: int):
         d = select(dec, "decoder", out)
         if call.probing:
             call.channels[dec.spec] = d.shape[1]
@@ -362,7 +372,7 @@ class SemanticSensitive(nn.Module):
         refined = block(d, e, call.guidance.to(d.device))
         call.features.setdefault(dec.spec, []).append(_Captured(refined, backup=self._keeps_copy(dec.spec)))
         if torch.is_grad_enabled():
-            call.used.setdefault(dec.spec, []).append(e)
+            call.used[(dec.spec, k)] = e
         return replace(out, dec.path, refined)
 
     def _check_channels(self, dec: Site, block: SemanticCrossAttention, d: Tensor, e: Tensor) -> None:
@@ -382,23 +392,35 @@ class SemanticSensitive(nn.Module):
 
     def _on_recompute(self, name: str, out):
         last = self._last
-        if last is None or last.guidance is None:
-            return None
+        n = 0 if last is None else len(last.prints.get(name, ()))
+        if n == 0:
+            return None  # not a refined module of the last forward with grad: plain
+        decoders = [site for role, site in self._sites_at[name] if role == "decoder"]
+        k = 0 if n == 1 else self._which_call(last, name, select(decoders[0], "decoder", out))
         new = out
-        for role, site in self._sites_at[name]:
-            if role != "decoder" or site.spec not in last.used:
-                continue
-            used = last.used[site.spec]
-            if len(used) != 1 or last.counts.get(site.module, 0) != 1:
-                raise RuntimeError(
-                    f"semantic_sensitive: decoder {site.describe()} ran {last.counts.get(site.module, 0)} times in "
-                    f"the forward and is recomputed by activation checkpointing; the recompute cannot tell its calls "
-                    f"apart. Checkpoint a region that calls it once, or pair a module that runs once."
-                )
+        for site in decoders:
+            e = last.used.get((site.spec, k))
+            if e is None:
+                continue  # a call this site does not refine (e.g. "dec#1" and this is call 0)
             d = select(site, "decoder", new)
-            refined = self.blocks[_block_key(site.spec)](d, used[0], last.guidance.to(d.device))
+            refined = self.blocks[_block_key(site.spec)](d, e, last.guidance.to(d.device))
             new = replace(new, site.path, refined)
         return None if new is out else new
+
+    @staticmethod
+    def _which_call(last: _Call, name: str, d: Tensor) -> int:
+        """Which forward call of module `name` a checkpoint recompute is redoing: the one whose raw output
+        it reproduces (recomputes are deterministic up to rounding; a few values tell the calls apart)."""
+        now = _fingerprint(d)
+        gaps = [float((now - p).abs().max()) if p.shape == now.shape else float("inf") for p in last.prints[name]]
+        best = min(range(len(gaps)), key=gaps.__getitem__)
+        if sum(g <= gaps[best] for g in gaps) > 1 or gaps[best] == float("inf"):
+            raise RuntimeError(
+                f"semantic_sensitive: module {name!r} ran {len(gaps)} times in the forward and is recomputed by "
+                f"activation checkpointing, but the recompute matches none or several of its calls; checkpoint a "
+                f"region that calls it once, or pin one call with '{name}#k'"
+            )
+        return best
 
     # ------------------------------------------------------------------ forward
     def _check_map(self, guidance) -> Tensor:
