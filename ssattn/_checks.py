@@ -9,6 +9,7 @@ mode only (never while torch.compile traces) and can be switched off with
 from __future__ import annotations
 
 import math
+import numbers
 import os
 from collections.abc import Sequence
 
@@ -49,6 +50,9 @@ def same_device(**tensors) -> None:
     items = [(n, t) for n, t in tensors.items() if t is not None]
     if not items:
         return
+    for name, t in items:
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor or None, got {type(t).__name__}")
     first_name, first = items[0]
     for name, t in items[1:]:
         if t.device != first.device:
@@ -60,7 +64,7 @@ def same_device(**tensors) -> None:
 
 def unit_interval(name: str, x: torch.Tensor) -> None:
     """Raise if a map has values outside [0, 1]. NaN passes (and propagates)."""
-    if not value_checks_enabled() or x.numel() == 0:
+    if not value_checks_enabled() or x.numel() == 0 or is_shape_only(x):
         return
     lo, hi = torch.aminmax(x.detach().float())
     lo, hi = float(lo), float(hi)
@@ -82,6 +86,36 @@ def size_pair(name: str, s) -> tuple[int, int]:
     return h, w
 
 
+def nonempty_spatial(name: str, x: torch.Tensor) -> None:
+    """A (B, C, H, W) tensor with H >= 1 and W >= 1 (B may be 0)."""
+    if x.shape[-2] < 1 or x.shape[-1] < 1:
+        raise ValueError(f"{name} must have a non-empty spatial size (H >= 1, W >= 1), got shape {tuple(x.shape)}")
+
+
+def pyramid_sizes(sizes) -> list[tuple[int, int]]:
+    """SPEC 1's level sizes: a non-empty list of (H, W) pairs, none larger than sizes[0] (the image)."""
+    if isinstance(sizes, (str, bytes)) or not hasattr(sizes, "__len__") or len(sizes) == 0:
+        raise ValueError(f"sizes must be a non-empty list of (H, W) pairs, got {sizes!r}")
+    pairs = [size_pair(f"sizes[{i}]", s) for i, s in enumerate(sizes)]
+    H, W = pairs[0]
+    for i, (h, w) in enumerate(pairs[1:], 1):
+        if h > H or w > W:
+            raise ValueError(f"sizes[{i}] = {(h, w)} is larger than the image size sizes[0] = {(H, W)}")
+    return pairs
+
+
+def real(name: str, value) -> float:
+    """A finite real number (not a bool, which Python would take as 0 or 1)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+    return float(value)
+
+
+def scale(value) -> float | None:
+    """The attention scale: None (head_dim ** -0.5) or a finite number."""
+    return None if value is None else real("scale", value)
+
+
 def sharpening(gamma, delta) -> None:
     """SPEC 1's sharpening parameters: gamma >= 1 (finite), 0 <= delta < 1."""
     if not (isinstance(gamma, (int, float)) and math.isfinite(gamma) and gamma >= 1):
@@ -101,3 +135,33 @@ def nonempty_list(name: str, xs) -> list:
 def choice(name: str, value, allowed: Sequence) -> None:
     if value not in allowed:
         raise ValueError(f"{name} must be one of {list(allowed)}, got {value!r}")
+
+
+def number(name: str, value, *, minimum: float | None = None) -> float:
+    """A finite real number (not a bool, not a string), at least `minimum` when given; as a float."""
+    import numbers
+
+    ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+    if not ok or (minimum is not None and value < minimum):
+        bound = f" >= {minimum:g}" if minimum is not None else ""
+        raise ValueError(f"{name} must be a finite number{bound}, got {value!r}")
+    return float(value)
+
+
+def numbers_per_level(name: str, values, levels: int | None = None) -> list[float]:
+    """One finite number per level (a list or tuple); `levels` checks the count when given."""
+    if isinstance(values, (str, bytes, torch.Tensor)) or not isinstance(values, Sequence):
+        raise TypeError(f"{name} must be a list of numbers, one per level, got {type(values).__name__}")
+    out = [number(f"{name}[{i}]", v) for i, v in enumerate(values)]
+    if levels is not None and len(out) != levels:
+        raise ValueError(f"{name} must have one value per level ({levels}), got {len(out)}")
+    return out
+
+
+def is_shape_only(x: torch.Tensor) -> bool:
+    """Meta tensors and fake tensors (tracing): shapes but no values to check."""
+    if x.device.type == "meta":
+        return True
+    from torch._subclasses.fake_tensor import is_fake
+
+    return is_fake(x)

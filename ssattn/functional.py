@@ -18,6 +18,7 @@ from .ops import alignment as _alignment_ops
 from .ops import attention as _attention_ops
 from .ops import attention_cpu as _attention_cpu
 from .ops import pyramid as _pyramid_ops
+from .reference.alignment import FORMS as ALIGNMENT_FORMS
 
 
 # --------------------------------------------------------------------------- pyramid
@@ -46,13 +47,7 @@ def _check_pyramid_args(scores, sizes, gamma, delta, text, grid_size):
             raise ValueError(f"text has batch {text.shape[0]} but scores have batch {scores.shape[0]}")
     if scores.shape[0] < 1 or scores.shape[1] < 1 or scores.shape[2] < 1:
         raise ValueError(f"scores must be non-empty, got shape {tuple(scores.shape)}")
-    if isinstance(sizes, (str, bytes)) or not hasattr(sizes, "__len__") or len(sizes) == 0:
-        raise ValueError(f"sizes must be a non-empty list of (H, W) pairs, got {sizes!r}")
-    pairs = [_checks.size_pair(f"sizes[{i}]", s) for i, s in enumerate(sizes)]
-    H, W = pairs[0]
-    for i, (h, w) in enumerate(pairs[1:], 1):
-        if h > H or w > W:
-            raise ValueError(f"sizes[{i}] = {(h, w)} is larger than the image size sizes[0] = {(H, W)}")
+    pairs = _checks.pyramid_sizes(sizes)
     _checks.sharpening(gamma, delta)
     return pairs, (gh, gw)
 
@@ -93,40 +88,19 @@ def guidance_pyramid(
 
 # --------------------------------------------------------------------------- attention
 def _check_attention_args(q, k, v, weight, key_padding_mask, scale, check_values=True):
+    """Validate; returns the scale as a float (d ** -0.5 when None)."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         _checks.tensor(name, t, ndim=4)
     _checks.same_device(q=q, k=k, v=v, weight=weight, key_padding_mask=key_padding_mask)
-    if not (q.dtype == k.dtype == v.dtype):
-        raise TypeError(f"q, k and v must share a dtype, got {q.dtype}, {k.dtype} and {v.dtype}")
-    B, h, _, d = q.shape
-    if k.shape[:2] != (B, h) or v.shape[:2] != (B, h):
-        raise ValueError(
-            f"q, k and v must agree in batch and heads (B, h): q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}"
-        )
-    if k.shape[-1] != d:
-        raise ValueError(f"k must have head dim {d} like q, got {tuple(k.shape)}")
-    if v.shape[2] != k.shape[2]:
-        raise ValueError(f"v must have as many keys as k ({k.shape[2]}), got {tuple(v.shape)}")
-    if k.shape[2] < 1 or q.shape[2] < 1 or d < 1:
-        raise ValueError(f"q and k must have at least one token and head dim >= 1: q {tuple(q.shape)}, k {tuple(k.shape)}")
-    nk = k.shape[2]
     if weight is not None:
         _checks.tensor("weight", weight, ndim=2)
-        if tuple(weight.shape) != (B, nk):
-            raise ValueError(f"weight must have shape (B, Nk) = {(B, nk)}, got {tuple(weight.shape)}")
-        if check_values:
-            _checks.unit_interval("weight", weight)
     if key_padding_mask is not None:
         _checks.tensor("key_padding_mask", key_padding_mask, ndim=2, floating=False)
-        if key_padding_mask.dtype != torch.bool:
-            raise TypeError(f"key_padding_mask must be a bool tensor (True = padded key), got {key_padding_mask.dtype}")
-        if tuple(key_padding_mask.shape) != (B, nk):
-            raise ValueError(f"key_padding_mask must have shape (B, Nk) = {(B, nk)}, got {tuple(key_padding_mask.shape)}")
-    if scale is None:
-        return d ** -0.5
-    if not (isinstance(scale, (int, float)) and math.isfinite(scale)):
-        raise ValueError(f"scale must be a finite number, got {scale!r}")
-    return float(scale)
+    _attention_ops.check_inputs(q, k, v, weight, key_padding_mask)  # shapes and dtypes: the op's own rules
+    if weight is not None and check_values:
+        _checks.unit_interval("weight", weight)
+    scale = _checks.scale(scale)
+    return q.shape[-1] ** -0.5 if scale is None else scale
 
 
 def masked_cross_attention(
@@ -160,17 +134,14 @@ def _attention(q, k, v, weight, key_padding_mask, scale: float, backend: str) ->
 
 
 # --------------------------------------------------------------------------- alignment loss
-def _check_alignment_args(features, maps, eta, weights, reduction, check_values=True):
+def _check_alignment_args(features, maps, eta, weights, reduction, form="paper", check_values=True):
     features = _checks.nonempty_list("features", features)
     maps = _checks.nonempty_list("maps", maps)
     if len(features) != len(maps):
         raise ValueError(f"features and maps must have the same number of levels, got {len(features)} and {len(maps)}")
-    device = None
     for i, (f, m) in enumerate(zip(features, maps)):
         _checks.tensor(f"features[{i}]", f, ndim=4)
         _checks.tensor(f"maps[{i}]", m, ndim=4)
-        if device is None:
-            device = f.device
         _checks.same_device(**{"features[0]": features[0], f"features[{i}]": f, f"maps[{i}]": m})
         B, _, H, W = f.shape
         if m.shape[1] != 1:
@@ -182,18 +153,14 @@ def _check_alignment_args(features, maps, eta, weights, reduction, check_values=
             )
         if check_values:
             _checks.unit_interval(f"maps[{i}]", m)
-    if not (isinstance(eta, (int, float)) and math.isfinite(eta) and eta >= 0):
-        raise ValueError(f"eta must be a finite number >= 0, got {eta!r}")
+    eta = _checks.number("eta", eta, minimum=0)
     if weights is None:
         weights = [1.0] * len(features)
     else:
-        weights = [float(w) for w in weights]
-        if len(weights) != len(features):
-            raise ValueError(f"weights must have one value per level ({len(features)}), got {len(weights)}")
-        if not all(math.isfinite(w) for w in weights):
-            raise ValueError(f"weights must be finite numbers, got {weights}")
+        weights = _checks.numbers_per_level("weights", weights, len(features))
     _checks.choice("reduction", reduction, ("mean", "sum"))
-    return features, maps, weights
+    _checks.choice("form", form, ALIGNMENT_FORMS)
+    return features, maps, eta, weights
 
 
 def alignment_loss(
@@ -203,22 +170,27 @@ def alignment_loss(
     eta: float = 1.0,
     weights=None,
     reduction: str = "mean",
+    form: str = "paper",
     backend: str = "auto",
 ) -> Tensor:
-    """Semantic alignment loss of SPEC 3, summed over levels.
+    """Semantic alignment loss of docs/operations.md section 3, summed over levels.
 
-    L = sum_l w_l (||F_l (1 - M_l)||^2 - eta <F_l, M_l>), each level's term
-    divided by F_l.numel() when reduction="mean". Maps (B, 1, H_l, W_l) in
-    [0, 1] broadcast over channels. Half-precision inputs accumulate in
-    float32 and return a float32 loss.
+    form="paper": L = sum_l w_l (||F_l (1 - M_l)||^2 - eta <F_l, M_l>), the
+    paper's formula (unbounded below: it falls without limit as the features
+    inside the map grow). form="normalized": the same formula applied to each
+    sample's features rescaled to unit RMS, U_b = F_b / max(rms(F_b), 1e-6):
+    invariant to the scale of F, and bounded below. reduction="mean" divides
+    each level's term by F_l.numel() (0 for an empty level). Maps
+    (B, 1, H_l, W_l) in [0, 1] broadcast over channels. Half-precision inputs
+    accumulate in float32 and return a float32 loss.
     """
-    return _alignment_loss(features, maps, eta, weights, reduction, backend)
+    return _alignment_loss(features, maps, eta, weights, reduction, backend, form=form)
 
 
-def _alignment_loss(features, maps, eta, weights, reduction, backend, check_values=True) -> Tensor:
+def _alignment_loss(features, maps, eta, weights, reduction, backend, check_values=True, form="paper") -> Tensor:
     """alignment_loss; check_values=False skips the maps' range check (callers that built them from a checked map)."""
-    features, maps, weights = _check_alignment_args(features, maps, eta, weights, reduction, check_values)
+    features, maps, eta, weights = _check_alignment_args(features, maps, eta, weights, reduction, form, check_values)
     chosen = _backends.resolve("alignment_loss", backend, features[0].device.type, features[0].dtype)
     if chosen == "reference":
-        return reference.alignment_loss(features, maps, eta=eta, weights=weights, reduction=reduction)
-    return _alignment_ops.alignment_loss_native(features, maps, eta=float(eta), weights=weights, reduction=reduction)
+        return reference.alignment_loss(features, maps, eta=eta, weights=weights, reduction=reduction, form=form)
+    return _alignment_ops.alignment_loss_native(features, maps, eta=eta, weights=weights, reduction=reduction, form=form)

@@ -65,10 +65,10 @@ import warnings
 from collections.abc import Mapping
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import _checks
+from ..reference.area import area_resize
 from ..semantic import SemanticAlignmentLoss, SemanticCrossAttention
 from .sites import Site, declared_channels, parse_site, replace, select
 
@@ -137,7 +137,7 @@ class SemanticSensitive(nn.Module):
 
     def __init__(self, model: nn.Module, pairs: Mapping[str, str], *, heads: int = 1, head_dim: int | None = None,
                  backend: str = "auto", scale: float | None = None, eta: float = 1.0, weight: float = 0.1,
-                 level_weights=None, reduction: str = "mean", channels: Mapping | None = None,
+                 level_weights=None, reduction: str = "mean", form: str = "paper", channels: Mapping | None = None,
                  example_inputs=None):
         super().__init__()
         if isinstance(model, SemanticSensitive):
@@ -169,7 +169,7 @@ class SemanticSensitive(nn.Module):
         # The guidance is range-checked once per forward (_check_map); the stages' and the loss's maps are
         # area averages of it, so their own checks (a host sync each) are off.
         self.align = SemanticAlignmentLoss(eta=eta, weight=weight, level_weights=level_weights, reduction=reduction,
-                                           backend=backend, check_values=False)
+                                           form=form, backend=backend, check_values=False)
         self._attn_options = dict(heads=heads, head_dim=head_dim, backend=backend, scale=scale, check_values=False)
         self._sites_at: dict[str, list[tuple[str, Site]]] = {}
         for d in self._dec_sites:
@@ -186,6 +186,7 @@ class SemanticSensitive(nn.Module):
         self._copying: set[str] = set()
         self._calibrated: set[str] = set()
         self._warned: set[str] = set()
+        self._align_variants: dict[tuple, SemanticAlignmentLoss] = {}
 
         self._channel_source: dict[str, str] = {}
         self._make_blocks(modules, channels, example_inputs)
@@ -528,13 +529,18 @@ class SemanticSensitive(nn.Module):
             weights += [w / len(captures)] * len(captures)  # a decoder called n times: the mean of its n terms
         align = self.align if len(feats) == len(self.pairs) else self._align_with(weights)
         g = last.guidance
-        maps = [F.adaptive_avg_pool2d(g.to(f.device, torch.float32), f.shape[-2:]) for f in feats]
+        maps = [area_resize(g.to(f.device, torch.float32), f.shape[-2:]) for f in feats]
         return align(feats, maps)
 
     def _align_with(self, level_weights) -> SemanticAlignmentLoss:
-        a = self.align
-        return SemanticAlignmentLoss(eta=a.eta, weight=a.weight, level_weights=level_weights, reduction=a.reduction,
-                                     backend=a.backend, check_values=False)
+        """self.align with other level weights (decoders called several times), one per set of weights."""
+        key = tuple(level_weights)
+        if key not in self._align_variants:
+            a = self.align
+            self._align_variants[key] = SemanticAlignmentLoss(
+                eta=a.eta, weight=a.weight, level_weights=level_weights, reduction=a.reduction, form=a.form,
+                backend=a.backend, check_values=False, guard_every=a.guard_every, guard_factor=a.guard_factor)
+        return self._align_variants[key]
 
     def decoder_features(self) -> dict[str, Tensor]:
         """The refined decoder output of each site's last refined call in the last forward, by site."""
@@ -566,7 +572,8 @@ def semantic_sensitive(model: nn.Module, pairs: Mapping[str, str], **options) ->
     pairs: {decoder site: encoder site}, sites as in model.named_modules(),
     optionally "name[0]" (an output element) and "name#k" (the k-th call).
     options: heads (1), head_dim, backend ("auto"), scale (attention stages);
-    eta (1.0), weight (lambda_align, 0.1), level_weights, reduction ("mean")
+    eta (1.0), weight (lambda_align, 0.1), level_weights, reduction ("mean"),
+    form ("paper" or "normalized")
     (alignment loss); channels {decoder site: (dec_channels, enc_channels)},
     example_inputs (how the stages are sized when the modules do not say).
     """

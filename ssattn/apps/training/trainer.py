@@ -136,7 +136,10 @@ def _sync(device: torch.device) -> None:
 
 # --------------------------------------------------------------------------- checkpoints
 def _rng_state() -> dict:
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    # numpy's state as plain Python values, so that the checkpoint loads with weights_only=True.
+    name, key, pos, has_gauss, cached = np.random.get_state()
+    state = {"torch": torch.get_rng_state(), "numpy": (str(name), [int(v) for v in key], int(pos), int(has_gauss),
+                                                       float(cached)), "python": random.getstate()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -144,7 +147,8 @@ def _rng_state() -> dict:
 
 def _set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
+    name, key, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, np.asarray(key, dtype=np.uint32), pos, has_gauss, cached))
     random.setstate(state["python"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -160,11 +164,44 @@ def save_checkpoint(path: str, model: nn.Module, optimizer, step: int, config: T
     os.replace(tmp, path)  # atomic: an interrupted save never leaves a broken checkpoint
 
 
-def load_checkpoint(path: str, map_location="cpu") -> dict:
+def _allowed_globals() -> list:
+    """What a weights-only load may build besides tensors and plain values: numpy arrays, which
+    checkpoints written before the RNG state was stored as plain values hold."""
+    try:
+        from numpy._core.multiarray import _reconstruct
+    except ImportError:  # numpy < 2
+        from numpy.core.multiarray import _reconstruct
+    return [_reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+
+
+def load_checkpoint(path: str, map_location="cpu", *, unsafe: bool = False) -> dict:
+    """The checkpoint dict, loaded with torch.load(weights_only=True) (tensors, plain values, numpy arrays).
+
+    unsafe=True loads with weights_only=False, which runs any code the file holds: only for
+    files you trust (CLI: --unsafe-checkpoint).
+    """
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint: no file at {path!r}")
-    # The checkpoint holds numpy RNG state and plain dicts: trusted local files only.
-    return torch.load(path, map_location=map_location, weights_only=False)
+    try:
+        if unsafe:
+            ckpt = torch.load(path, map_location=map_location, weights_only=False)
+        else:
+            with torch.serialization.safe_globals(_allowed_globals()):
+                ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:  # an unpickling error, a broken zip, a KeyError from random bytes...
+        blocked = [] if unsafe else _blocked_globals(path)
+        if blocked:
+            raise ValueError(
+                f"checkpoint {path!r} holds objects other than tensors and plain values ({', '.join(blocked[:5])}), "
+                "so it was not loaded. If you trust the file, load it with unsafe=True (CLI: --unsafe-checkpoint), "
+                "which runs any code inside it"
+            ) from None
+        text = str(exc).strip().splitlines()
+        raise ValueError(f"{path!r} is not a checkpoint written by ssattn train "
+                         f"(unreadable: {type(exc).__name__}{': ' + text[0] if text else ''})") from None
+    if not isinstance(ckpt, dict) or not {"model", "step"} <= set(ckpt):
+        raise ValueError(f"{path!r} is not a checkpoint written by ssattn train (no model state and step)")
+    return ckpt
 
 
 class CheckpointMismatch(ValueError):
@@ -195,9 +232,18 @@ def check_resumable(ckpt: dict, model: nn.Module, spec: dict | None, path: str) 
         )
 
 
-def load_model(path: str, device="cpu") -> tuple[nn.Module, dict]:
+def _blocked_globals(path: str) -> list[str]:
+    """The classes and functions a weights-only load refuses in this file (read without running it)."""
+    allowed = {f"{g.__module__}.{g.__qualname__}" for g in _allowed_globals()}
+    try:
+        return [g for g in torch.serialization.get_unsafe_globals_in_checkpoint(path) if g not in allowed]
+    except Exception:  # not a torch.save file at all
+        return []
+
+
+def load_model(path: str, device="cpu", *, unsafe: bool = False) -> tuple[nn.Module, dict]:
     """Rebuild the model saved in a checkpoint; returns (model, checkpoint)."""
-    ckpt = load_checkpoint(path)
+    ckpt = load_checkpoint(path, unsafe=unsafe)
     if not ckpt.get("spec"):
         raise ValueError(f"checkpoint {path!r} has no model spec; it was not written by ssattn train")
     model = build_model(ckpt["spec"])
@@ -207,16 +253,16 @@ def load_model(path: str, device="cpu") -> tuple[nn.Module, dict]:
 
 # --------------------------------------------------------------------------- loop
 def train(model: nn.Module, data, config: TrainConfig, out_dir: str | None = None, *, spec: dict | None = None,
-          resume: bool = True, stop_at: int | None = None) -> dict:
+          resume: bool = True, stop_at: int | None = None, unsafe: bool = False) -> dict:
     """Train `model` (a plain network, or a semantic_sensitive wrapper) on (degraded, reference, guidance).
 
     Loss: ReconstructionLoss (L1 [+ VGG-19 perceptual]) + ss.alignment_loss()
     for -SS models. With out_dir, checkpoints go to out_dir/checkpoint.pt and
-    an existing one is resumed when resume=True. stop_at ends the run early
-    (as an interruption would; the LR schedule still spans config.steps).
-    Returns a history dict:
-    loss per step, step_time_s (seconds per step, after 2 warm-up steps),
-    steps, loss_description.
+    an existing one is resumed when resume=True (unsafe: see load_checkpoint).
+    stop_at ends the run early (as an interruption would; the LR schedule
+    still spans config.steps). Returns a history dict: loss per step,
+    step_time_s (seconds per step, after 2 warm-up steps; NaN when none ran),
+    steps, steps_run (in this call), loss_description.
     """
     from tqdm.auto import tqdm
 
@@ -229,7 +275,7 @@ def train(model: nn.Module, data, config: TrainConfig, out_dir: str | None = Non
     step, history = 0, {"loss": [], "step_times": []}
     ckpt_path = os.path.join(out_dir, CHECKPOINT) if out_dir else None
     if ckpt_path and resume and os.path.isfile(ckpt_path):
-        ckpt = load_checkpoint(ckpt_path)
+        ckpt = load_checkpoint(ckpt_path, unsafe=unsafe)
         check_resumable(ckpt, model, spec, ckpt_path)
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
@@ -240,6 +286,7 @@ def train(model: nn.Module, data, config: TrainConfig, out_dir: str | None = Non
         torch.manual_seed(config.seed)
     log.info("%s: loss = %s%s", config.desc, criterion.describe(), " + alignment" if ss else "")
 
+    first_step = step
     bar = tqdm(total=config.steps, initial=step, desc=config.desc, disable=not config.progress, leave=False,
                dynamic_ncols=True)
     end = config.steps if stop_at is None else min(config.steps, int(stop_at))
@@ -273,7 +320,7 @@ def train(model: nn.Module, data, config: TrainConfig, out_dir: str | None = Non
     if ckpt_path:
         save_checkpoint(ckpt_path, model, optimizer, step, config, spec, history)
     times = history["step_times"][2:] or history["step_times"]
-    return {**history, "steps": step, "step_time_s": float(np.mean(times)) if times else float("nan"),
+    return {**history, "steps": step, "steps_run": step - first_step, "step_time_s": float(np.mean(times)) if times else float("nan"),
             "loss_description": criterion.describe() + (" + alignment (lambda 0.1)" if ss else "")}
 
 
