@@ -192,37 +192,38 @@ __device__ void tile_width_inner(const LevelDesc& d, int64_t tile, acc_t eta, co
       if (GF && ok[i]) df[dfo[i] + c * d.dfs[1]] = static_cast<scalar_t>(a[i] * x[i] + bb[i]);
     }
   }
-  if (MODE == kGrad && !GM) return;  // nothing per pixel left to do (uniform across the block)
+  if constexpr (MODE != kGrad || GM) {  // else nothing per pixel is left to do
 #pragma unroll
-  for (int i = 0; i < kPPT; ++i) {
-    sq[warp][i * 32 + lane] = q[i];
-    sr[warp][i * 32 + lane] = r[i];
-  }
-  __syncthreads();
-  acc_t e = 0, s2 = 0, s1 = 0;
-  if (threadIdx.x < kPixW) {
-    const int j = threadIdx.x;
-    const int64_t qq = q0 + j;
-    if (qq < qend) {
-      acc_t Q = 0, R = 0;
-      for (int k = 0; k < kWarps; ++k) {
-        Q += sq[k][j];
-        R += sr[k][j];
-      }
-      const Pix p = pixel_offsets(d, qq);
-      const acc_t mv = static_cast<acc_t>(m[p.m]);
-      const acc_t om = acc_t(1) - mv;
-      e = Q;
-      s2 = om * om * Q;
-      s1 = mv * R;
-      if (GM) {
-        acc_t g1, g2, k;
-        pixel_coef<MODE>(d, coefs, qq, g1, g2, k);
-        dm[p.dm] = static_cast<mscalar_t>(s * (acc_t(-2) * g2 * om * Q - eta * g1 * R));
+    for (int i = 0; i < kPPT; ++i) {
+      sq[warp][i * 32 + lane] = q[i];
+      sr[warp][i * 32 + lane] = r[i];
+    }
+    __syncthreads();
+    acc_t e = 0, s2 = 0, s1 = 0;
+    if (threadIdx.x < kPixW) {
+      const int j = threadIdx.x;
+      const int64_t qq = q0 + j;
+      if (qq < qend) {
+        acc_t Q = 0, R = 0;
+        for (int k = 0; k < kWarps; ++k) {
+          Q += sq[k][j];
+          R += sr[k][j];
+        }
+        const Pix p = pixel_offsets(d, qq);
+        const acc_t mv = static_cast<acc_t>(m[p.m]);
+        const acc_t om = acc_t(1) - mv;
+        e = Q;
+        s2 = om * om * Q;
+        s1 = mv * R;
+        if (GM) {
+          acc_t g1, g2, k;
+          pixel_coef<MODE>(d, coefs, qq, g1, g2, k);
+          dm[p.dm] = static_cast<mscalar_t>(s * (acc_t(-2) * g2 * om * Q - eta * g1 * R));
+        }
       }
     }
+    store_tile<MODE>(d, e, s2, s1, eta, sred, out);
   }
-  store_tile<MODE>(d, e, s2, s1, eta, sred, out);
 }
 
 template <int MODE, typename scalar_t, typename mscalar_t, typename acc_t, bool GF, bool GM>
@@ -272,21 +273,22 @@ __device__ void tile_channels_last(const LevelDesc& d, int64_t tile, acc_t eta, 
       if (GF && ok[k]) df[dfo[k] + c * d.dfs[1]] = static_cast<scalar_t>(a[k] * x[k] + bb[k]);
     }
   }
-  if (MODE == kGrad && !GM) return;  // uniform across the block
-  acc_t e = 0, s2 = 0, s1 = 0;  // only lane 0 of each warp is non-zero
+  if constexpr (MODE != kGrad || GM) {  // else nothing per pixel is left to do
+    acc_t e = 0, s2 = 0, s1 = 0;  // only lane 0 of each warp is non-zero
 #pragma unroll
-  for (int k = 0; k < kPPW; ++k) {
-    const acc_t Q = warp_sum(q[k]);
-    const acc_t R = warp_sum(r[k]);
-    if (ok[k] && lane == 0) {
-      const acc_t om = acc_t(1) - mv[k];
-      e += Q;
-      s2 += om * om * Q;
-      s1 += mv[k] * R;
-      if (GM) dm[dmo[k]] = static_cast<mscalar_t>(s * (acc_t(-2) * g2[k] * om * Q - eta * g1[k] * R));
+    for (int k = 0; k < kPPW; ++k) {
+      const acc_t Q = warp_sum(q[k]);
+      const acc_t R = warp_sum(r[k]);
+      if (ok[k] && lane == 0) {
+        const acc_t om = acc_t(1) - mv[k];
+        e += Q;
+        s2 += om * om * Q;
+        s1 += mv[k] * R;
+        if (GM) dm[dmo[k]] = static_cast<mscalar_t>(s * (acc_t(-2) * g2[k] * om * Q - eta * g1[k] * R));
+      }
     }
+    store_tile<MODE>(d, e, s2, s1, eta, sred, out);
   }
-  store_tile<MODE>(d, e, s2, s1, eta, sred, out);
 }
 
 // out: kPaper one partial per tile, kStats three per tile (this group's), kGrad unused.

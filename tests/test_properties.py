@@ -148,8 +148,9 @@ def alignment_cases(draw):
     weights = draw(st.one_of(st.none(), st.lists(st.floats(-2.0, 2.0).map(lambda w: round(w, 3)),
                                                  min_size=n_levels, max_size=n_levels)))
     reduction = draw(st.sampled_from(["mean", "sum"]))
+    form = draw(st.sampled_from(["paper", "normalized"]))
     seed = draw(st.integers(0, 2**31 - 1))
-    return shapes, dtype, layout, eta, weights, reduction, seed
+    return shapes, dtype, layout, eta, weights, reduction, form, seed
 
 
 @pytest.mark.skipif(_backends.native_module() is None, reason="ssattn._C is not built")
@@ -158,7 +159,7 @@ def alignment_cases(draw):
 def test_alignment_loss_matches_reference(case):
     from tests.test_alignment_native import _check_against_reference, _make
 
-    shapes, dtype, layout, eta, weights, reduction, seed = case
+    shapes, dtype, layout, eta, weights, reduction, form, seed = case
     torch.manual_seed(seed)
     feats, maps = _make(shapes, dtype, layout=layout)
-    _check_against_reference(feats, maps, eta=eta, weights=weights, reduction=reduction)
+    _check_against_reference(feats, maps, eta=eta, weights=weights, reduction=reduction, form=form)

@@ -147,10 +147,11 @@ class SemanticAlignmentLoss(nn.Module):
     check_values (True): check that the maps lie in [0, 1] (one host sync per level).
 
     Divergence guard: every `guard_every` calls with grad enabled (0: never)
-    the RMS of each level's features is compared with its value at the first
-    such call, and one RuntimeWarning is raised the first time a level has
-    grown by `guard_factor` or more. It costs one host sync per check, none
-    in between, and is skipped while torch.compile traces.
+    the scale of each level's features (their RMS weighted by the map) is
+    compared with its value at the first such call, and one RuntimeWarning is
+    raised the first time a level has grown by `guard_factor` or more. It
+    costs one host sync per check, none in between, and is skipped while
+    torch.compile traces.
     """
 
     def __init__(self, eta: float = 1.0, weight: float = 0.1, level_weights=None, reduction: str = "mean",
@@ -184,42 +185,52 @@ class SemanticAlignmentLoss(nn.Module):
             self.check_values, form=self.form,
         )
         if self.guard_every and torch.is_grad_enabled() and not torch.compiler.is_compiling():
-            self._guard.step(features, self.guard_every, self.guard_factor, self.form)
+            self._guard.step(features, maps, self.guard_every, self.guard_factor, self.form)
         return loss
 
 
 class _ScaleGuard:
-    """Warns once when a level's feature RMS grows by orders of magnitude (see SemanticAlignmentLoss)."""
+    """Warns once when a level's feature scale grows by orders of magnitude (see SemanticAlignmentLoss).
+
+    The scale is the RMS of F weighted by the map, sqrt(sum M F^2 / (C sum M)): the paper's form
+    inflates the features inside the map, and a plain RMS dilutes that by the background's share.
+    The normalized form only moves energy into the map, which grows this by at most
+    1 / sqrt(map fraction); a change of scale comes from elsewhere.
+    """
 
     def __init__(self):
         self.calls = 0
         self.first: list[float] | None = None
         self.warned = False
 
-    def step(self, features, every: int, factor: float, form: str) -> None:
+    @staticmethod
+    def scale(f: Tensor, m: Tensor) -> Tensor:
+        f = f.detach().to(torch.promote_types(f.dtype, torch.float32))  # fp16 squares overflow
+        m = m.detach().to(f.dtype)
+        energy, mass = (m * f.square()).sum(), m.sum() * f.shape[1]
+        plain = f.square().sum() / max(f.numel(), 1)
+        return torch.where(mass > 0, energy / mass.clamp_min(1e-30), plain).sqrt()
+
+    def step(self, features, maps, every: int, factor: float, form: str) -> None:
         self.calls += 1
         if self.warned or (self.calls - 1) % every:
             return
-        if any(_checks.is_shape_only(f) for f in features):
+        if any(_checks.is_shape_only(x) for x in list(features) + list(maps)):
             return
-        # One sync for all levels; the norm accumulates in float32 at least (half features would overflow).
-        rms = torch.stack([
-            torch.linalg.vector_norm(f.detach(), dtype=torch.promote_types(f.dtype, torch.float32)).float()
-            / max(f.numel(), 1) ** 0.5
-            for f in features
-        ]).tolist()
-        if self.first is None or len(self.first) != len(rms):
-            self.first = rms
+        scales = torch.stack([self.scale(f, m).float() for f, m in zip(features, maps)]).tolist()  # one sync
+        if self.first is None or len(self.first) != len(scales):
+            self.first = scales
             return
-        for level, (now, then) in enumerate(zip(rms, self.first)):
+        for level, (now, then) in enumerate(zip(scales, self.first)):
             if then > 0 and now >= factor * then:
                 self.warned = True
                 advice = ("the paper's form is unbounded below, so training can lower it by inflating the "
                           "features inside the map; form='normalized' is scale invariant"
                           if form == "paper" else "the normalized form does not reward this: look at the other losses")
                 warnings.warn(
-                    f"ssattn.SemanticAlignmentLoss: the RMS of level {level}'s features grew from {then:.3g} to "
-                    f"{now:.3g} ({now / then:.3g}x) since the first check, {self.calls - 1} calls ago; {advice}",
+                    f"ssattn.SemanticAlignmentLoss: the scale (map-weighted RMS) of level {level}'s features grew "
+                    f"from {then:.3g} to {now:.3g} ({now / then:.3g}x) since the first check, {self.calls - 1} "
+                    f"calls ago; {advice}",
                     RuntimeWarning, stacklevel=3,
                 )
                 return
