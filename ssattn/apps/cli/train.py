@@ -105,6 +105,8 @@ def run(args) -> int:
                       checkpoint_every=args.checkpoint_every, device=str(device), amp=args.amp,
                       progress=not args.no_progress, desc=f"train {args.model}")
     print(f"ssattn train: {args.model} (width {args.width}) on {desc}, {args.steps} steps, device {device}")
+    # A run folder holding another model's checkpoint raises CheckpointMismatch (a ValueError): main()
+    # prints its message and exits with 2.
     hist = train(model, data, cfg, args.out, spec=spec, resume=not args.no_resume, unsafe=args.unsafe_checkpoint)
     summary = {"steps": hist["steps"], "final_loss": hist["loss"][-1] if hist["loss"] else None,
                "step_time_s": hist["step_time_s"], "loss": hist["loss_description"], "spec": spec}
