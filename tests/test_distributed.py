@@ -172,14 +172,17 @@ def test_a_bad_sample_on_one_rank_ends_the_job_naming_the_rank(tmp_path):
         ref = rng.integers(0, 256, size=(16, 16, 3), dtype=np.uint8)
         Image.fromarray(ref).save(tmp_path / "data" / "target" / f"{i}.png")
         Image.fromarray((ref * 0.5).astype(np.uint8)).save(tmp_path / "data" / "input" / f"{i}.png")
-    # The image rank 1 reads first (pairs are sorted by name) is not an image.
-    bad = next(iter(ResumableDistributedSampler(range(4), num_replicas=2, rank=1, seed=0)))
+    # The image rank 1 reads in step 1 (pairs are sorted by name) is not an image. Step 1, not 0: DDP's
+    # forward runs a collective of its own in the second step (it rebuilds its buckets), where a rank
+    # that failed before its forward would leave the others waiting.
+    bad = list(ResumableDistributedSampler(range(4), num_replicas=2, rank=1, seed=0))[1]
     (tmp_path / "data" / "input" / f"{bad}.png").write_bytes(b"not a png")
     proc = torchrun("--no-python", ssattn_command(), "train", "--data", str(tmp_path / "data"),
                     "--out", str(tmp_path / "run"), "--size", "16", "--steps", "2", "--batch-size", "1",
                     "--width", "4", "--levels", "dec3", "--no-progress", "--device", "cpu", "--dist-timeout", "60",
                     timeout=300)
     assert proc.returncode != 0
-    assert "rank 1 of 2 failed at step 0" in proc.stderr and f"{bad}.png" in proc.stderr, proc.stderr[-4000:]
+    assert f"rank 1 of 2 failed at step 1 (samples [{bad}]): ImageLoadError" in proc.stderr, proc.stderr[-4000:]
+    assert f"{bad}.png" in proc.stderr
     assert "rank 0 of 2 failed" not in proc.stderr
     assert not os.path.exists(tmp_path / "run" / "checkpoint.pt")

@@ -186,7 +186,7 @@ def _gather(ctx: distributed.Context, obj) -> list:
     return out
 
 
-def _agree(ctx: distributed.Context, error: str | None, metrics: list[float], where: str) -> list[float]:
+def _agree(ctx: distributed.Context, error: str | None, metrics: list[float]) -> list[float]:
     """Sum `metrics` over the ranks, sharing each rank's error in the same all-reduce.
 
     If any rank reports an error, every rank raises the same RankFailure naming
@@ -205,9 +205,27 @@ def _agree(ctx: distributed.Context, error: str | None, metrics: list[float], wh
     buf = buf.cpu()
     if bool(buf[:w].any()):
         errors = _gather(ctx, error)
-        failed = "; ".join(f"rank {r} of {w} failed {where}: {e}" for r, e in enumerate(errors) if e is not None)
+        failed = "; ".join(f"rank {r} of {w} failed {e}" for r, e in enumerate(errors) if e is not None)
         raise RankFailure(f"{failed}; the job stops on every rank")
     return buf[w:].tolist()
+
+
+def _attempt(ctx: distributed.Context, where: str, fn, n_metrics: int = 0):
+    """fn(), agreed on by every rank: in a process group, a failure on any rank raises RankFailure on all.
+
+    With n_metrics, fn returns (result, metrics: n_metrics floats) and the metrics come back summed over
+    the ranks (shared in the same all-reduce). In a single process exceptions pass through unchanged.
+    """
+    if not ctx.distributed:
+        return fn()
+    result, error = None, None
+    try:
+        result = fn()
+    except Exception as exc:
+        error = f"{where}: {type(exc).__name__}: {exc}"  # `where` is this rank's: the others name other samples
+    own = result[1] if n_metrics and error is None else [0.0] * n_metrics
+    summed = _agree(ctx, error, own)
+    return (result[0], summed) if n_metrics else result
 
 
 def _max_over_ranks(ctx: distributed.Context, value: float) -> float:
@@ -392,28 +410,30 @@ def train(model: nn.Module, data, config: TrainConfig, out_dir: str | None = Non
         sums = [0.0, 0.0, 0.0]  # loss over micro-steps and ranks, PSNR over images, images
         for micro in range(k):
             idx = [next(order) for _ in range(b)]
-            error, stats = None, [0.0, 0.0, 0.0]
-            try:
-                x, ref, g = (t.to(device, non_blocking=True) for t in source.batch(torch.tensor(idx)))
+            where = f"at step {step} (samples {idx})"
+            # Two agreements per micro-step: after reading (DDP's forward may itself run a collective, e.g.
+            # when it rebuilds its buckets in the second step) and after the loss, before backward's all-reduce.
+            batch = _attempt(ctx, where, lambda: tuple(t.to(device, non_blocking=True)
+                                                       for t in source.batch(torch.tensor(idx))))
+
+            def forward():
+                x, ref, g = batch
                 with no_sync(micro):
                     with _autocast(config, device):
                         out = run_model(net, x, g, ss)
                         loss = criterion(out, ref)
                         if ss:
                             loss = loss + model.alignment_loss()
-                    value = float(loss.detach())
-                    if not math.isfinite(value):
-                        raise FloatingPointError(f"{config.desc}: loss became {value} at step {step}")
-                    stats = [value, float(psnr(out.detach().float().clamp(0, 1), ref.float()).sum()), float(len(idx))]
-            except Exception as exc:
-                if not ctx.distributed:
-                    raise
-                error = f"{type(exc).__name__}: {exc} (samples {idx})"
-            stats = _agree(ctx, error, stats, f"at step {step}")
+                value = float(loss.detach())
+                if not math.isfinite(value):
+                    raise FloatingPointError(f"{config.desc}: loss became {value} at step {step}")
+                return loss, [value, float(psnr(out.detach().float().clamp(0, 1), ref.float()).sum()), float(b)]
+
+            loss, stats = _attempt(ctx, where, forward, n_metrics=3)
             with no_sync(micro):
                 scaled = loss / k
                 (scaler.scale(scaled) if scaler is not None else scaled).backward()
-            sums = [a + s for a, s in zip(sums, stats)]
+            sums = [a + v for a, v in zip(sums, stats)]
         if first and ctx.distributed and not config.find_unused_parameters:
             unused = _unused_parameters(model)
             if unused:  # the same model on every rank: every rank raises this
