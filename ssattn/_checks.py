@@ -9,6 +9,7 @@ mode only (never while torch.compile traces) and can be switched off with
 from __future__ import annotations
 
 import math
+import numbers
 import os
 from collections.abc import Sequence
 
@@ -49,6 +50,9 @@ def same_device(**tensors) -> None:
     items = [(n, t) for n, t in tensors.items() if t is not None]
     if not items:
         return
+    for name, t in items:
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor or None, got {type(t).__name__}")
     first_name, first = items[0]
     for name, t in items[1:]:
         if t.device != first.device:
@@ -80,6 +84,36 @@ def size_pair(name: str, s) -> tuple[int, int]:
     if not ok or h < 1 or w < 1:
         raise ValueError(f"{name} must be a pair of positive integers (H, W), got {s!r}")
     return h, w
+
+
+def nonempty_spatial(name: str, x: torch.Tensor) -> None:
+    """A (B, C, H, W) tensor with H >= 1 and W >= 1 (B may be 0)."""
+    if x.shape[-2] < 1 or x.shape[-1] < 1:
+        raise ValueError(f"{name} must have a non-empty spatial size (H >= 1, W >= 1), got shape {tuple(x.shape)}")
+
+
+def pyramid_sizes(sizes) -> list[tuple[int, int]]:
+    """SPEC 1's level sizes: a non-empty list of (H, W) pairs, none larger than sizes[0] (the image)."""
+    if isinstance(sizes, (str, bytes)) or not hasattr(sizes, "__len__") or len(sizes) == 0:
+        raise ValueError(f"sizes must be a non-empty list of (H, W) pairs, got {sizes!r}")
+    pairs = [size_pair(f"sizes[{i}]", s) for i, s in enumerate(sizes)]
+    H, W = pairs[0]
+    for i, (h, w) in enumerate(pairs[1:], 1):
+        if h > H or w > W:
+            raise ValueError(f"sizes[{i}] = {(h, w)} is larger than the image size sizes[0] = {(H, W)}")
+    return pairs
+
+
+def real(name: str, value) -> float:
+    """A finite real number (not a bool, which Python would take as 0 or 1)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+    return float(value)
+
+
+def scale(value) -> float | None:
+    """The attention scale: None (head_dim ** -0.5) or a finite number."""
+    return None if value is None else real("scale", value)
 
 
 def sharpening(gamma, delta) -> None:

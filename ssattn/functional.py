@@ -45,13 +45,7 @@ def _check_pyramid_args(scores, sizes, gamma, delta, text, grid_size):
             raise ValueError(f"text has batch {text.shape[0]} but scores have batch {scores.shape[0]}")
     if scores.shape[0] < 1 or scores.shape[1] < 1 or scores.shape[2] < 1:
         raise ValueError(f"scores must be non-empty, got shape {tuple(scores.shape)}")
-    if isinstance(sizes, (str, bytes)) or not hasattr(sizes, "__len__") or len(sizes) == 0:
-        raise ValueError(f"sizes must be a non-empty list of (H, W) pairs, got {sizes!r}")
-    pairs = [_checks.size_pair(f"sizes[{i}]", s) for i, s in enumerate(sizes)]
-    H, W = pairs[0]
-    for i, (h, w) in enumerate(pairs[1:], 1):
-        if h > H or w > W:
-            raise ValueError(f"sizes[{i}] = {(h, w)} is larger than the image size sizes[0] = {(H, W)}")
+    pairs = _checks.pyramid_sizes(sizes)
     _checks.sharpening(gamma, delta)
     return pairs, (gh, gw)
 
@@ -92,40 +86,19 @@ def guidance_pyramid(
 
 # --------------------------------------------------------------------------- attention
 def _check_attention_args(q, k, v, weight, key_padding_mask, scale, check_values=True):
+    """Validate; returns the scale as a float (d ** -0.5 when None)."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         _checks.tensor(name, t, ndim=4)
     _checks.same_device(q=q, k=k, v=v, weight=weight, key_padding_mask=key_padding_mask)
-    if not (q.dtype == k.dtype == v.dtype):
-        raise TypeError(f"q, k and v must share a dtype, got {q.dtype}, {k.dtype} and {v.dtype}")
-    B, h, _, d = q.shape
-    if k.shape[:2] != (B, h) or v.shape[:2] != (B, h):
-        raise ValueError(
-            f"q, k and v must agree in batch and heads (B, h): q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}"
-        )
-    if k.shape[-1] != d:
-        raise ValueError(f"k must have head dim {d} like q, got {tuple(k.shape)}")
-    if v.shape[2] != k.shape[2]:
-        raise ValueError(f"v must have as many keys as k ({k.shape[2]}), got {tuple(v.shape)}")
-    if k.shape[2] < 1 or q.shape[2] < 1 or d < 1:
-        raise ValueError(f"q and k must have at least one token and head dim >= 1: q {tuple(q.shape)}, k {tuple(k.shape)}")
-    nk = k.shape[2]
     if weight is not None:
         _checks.tensor("weight", weight, ndim=2)
-        if tuple(weight.shape) != (B, nk):
-            raise ValueError(f"weight must have shape (B, Nk) = {(B, nk)}, got {tuple(weight.shape)}")
-        if check_values:
-            _checks.unit_interval("weight", weight)
     if key_padding_mask is not None:
         _checks.tensor("key_padding_mask", key_padding_mask, ndim=2, floating=False)
-        if key_padding_mask.dtype != torch.bool:
-            raise TypeError(f"key_padding_mask must be a bool tensor (True = padded key), got {key_padding_mask.dtype}")
-        if tuple(key_padding_mask.shape) != (B, nk):
-            raise ValueError(f"key_padding_mask must have shape (B, Nk) = {(B, nk)}, got {tuple(key_padding_mask.shape)}")
-    if scale is None:
-        return d ** -0.5
-    if not (isinstance(scale, (int, float)) and math.isfinite(scale)):
-        raise ValueError(f"scale must be a finite number, got {scale!r}")
-    return float(scale)
+    _attention_ops.check_inputs(q, k, v, weight, key_padding_mask)  # shapes and dtypes: the op's own rules
+    if weight is not None and check_values:
+        _checks.unit_interval("weight", weight)
+    scale = _checks.scale(scale)
+    return q.shape[-1] ** -0.5 if scale is None else scale
 
 
 def masked_cross_attention(

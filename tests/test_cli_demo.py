@@ -17,6 +17,8 @@ def test_demo_quick_writes_figure_and_tables(tmp_path, capsys):
     assert rc == 0
     text = capsys.readouterr().out
     assert "PSNR" in text and "backends:" in text
+    last = text.strip().splitlines()[-1]
+    assert last.startswith("wrote figure.png, results.md and results.json into ") and last.count(out) == 1, last
     res = json.load(open(os.path.join(out, "results.json")))
     for name in ("baseline", "-SS", "input"):
         assert 0 < res["results"][name]["ssim"] <= 1 and res["results"][name]["psnr"] > 0

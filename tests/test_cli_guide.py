@@ -41,7 +41,7 @@ def test_awkward_folder_with_overlays(awkward, tmp_path, capsys):
         e = cache.get(file_sha256(folder / name))
         assert e is not None and e.image_size == (h, w) and e.grids.shape == (1, 64, 64)
         assert torch.isfinite(e.grids).all() and e.grids.min() >= 0 and e.grids.max() <= 1
-        with Image.open(out / "overlays" / (os.path.splitext(name)[0] + ".png")) as ov:
+        with Image.open(out / "overlays" / (name + ".png")) as ov:  # the whole name: a.png and a.jpg differ
             assert ov.size == (w, h) and ov.mode == "RGB"
     assert not list(out.rglob("*.tmp*"))
     assert main(_args(folder, out)) == 0  # second run: everything cached
@@ -60,7 +60,7 @@ def test_big_images_are_shrunk_for_overlays_only(tmp_path, monkeypatch):
     stats = precompute(folder, tmp_path / "c", SaliencyGuide(), overlay_dir=tmp_path / "ov", progress=False)
     assert stats.computed == 1
     assert _cache_for(tmp_path / "c").get(file_sha256(folder / "a.png")).image_size == (30, 40)
-    with Image.open(tmp_path / "ov" / "a.png") as ov:
+    with Image.open(tmp_path / "ov" / "a.png.png") as ov:
         assert ov.size == (16, 12)
 
 

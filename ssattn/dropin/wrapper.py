@@ -39,10 +39,10 @@ import warnings
 from collections.abc import Mapping
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import _checks
+from ..reference.area import area_resize
 from ..semantic import SemanticAlignmentLoss, SemanticCrossAttention
 
 __all__ = ["SemanticSensitive", "semantic_sensitive", "remove_semantic_sensitive"]
@@ -274,7 +274,7 @@ class SemanticSensitive(nn.Module):
             raise RuntimeError(f"decoder module(s) {missing} did not run in the last forward pass")
         feats = [self._features[d] for d in names]
         g = self._last_guidance
-        maps = [F.adaptive_avg_pool2d(g.to(f.device, torch.float32), f.shape[-2:]) for f in feats]
+        maps = [area_resize(g.to(f.device, torch.float32), f.shape[-2:]) for f in feats]
         return self.align(feats, maps)
 
     def decoder_features(self) -> dict[str, Tensor]:

@@ -67,6 +67,19 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
             tmp.unlink()
 
 
+def _read_settings(folder: Path) -> dict:
+    """The settings stored in folder/settings.json (ValueError naming the file when it is unreadable)."""
+    path = folder / "settings.json"
+    try:
+        settings = json.loads(path.read_text())["settings"]
+        if not isinstance(settings, dict):
+            raise TypeError("'settings' is not an object")
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as exc:
+        raise ValueError(f"guidance cache settings file {str(path)!r} is unreadable ({type(exc).__name__}: {exc}); "
+                         "delete that settings folder to recompute its guidance, or restore the file") from None
+    return settings
+
+
 @dataclass
 class Entry:
     """Cached guidance of one image: normalised grids (P, gh, gw) in [0, 1] and the prompts used."""
@@ -107,11 +120,10 @@ class GuidanceCache:
         if not found:
             return None
         if len(found) > 1:
-            listing = "; ".join(f"{p.name}: {json.loads((p / 'settings.json').read_text()).get('method')}" for p in found)
+            listing = "; ".join(f"{p.name}: {_read_settings(p).get('method')}" for p in found)
             raise ValueError(f"{str(root)!r} holds guidance for several settings ({listing}); "
                              "pass the guide (or the settings id) to choose one")
-        settings = json.loads((found[0] / "settings.json").read_text())["settings"]
-        cache = cls(root, settings)
+        cache = cls(root, _read_settings(found[0]))
         if cache.id != found[0].name:
             raise ValueError(f"settings.json in {str(found[0])!r} does not match its folder name (format changed?)")
         return cache
@@ -150,7 +162,9 @@ class GuidanceCache:
         return Entry(image_sha256, tuple(d["image_size"]), d["grids"], list(d["prompts"]))
 
     def put(self, image_sha256: str, grids: torch.Tensor, prompts, image_size) -> Entry:
-        grids = grids.detach().to("cpu", torch.float32).contiguous()
+        # A copy of its own: an image's grids are often a view of the whole batch's tensor, and
+        # torch.save writes a view's entire storage.
+        grids = grids.detach().to("cpu", torch.float32).clone(memory_format=torch.contiguous_format)
         if grids.dim() != 3:
             raise ValueError(f"grids must have shape (P, gh, gw), got {tuple(grids.shape)}")
         prompts = [str(p) for p in prompts]

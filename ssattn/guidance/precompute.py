@@ -7,14 +7,18 @@ batches (on the GPU when there is one) and writes entries atomically. Under
 torchrun each rank takes every world_size-th file of the sorted list.
 Unreadable files are reported and skipped; they never stop the run.
 Overlays of images larger than KEEP_MAX_SIDE (2048 px) on the long side
-are written at that size.
+are written at that size. Each image's overlay is named after its whole file
+name (overlay_path), so a.png, a.jpg and a.bmp get three; an overlay that
+cannot be written is reported and skipped like an unreadable file.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import time
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +36,7 @@ class Stats:
     computed: int = 0
     cached: int = 0
     failed: list = field(default_factory=list)  # (path, reason)
+    overlay_failed: list = field(default_factory=list)  # (path, reason): guidance cached, no overlay
     seconds: dict = field(default_factory=lambda: {"model": 0.0, "write": 0.0, "overlay": 0.0, "total": 0.0})
 
     @property
@@ -98,6 +103,24 @@ def shard(files: list, rank: int, world_size: int) -> list:
     return files[rank::world_size]
 
 
+# Longest file name most file systems take, in bytes.
+NAME_MAX = 255
+
+
+def overlay_path(overlay_dir, rel: Path) -> Path:
+    """Where the overlay of the image at rel (relative to IMAGES_DIR) goes: its full name + ".png".
+
+    The whole name (extension included) keeps a.png, a.jpg and a.bmp apart. A name that would
+    exceed NAME_MAX bytes is shortened and given a hash of the full relative path, so it stays unique.
+    """
+    name = rel.name + ".png"
+    if len(name.encode()) > NAME_MAX:
+        tag = "~" + hashlib.sha256(str(rel).encode()).hexdigest()[:16] + ".png"
+        keep = rel.name.encode()[:NAME_MAX - len(tag.encode())].decode(errors="ignore")
+        name = keep + tag
+    return Path(overlay_dir) / rel.parent / name
+
+
 def write_overlay(path: Path, image: torch.Tensor, guidance: torch.Tensor, alpha: float = 0.6) -> None:
     """PNG of the map blended over the image: red where it is weak, yellow at its peak (scaled to its max for display)."""
     import numpy as np
@@ -109,9 +132,14 @@ def write_overlay(path: Path, image: torch.Tensor, guidance: torch.Tensor, alpha
     out = (1 - alpha * m) * image.float() + alpha * m * heat
     arr = (out.clamp(0, 1).permute(1, 2, 0).numpy() * 255 + 0.5).astype(np.uint8)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.png")
-    Image.fromarray(arr).save(tmp)
-    os.replace(tmp, path)
+    # A short temporary name: the final name may already be NAME_MAX bytes long.
+    tmp = path.with_name(f".overlay-{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp.png")
+    try:
+        Image.fromarray(arr).save(tmp)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
 
 
 def precompute(images_dir, cache_dir, guide, *, batch_size: int = 16, workers: int = 0, recursive: bool = False,
@@ -126,7 +154,9 @@ def precompute(images_dir, cache_dir, guide, *, batch_size: int = 16, workers: i
     if not files:
         raise FileNotFoundError(f"no images in {str(root)!r} (looked for {', '.join(_exts())}"
                                 f"{'' if recursive else '; pass --recursive to look in subfolders'})")
-    if limit:
+    if limit is not None:
+        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 0:
+            raise ValueError(f"limit must be None or an integer >= 0, got {limit!r}")
         files = files[:limit]
     mine = shard(files, rank, world_size)
     cache = GuidanceCache(cache_dir, guide.settings)
@@ -175,8 +205,12 @@ def precompute(images_dir, cache_dir, guide, *, batch_size: int = 16, workers: i
                         continue
                     (m,) = it["entry"].render([tuple(it["image"].shape[-2:])], gamma=gamma, delta=delta,
                                               combine=combine)
-                    rel = Path(it["path"]).relative_to(root).with_suffix(".png")
-                    write_overlay(Path(overlay_dir) / rel, it["image"], m)
+                    target = overlay_path(overlay_dir, Path(it["path"]).relative_to(root))
+                    try:
+                        write_overlay(target, it["image"], m)
+                    except (OSError, ValueError) as exc:  # e.g. a name the file system refuses
+                        log.warning("no overlay for %s: %s", it["path"], exc)
+                        stats.overlay_failed.append((it["path"], str(exc)))
                 stats.seconds["overlay"] += time.perf_counter() - t0
             bar.update(len(items))
             bar.set_postfix(new=stats.computed, cached=stats.cached, failed=len(stats.failed))

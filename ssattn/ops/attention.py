@@ -73,6 +73,59 @@ def default_deterministic() -> bool:
     return torch.are_deterministic_algorithms_enabled()
 
 
+def check_inputs(q: Tensor, k: Tensor, v: Tensor, weight: Optional[Tensor], key_padding_mask: Optional[Tensor]) -> None:
+    """The shapes, dtypes and devices every backend relies on; metadata only, so no host sync.
+
+    The op runs this itself (and so does its fake kernel): a direct call of
+    torch.ops.ssattn.masked_attention_fwd with mismatched shapes raises instead of letting a
+    kernel read out of bounds. The functional API calls it too, after its type checks.
+    """
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.dim() != 4:
+            raise ValueError(f"{name} must have 4 dimensions (B, h, N, d), got shape {tuple(t.shape)}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"q, k and v must share a dtype, got {q.dtype}, {k.dtype} and {v.dtype}")
+    for name, t in (("k", k), ("v", v), ("weight", weight), ("key_padding_mask", key_padding_mask)):
+        if t is not None and t.device != q.device:
+            raise ValueError(f"{name} is on {t.device} but q is on {q.device}; all inputs must be on the same device")
+    B, h, _, d = q.shape
+    if k.shape[:2] != (B, h) or v.shape[:2] != (B, h):
+        raise ValueError(
+            f"q, k and v must agree in batch and heads (B, h): q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}"
+        )
+    if k.shape[-1] != d:
+        raise ValueError(f"k must have head dim {d} like q, got {tuple(k.shape)}")
+    if v.shape[2] != k.shape[2]:
+        raise ValueError(f"v must have as many keys as k ({k.shape[2]}), got {tuple(v.shape)}")
+    if k.shape[2] < 1 or q.shape[2] < 1 or d < 1 or v.shape[-1] < 1:
+        raise ValueError(f"q and k must have at least one token and head dim >= 1: q {tuple(q.shape)}, k {tuple(k.shape)}")
+    nk = k.shape[2]
+    if weight is not None:
+        if not weight.is_floating_point():
+            raise TypeError(f"weight must have a floating dtype, got {weight.dtype}")
+        if tuple(weight.shape) != (B, nk):
+            raise ValueError(f"weight must have shape (B, Nk) = {(B, nk)}, got {tuple(weight.shape)}")
+    if key_padding_mask is not None:
+        if key_padding_mask.dtype != torch.bool:
+            raise TypeError(f"key_padding_mask must be a bool tensor (True = padded key), got {key_padding_mask.dtype}")
+        if tuple(key_padding_mask.shape) != (B, nk):
+            raise ValueError(f"key_padding_mask must have shape (B, Nk) = {(B, nk)}, got {tuple(key_padding_mask.shape)}")
+
+
+def _check_backward_inputs(grad_out, q, k, v, weight, key_padding_mask, out, lse) -> None:
+    check_inputs(q, k, v, weight, key_padding_mask)
+    B, h, nq, _ = q.shape
+    expected = (B, h, nq, v.shape[-1])
+    for name, t in (("grad_out", grad_out), ("out", out)):
+        if tuple(t.shape) != expected:
+            raise ValueError(f"{name} must have shape (B, h, Nq, dv) = {expected}, got {tuple(t.shape)}")
+        if t.dtype != q.dtype or t.device != q.device:
+            raise ValueError(f"{name} must be {q.dtype} on {q.device} like q, got {t.dtype} on {t.device}")
+    if tuple(lse.shape) != (B, h, nq) or lse.dtype != lse_dtype(q.dtype) or lse.device != q.device:
+        raise ValueError(f"lse must be {lse_dtype(q.dtype)} of shape (B, h, Nq) = {(B, h, nq)} on {q.device}, "
+                         f"got {lse.dtype} {tuple(lse.shape)} on {lse.device}")
+
+
 def _kernels(backend: str):
     if backend != "triton":
         raise ValueError(f"masked_attention: unknown backend {backend!r}; expected 'triton'")
@@ -92,6 +145,7 @@ def masked_attention_fwd(
     q: Tensor, k: Tensor, v: Tensor, weight: Optional[Tensor], key_padding_mask: Optional[Tensor],
     scale: float, backend: str, precision: str, deterministic: bool,
 ) -> tuple[Tensor, Tensor]:
+    check_inputs(q, k, v, weight, key_padding_mask)
     _check_precision(precision)
     return _kernels(backend).forward(q, k, v, weight, key_padding_mask, scale,
                                      precision=precision, deterministic=deterministic)
@@ -99,6 +153,7 @@ def masked_attention_fwd(
 
 @masked_attention_fwd.register_fake
 def _(q, k, v, weight, key_padding_mask, scale, backend, precision, deterministic):
+    check_inputs(q, k, v, weight, key_padding_mask)
     B, h, nq, _ = q.shape
     out = out_like(q, v.shape[-1])
     lse = q.new_empty((B, h, nq), dtype=lse_dtype(q.dtype))
@@ -111,6 +166,7 @@ def masked_attention_bwd(
     key_padding_mask: Optional[Tensor], out: Tensor, lse: Tensor, scale: float, weight_grad: bool,
     backend: str, precision: str, deterministic: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    _check_backward_inputs(grad_out, q, k, v, weight, key_padding_mask, out, lse)
     _check_precision(precision)
     dq, dk, dv, dw = _kernels(backend).backward(
         grad_out, q, k, v, weight, key_padding_mask, out, lse, scale, weight_grad,
@@ -121,6 +177,7 @@ def masked_attention_bwd(
 
 @masked_attention_bwd.register_fake
 def _(grad_out, q, k, v, weight, key_padding_mask, out, lse, scale, weight_grad, backend, precision, deterministic):
+    _check_backward_inputs(grad_out, q, k, v, weight, key_padding_mask, out, lse)
     dw = weight.new_empty(weight.shape) if (weight is not None and weight_grad) else q.new_empty(0)
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), dw
 

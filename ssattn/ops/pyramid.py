@@ -58,12 +58,42 @@ def _kernels(backend: str):
     return mod
 
 
+def check_inputs(scores: Tensor, text: Optional[Tensor], grid_size: list[int], sizes: list[int]) -> None:
+    """What the kernel relies on (metadata only, no host sync); the op and its fake kernel run it,
+    so a direct call of torch.ops.ssattn.guidance_pyramid with inconsistent shapes raises."""
+    if len(grid_size) != 2 or min(grid_size) < 1:
+        raise ValueError(f"grid_size must be [gh, gw] with both >= 1, got {list(grid_size)}")
+    if len(sizes) < 2 or len(sizes) % 2 or min(sizes) < 1:
+        raise ValueError(f"sizes must be a flat list [H0, W0, H1, W1, ...] of integers >= 1, got {list(sizes)}")
+    gh, gw = grid_size
+    if scores.dim() != 3 or scores.shape[0] < 1:
+        raise ValueError(f"scores must have 3 dimensions and a batch >= 1, got shape {tuple(scores.shape)}")
+    if text is None:
+        if tuple(scores.shape[1:]) != (gh, gw):
+            raise ValueError(f"scores must be a (B, {gh}, {gw}) grid for grid_size {[gh, gw]}, got {tuple(scores.shape)}")
+    else:
+        if scores.shape[1] != gh * gw or scores.shape[2] < 1:
+            raise ValueError(f"scores must be patch features (B, {gh * gw}, Cf) for grid_size {[gh, gw]}, "
+                             f"got {tuple(scores.shape)}")
+        if text.dim() not in (1, 2) or text.shape[-1] != scores.shape[-1] or (
+                text.dim() == 2 and text.shape[0] != scores.shape[0]):
+            raise ValueError(f"text must have shape (Cf,) or (B, Cf) = {(scores.shape[0], scores.shape[-1])}, "
+                             f"got {tuple(text.shape)}")
+        if text.device != scores.device:
+            raise ValueError(f"text is on {text.device} but scores is on {scores.device}")
+    H, W = sizes[0], sizes[1]
+    for i in range(2, len(sizes), 2):
+        if sizes[i] > H or sizes[i + 1] > W:
+            raise ValueError(f"sizes: level {i // 2} ({sizes[i]}, {sizes[i + 1]}) is larger than the image ({H}, {W})")
+
+
 @torch.library.custom_op("ssattn::guidance_pyramid", mutates_args=())
 def guidance_pyramid_op(
     scores: Tensor, text: Optional[Tensor], grid_size: list[int], sizes: list[int],
     gamma: float, delta: float, renormalize: bool, backend: str, out_dtype: Optional[torch.dtype] = None,
     precision: str = "ieee",
 ) -> list[Tensor]:
+    check_inputs(scores, text, grid_size, sizes)
     return _kernels(backend).guidance_pyramid(
         scores, text, tuple(grid_size), _pairs(sizes), gamma, delta, renormalize,
         eps=NORM_EPS, out_dtype=out_dtype, precision=precision,
@@ -72,5 +102,6 @@ def guidance_pyramid_op(
 
 @guidance_pyramid_op.register_fake
 def _(scores, text, grid_size, sizes, gamma, delta, renormalize, backend, out_dtype=None, precision="ieee"):
+    check_inputs(scores, text, grid_size, sizes)
     dtype = out_dtype or scores.dtype
     return [scores.new_empty((scores.shape[0], 1, h, w), dtype=dtype) for h, w in _pairs(sizes)]

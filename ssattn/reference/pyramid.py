@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .area import area_resize
+
 # Norm guard of the cosine similarity; the fused kernel uses the same constant.
 NORM_EPS = 1e-8
 
@@ -54,16 +56,19 @@ def guidance_pyramid(
 ) -> list[torch.Tensor]:
     """Return one (B, 1, H_l, W_l) map per size; the first is M_sem at sizes[0]."""
     out_dtype = scores.dtype
-    # Half inputs are computed in float32: NORM_EPS underflows in fp16, and
+    # Computed in float32 at least, whichever of scores and text is half: NORM_EPS
+    # underflows in fp16 (a zero text would give 0/0), and normalisation,
     # interpolation and pow lose too much there.
-    if out_dtype in (torch.float16, torch.bfloat16):
-        scores = scores.float()
-        text = None if text is None else text.float()
+    compute = torch.promote_types(out_dtype, torch.float32)
+    if text is not None:
+        compute = torch.promote_types(compute, text.dtype)
+        text = text.to(compute)
+    scores = scores.to(compute)
     if text is not None:
         scores = similarity_grid(scores, text, grid_size)
     grid = sharpen(normalize_minmax(scores), gamma, delta, renormalize).unsqueeze(1)
     m_sem = F.interpolate(grid, size=tuple(sizes[0]), mode="bilinear", align_corners=False)
     maps = [m_sem]
     for size in sizes[1:]:
-        maps.append(F.adaptive_avg_pool2d(m_sem, tuple(size)))
+        maps.append(area_resize(m_sem, tuple(size)))
     return [m.to(out_dtype) for m in maps]

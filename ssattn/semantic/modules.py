@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import _checks, functional
+from ..reference.area import area_resize
 
 
 class SemanticCrossAttention(nn.Module):
@@ -36,7 +36,7 @@ class SemanticCrossAttention(nn.Module):
             raise ValueError(f"head_dim must be a positive integer, got {head_dim!r}")
         self.dec_channels, self.enc_channels = dec_channels, enc_channels
         self.heads, self.head_dim = heads, head_dim
-        self.backend, self.scale, self.check_values = backend, scale, bool(check_values)
+        self.backend, self.scale, self.check_values = backend, _checks.scale(scale), bool(check_values)
         inner = heads * head_dim
         self.q_proj = nn.Conv2d(dec_channels, inner, 1, bias=False)
         self.k_proj = nn.Conv2d(enc_channels, inner, 1, bias=False)
@@ -54,11 +54,38 @@ class SemanticCrossAttention(nn.Module):
         B, _, H, W = x.shape
         return x.view(B, self.heads, self.head_dim, H * W).transpose(-1, -2)
 
+    def _check_dtypes(self, dec: Tensor, enc: Tensor) -> None:
+        """dec and enc in the parameters' dtype (autocast converts them itself): else conv fails deep inside."""
+        if torch.is_autocast_enabled(dec.device.type):
+            return
+        param = self.q_proj.weight.dtype
+        for name, x in (("dec", dec), ("enc", enc)):
+            if x.dtype != param:
+                raise TypeError(
+                    f"{name} has dtype {x.dtype} but the module's parameters are {param}: convert one "
+                    f"(module.to({x.dtype}) or {name}.to({param})), or run under torch.autocast"
+                )
+
+    def _project_out(self, out: Tensor, B: int, H: int, W: int) -> Tensor:
+        """W_o applied to the attention output (B, h, H*W, d): (B, Cd, H, W)."""
+        inner = self.heads * self.head_dim
+        flat = out.transpose(-1, -2).reshape(B, inner, H * W)
+        if not torch.compiler.is_compiling():
+            # out has q's layout, so this is a view in dec's memory format (no copy).
+            return self.out_proj(flat.view(B, inner, H, W))
+        # Inductor with dynamic shapes fails on a 4-D conv input saved for backward (it cannot
+        # order its symbolic channels-last strides, e.g. 8*H*W against 8): the same 1x1 conv as a matmul.
+        w = self.out_proj.weight.view(self.dec_channels, inner)
+        return (torch.matmul(w, flat) + self.out_proj.bias[:, None]).view(B, self.dec_channels, H, W)
+
     def forward(self, dec: Tensor, enc: Tensor, guidance: Tensor) -> Tensor:
         _checks.tensor("dec", dec, ndim=4)
         _checks.tensor("enc", enc, ndim=4)
         _checks.tensor("guidance", guidance, ndim=4)
         _checks.same_device(dec=dec, enc=enc, guidance=guidance)
+        for name, x in (("dec", dec), ("enc", enc), ("guidance", guidance)):
+            _checks.nonempty_spatial(name, x)
+        self._check_dtypes(dec, enc)
         B, Cd, H, W = dec.shape
         if Cd != self.dec_channels:
             raise ValueError(f"dec must have {self.dec_channels} channels, got shape {tuple(dec.shape)}")
@@ -74,13 +101,11 @@ class SemanticCrossAttention(nn.Module):
             _checks.unit_interval("guidance", guidance)
         He, We = enc.shape[-2:]
         q, k, v = self._heads(self.q_proj(dec)), self._heads(self.k_proj(enc)), self._heads(self.v_proj(enc))
-        m = F.adaptive_avg_pool2d(guidance, (He, We)).reshape(B, He * We).to(k.dtype)
+        m = area_resize(guidance, (He, We)).reshape(B, He * We).to(k.dtype)
         scale = self.scale if self.scale is not None else self.head_dim ** -0.5
         functional._check_attention_args(q, k, v, m, None, scale, check_values=False)
         out = functional._attention(q, k, v, m, None, float(scale), self.backend)
-        # out has q's layout, so this is a view in dec's memory format (no copy).
-        out = out.transpose(-1, -2).reshape(B, self.heads * self.head_dim, H, W)
-        update = self.out_proj(out)
+        update = self._project_out(out, B, H, W)
         if torch.promote_types(dec.dtype, update.dtype) == dec.dtype:
             return dec + update  # e.g. a bf16 update under autocast: the add converts it in passing
         return dec + update.to(dec.dtype)
@@ -95,9 +120,7 @@ class GuidancePyramid(nn.Module):
     def __init__(self, sizes, gamma: float = 2.0, delta: float = 0.2, *, renormalize: bool = False,
                  backend: str = "auto"):
         super().__init__()
-        self.sizes = [_checks.size_pair(f"sizes[{i}]", s) for i, s in enumerate(sizes)]
-        if not self.sizes:
-            raise ValueError("sizes must be a non-empty list of (H, W) pairs")
+        self.sizes = _checks.pyramid_sizes(sizes)
         _checks.sharpening(gamma, delta)
         self.gamma, self.delta, self.renormalize, self.backend = float(gamma), float(delta), renormalize, backend
 

@@ -1,14 +1,18 @@
 """The `ssattn` command: one module per subcommand, each with register(subparsers).
 
 Subcommand modules import heavy dependencies (transformers, scikit-image)
-inside their run functions, so `ssattn --help` stays fast.
+inside their run functions, so `ssattn --help` stays fast. Errors never show
+a traceback: the message on stderr and exit code 2 (SSATTN_DEBUG=1 re-raises).
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
+
+from .common import CLIError
 
 COMMANDS = ("demo", "guide", "train", "eval", "info")
 
@@ -27,9 +31,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Errors whose message is written for the user (the library names the argument and what was
+# expected); anything else is unexpected, and its type is shown with the message.
+_USER_ERRORS = (CLIError, ValueError, TypeError, OSError, ImportError)
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    return int(args.func(args) or 0)
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        print(f"ssattn {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:
+        if os.environ.get("SSATTN_DEBUG", "") not in ("", "0"):
+            raise
+        text = str(exc) if isinstance(exc, _USER_ERRORS) else f"{type(exc).__name__}: {exc}"
+        hint = "" if isinstance(exc, _USER_ERRORS) else " (SSATTN_DEBUG=1 shows the traceback)"
+        print(f"ssattn {args.command}: {text or type(exc).__name__}{hint}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -8,6 +8,8 @@ writes figure.png, results.md and results.json into --out.
 
 from __future__ import annotations
 
+from .common import CLIError
+
 DEFAULTS = {"steps": 200, "size": 48, "batch_size": 8, "n_train": 256, "n_test": 16, "width": 16}
 QUICK = {"steps": 3, "size": 32, "batch_size": 4, "n_train": 8, "n_test": 4, "width": 8}
 
@@ -38,10 +40,10 @@ def _settings(args) -> dict:
     base = QUICK if args.quick else DEFAULTS
     s = {k: (getattr(args, k) if getattr(args, k) is not None else v) for k, v in base.items()}
     if s["size"] % 8 or s["size"] < 16:
-        raise SystemExit(f"ssattn demo: --size must be a multiple of 8 and >= 16, got {s['size']}")
+        raise CLIError(f"--size must be a multiple of 8 and >= 16, got {s['size']}")
     for k in ("steps", "batch_size", "n_train", "n_test", "width"):
         if s[k] < 1:
-            raise SystemExit(f"ssattn demo: --{k.replace('_', '-')} must be >= 1, got {s[k]}")
+            raise CLIError(f"--{k.replace('_', '-')} must be >= 1, got {s[k]}")
     return s
 
 
@@ -170,5 +172,5 @@ def run(args) -> int:
                    **meta}, f, indent=2)
     print("\n" + "\n".join(table) + "\n")
     print(f"backends: attention {backends['masked_cross_attention']}, alignment loss {backends['alignment_loss']}")
-    print(f"wrote {fig}, results.md, results.json into {args.out} ({total:.1f} s total)")
+    print(f"wrote figure.png, results.md and results.json into {args.out} ({total:.1f} s total)")
     return 0

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 
 def register(sub) -> None:
+    from .common import positive_int
     from .train import add_data_args
 
     p = sub.add_parser("eval", help="evaluate a checkpoint written by `ssattn train` (PSNR, SSIM)")
     p.add_argument("--checkpoint", required=True, help="RUN_DIR/checkpoint.pt")
     add_data_args(p, n_default=32)
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--batch-size", type=positive_int, default=16, help="batch size (default %(default)s)")
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
     p.set_defaults(func=run)
 
@@ -22,7 +23,7 @@ def run(args) -> int:
     from .train import load_data, resolve_device
 
     device = resolve_device(args.device)
-    model, ckpt = load_model(args.checkpoint, device)
+    model, ckpt = load_model(args.checkpoint, device, unsafe=args.unsafe_checkpoint)
     # Synthetic evaluation uses the held-out split (right quarter of each photograph).
     data, desc = load_data(args, "test")
     ev = evaluate(model, data, batch_size=args.batch_size, device=device)

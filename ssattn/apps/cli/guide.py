@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 
+from .common import CLIError, positive_int
+
 
 def register(sub) -> None:
     p = sub.add_parser(
@@ -26,13 +28,13 @@ def register(sub) -> None:
                    help="image-text-to-text model asked for the key objects (default llava-hf/llava-1.5-7b-hf; "
                         "'none': generic prompts)")
     p.add_argument("--question", default=None, help="question asked to the captioner")
-    p.add_argument("--max-prompts", type=int, default=4, help="at most this many object prompts per image (4)")
+    p.add_argument("--max-prompts", type=positive_int, default=4, help="at most this many object prompts per image (4)")
     p.add_argument("--joint", action="store_true", help="join an image's prompts into one text (one map)")
     p.add_argument("--combine", choices=("max", "mean"), default="max",
                    help="how per-prompt maps combine in the overlays (max); datasets choose at load time")
     p.add_argument("--gamma", type=float, default=2.0, help="sharpening exponent for overlays (2.0)")
     p.add_argument("--delta", type=float, default=0.2, help="sharpening threshold for overlays (0.2)")
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--batch-size", type=positive_int, default=16, help="images per model call (16)")
     p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="decoding processes")
     p.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda when present)")
     p.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default=None,
@@ -40,7 +42,7 @@ def register(sub) -> None:
     p.add_argument("--recursive", action="store_true", help="also take images in subfolders")
     p.add_argument("--overlay", nargs="?", const="", default=None, metavar="DIR",
                    help="also write PNGs of the map over each image (default DIR: CACHE_DIR/overlays)")
-    p.add_argument("--limit", type=int, default=None, help="only the first N images (for a quick look)")
+    p.add_argument("--limit", type=positive_int, default=None, help="only the first N images (for a quick look)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=run)
 
@@ -76,6 +78,10 @@ def run(args) -> int:
     if not os.path.isdir(args.images):
         print(f"ssattn guide: IMAGES_DIR {args.images!r} is not a folder", file=sys.stderr)
         return 2
+    overlay = None if args.overlay is None else (args.overlay or os.path.join(args.out, "overlays"))
+    for flag, path in (("--out", args.out), ("--overlay", overlay)):
+        if path is not None and os.path.exists(path) and not os.path.isdir(path):
+            raise CLIError(f"{flag} {path!r} is a file; it must name a folder (created if needed)")
     rank, world, device = _distributed(args.device)
     dtype = getattr(torch, args.dtype) if args.dtype else None
     try:
@@ -85,7 +91,6 @@ def run(args) -> int:
     except (ModelNotAvailableError, ValueError) as exc:
         print(f"ssattn guide: {exc}", file=sys.stderr)
         return 2
-    overlay = None if args.overlay is None else (args.overlay or os.path.join(args.out, "overlays"))
     try:
         stats = precompute(args.images, args.out, guide, batch_size=args.batch_size, workers=args.workers,
                            recursive=args.recursive, overlay_dir=overlay, gamma=args.gamma, delta=args.delta,
@@ -94,6 +99,9 @@ def run(args) -> int:
     except FileNotFoundError as exc:
         print(f"ssattn guide: {exc}", file=sys.stderr)
         return 2
+    except PermissionError as exc:  # a read-only cache (entries already there or not)
+        raise CLIError(f"cannot write to CACHE_DIR {args.out!r}: {exc.strerror or exc}"
+                       + (f" ({exc.filename})" if exc.filename else "")) from None
     counts = torch.tensor([stats.computed, stats.cached, len(stats.failed)])
     if world > 1:
         import torch.distributed as dist
@@ -103,6 +111,9 @@ def run(args) -> int:
         dist.destroy_process_group()
     if stats.failed:  # each was logged with its reason; list them once more at the end, where they are seen
         print("ssattn guide: skipped unreadable files: " + ", ".join(p for p, _ in stats.failed), file=sys.stderr)
+    if stats.overlay_failed:  # their guidance is cached; only the picture is missing
+        print("ssattn guide: could not write the overlays of: " + ", ".join(p for p, _ in stats.overlay_failed),
+              file=sys.stderr)
     if rank == 0:
         from ssattn.guidance.cache import settings_id
 

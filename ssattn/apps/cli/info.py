@@ -14,7 +14,9 @@ def run(args) -> int:
     import ssattn
     from ssattn import _backends
 
-    print(f"ssattn {ssattn.__version__}, torch {torch.__version__}, CUDA available: {torch.cuda.is_available()}")
+    cuda = torch.cuda.is_available()
+    usable = f"usable ({torch.cuda.device_count()} device(s))" if cuda else "not usable here (no CUDA device or a CPU build)"
+    print(f"ssattn {ssattn.__version__}, torch {torch.__version__}, CUDA {torch.version.cuda or 'none'}: {usable}")
     err = _backends.triton_import_error()
     if err is None:
         import triton
@@ -26,6 +28,10 @@ def run(args) -> int:
     else:
         print(f"triton: not available ({err})")
     native = _backends.native_module()
-    print(f"native extension ssattn._C: {'built' if native is not None else 'not built'}"
-          + (f" (CUDA kernels: {native.has_cuda()})" if native is not None and hasattr(native, 'has_cuda') else ""))
+    line = f"native extension ssattn._C: {'built' if native is not None else 'not built'}"
+    if native is not None and hasattr(native, "has_cuda"):
+        # Compiled in is not the same as runnable: the kernels also need a CUDA device.
+        compiled = bool(native.has_cuda())
+        line += f" (CUDA kernels compiled: {'yes' if compiled else 'no'}, usable: {'yes' if compiled and cuda else 'no'})"
+    print(line)
     return 0

@@ -254,8 +254,9 @@ def _set_rng_state(state: dict, device: torch.device) -> None:
     if isinstance(n, dict):
         np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
                              n["cached_gaussian"]))
-    else:  # format 1: numpy's own tuple
-        np.random.set_state(n)
+    else:  # format 1: numpy's tuple, its key an array or a list of ints
+        name, key, pos, has_gauss, cached = n
+        np.random.set_state((name, np.asarray(key, dtype=np.uint32), pos, has_gauss, cached))
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
     if "cuda" in state and device.type == "cuda":
@@ -286,16 +287,58 @@ def write_checkpoint(path: str, payload: dict) -> None:
             os.remove(tmp)
 
 
-def load_checkpoint(path: str, map_location="cpu") -> dict:
+def _allowed_globals() -> list:
+    """What a weights-only load may build besides tensors and plain values: numpy arrays, which
+    checkpoints written before the RNG state was stored as plain values hold."""
+    try:
+        from numpy._core.multiarray import _reconstruct
+    except ImportError:  # numpy < 2
+        from numpy.core.multiarray import _reconstruct
+    return [_reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+
+
+def load_checkpoint(path: str, map_location="cpu", *, unsafe: bool = False) -> dict:
+    """The checkpoint dict, loaded with torch.load(weights_only=True) (tensors, plain values, numpy arrays).
+
+    unsafe=True loads with weights_only=False, which runs any code the file holds: only for
+    files you trust (CLI: --unsafe-checkpoint).
+    """
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint: no file at {path!r}")
-    # Format 1 checkpoints hold numpy's RNG tuple: trusted local files only.
-    return torch.load(path, map_location=map_location, weights_only=False)
+    try:
+        if unsafe:
+            ckpt = torch.load(path, map_location=map_location, weights_only=False)
+        else:
+            with torch.serialization.safe_globals(_allowed_globals()):
+                ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:  # an unpickling error, a broken zip, a KeyError from random bytes...
+        blocked = [] if unsafe else _blocked_globals(path)
+        if blocked:
+            raise ValueError(
+                f"checkpoint {path!r} holds objects other than tensors and plain values ({', '.join(blocked[:5])}), "
+                "so it was not loaded. If you trust the file, load it with unsafe=True (CLI: --unsafe-checkpoint), "
+                "which runs any code inside it"
+            ) from None
+        text = str(exc).strip().splitlines()
+        raise ValueError(f"{path!r} is not a checkpoint written by ssattn train "
+                         f"(unreadable: {type(exc).__name__}{': ' + text[0] if text else ''})") from None
+    if not isinstance(ckpt, dict) or not {"model", "step"} <= set(ckpt):
+        raise ValueError(f"{path!r} is not a checkpoint written by ssattn train (no model state and step)")
+    return ckpt
 
 
-def load_model(path: str, device="cpu") -> tuple[nn.Module, dict]:
+def _blocked_globals(path: str) -> list[str]:
+    """The classes and functions a weights-only load refuses in this file (read without running it)."""
+    allowed = {f"{g.__module__}.{g.__qualname__}" for g in _allowed_globals()}
+    try:
+        return [g for g in torch.serialization.get_unsafe_globals_in_checkpoint(path) if g not in allowed]
+    except Exception:  # not a torch.save file at all
+        return []
+
+
+def load_model(path: str, device="cpu", *, unsafe: bool = False) -> tuple[nn.Module, dict]:
     """Rebuild the model saved in a checkpoint; returns (model, checkpoint)."""
-    ckpt = load_checkpoint(path)
+    ckpt = load_checkpoint(path, unsafe=unsafe)
     if not ckpt.get("spec"):
         raise ValueError(f"checkpoint {path!r} has no model spec; it was not written by ssattn train")
     model = build_model(ckpt["spec"])
@@ -309,18 +352,19 @@ def _unused_parameters(model: nn.Module) -> list[str]:
 
 
 def train(model: nn.Module, data, config: TrainConfig, out_dir: str | None = None, *, spec: dict | None = None,
-          resume: bool = True, stop_at: int | None = None) -> dict:
+          resume: bool = True, stop_at: int | None = None, unsafe: bool = False) -> dict:
     """Train `model` (a plain network, or a semantic_sensitive wrapper) on (degraded, reference, guidance).
 
     Loss: ReconstructionLoss (L1 [+ VGG-19 perceptual]) + ss.alignment_loss()
     for -SS models. With out_dir, checkpoints go to out_dir/checkpoint.pt and
-    an existing one is resumed when resume=True. stop_at ends the run early
+    an existing one is resumed when resume=True (unsafe: see load_checkpoint). stop_at ends the run early
     (as an interruption would; the LR schedule still spans config.steps).
     In an initialised process group the model is trained with DDP on this
     rank's shard (see the module's docstring).
     Returns a history dict (rank 0's; metrics already reduced over the ranks):
-    loss and psnr per step, step_times, steps, step_time_s (seconds per step,
-    after 2 warm-up steps), images_per_s (all ranks), world_size, loss_description.
+    loss and psnr per step, step_times, steps, steps_run (in this call), step_time_s
+    (seconds per step, after 2 warm-up steps; NaN when none ran), images_per_s (all
+    ranks), world_size, loss_description.
     """
     from tqdm.auto import tqdm
 
@@ -346,7 +390,7 @@ def train(model: nn.Module, data, config: TrainConfig, out_dir: str | None = Non
     history = {"loss": [], "psnr": [], "step_times": []}
     ckpt_path = os.path.join(out_dir, CHECKPOINT) if out_dir else None
     if ckpt_path and resume and os.path.isfile(ckpt_path):
-        ckpt = load_checkpoint(ckpt_path)
+        ckpt = load_checkpoint(ckpt_path, unsafe=unsafe)
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         step, history = int(ckpt["step"]), ckpt["history"]
@@ -396,7 +440,7 @@ def train(model: nn.Module, data, config: TrainConfig, out_dir: str | None = Non
     bar = tqdm(total=config.steps, initial=step, desc=config.desc, disable=not (config.progress and ctx.is_main),
                leave=False, dynamic_ncols=True)
     end = config.steps if stop_at is None else min(config.steps, int(stop_at))
-    first = True
+    first, first_step = True, step
     order = None
     while step < end:
         if (len(source) - offset) // w < per_rank:  # the rest of this epoch is too short for a step
@@ -467,7 +511,7 @@ def train(model: nn.Module, data, config: TrainConfig, out_dir: str | None = Non
         _save(ctx, ckpt_path, model, optimizer, scheduler, scaler, step, epoch, offset, config, spec, history)
     times = history["step_times"][2:] or history["step_times"]
     step_time = float(np.mean(times)) if times else float("nan")
-    return {**history, "steps": step, "step_time_s": step_time, "images_per_s": per_step / step_time,
+    return {**history, "steps": step, "steps_run": step - first_step, "step_time_s": step_time, "images_per_s": per_step / step_time,
             "world_size": w, "loss_description": criterion.describe() + (" + alignment (lambda 0.1)" if ss else "")}
 
 

@@ -1,0 +1,187 @@
+"""The `ssattn` command on bad input: a message on stderr and exit code 2, never a traceback.
+
+Also the reports and help texts a new user reads (train --help defaults,
+`ssattn info`'s compiled vs usable, train with nothing left to do).
+"""
+
+import os
+import subprocess
+import sys
+import warnings
+
+import pytest
+import torch
+
+from ssattn.apps.cli import main
+from ssattn.guidance import GuidanceCache, SaliencyGuide
+
+warnings.filterwarnings("ignore", message=r"ssattn\..*falling back")
+
+TRAIN = ["--size", "16", "--n", "4", "--batch-size", "2", "--width", "4", "--levels", "dec3", "--no-progress",
+         "--device", "cpu"]
+
+
+def _fails(capsys, argv, *needles):
+    """main(argv) returns 2 (no exception escapes) and stderr holds one message with every needle."""
+    rc = main([str(a) for a in argv])
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    assert "Traceback" not in err
+    for needle in needles:
+        assert needle in err, err
+    return err
+
+
+def _images(folder, n=3):
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    g = torch.Generator().manual_seed(0)
+    for i in range(n):
+        Image.fromarray((torch.rand(20, 24, 3, generator=g) * 255).byte().numpy()).save(folder / f"{i}.png")
+    return folder
+
+
+def _guide(images, out, *extra):
+    return [str(a) for a in ["guide", images, "--out", out, "--workers", "0", "--no-progress", *extra]]
+
+
+# --------------------------------------------------------------------------- guide
+def test_guide_out_naming_a_file(tmp_path, capsys):
+    images = _images(tmp_path / "imgs")
+    (tmp_path / "taken").write_text("a file")
+    _fails(capsys, _guide(images, tmp_path / "taken"), "--out", "is a file")
+    _fails(capsys, _guide(images, tmp_path / "c", "--overlay", tmp_path / "taken"), "--overlay", "is a file")
+
+
+def _refuse_writes(monkeypatch):
+    from ssattn.guidance import cache as cache_mod
+
+    def refuse(path, data):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(cache_mod, "atomic_write_bytes", refuse)
+
+
+def test_guide_read_only_cache(tmp_path, capsys, monkeypatch):
+    images = _images(tmp_path / "imgs", n=4)
+    # partly filled: two entries (and settings.json) written, then the folder turns read-only
+    assert main(_guide(images, tmp_path / "c", "--limit", "2")) == 0
+    capsys.readouterr()
+    _refuse_writes(monkeypatch)
+    _fails(capsys, _guide(images, tmp_path / "c"), "cannot write to CACHE_DIR", "Permission denied")
+    # empty and read-only: settings.json cannot be written either
+    _fails(capsys, _guide(images, tmp_path / "fresh"), "cannot write to CACHE_DIR")
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() == 0, reason="root ignores permission bits")
+def test_guide_read_only_cache_folder(tmp_path, capsys):
+    images = _images(tmp_path / "imgs", n=2)
+    (tmp_path / "c").mkdir()
+    os.chmod(tmp_path / "c", 0o555)
+    try:
+        _fails(capsys, _guide(images, tmp_path / "c"), "cannot write to CACHE_DIR")
+    finally:
+        os.chmod(tmp_path / "c", 0o755)
+
+
+def test_guide_limit(tmp_path, capsys):
+    images = _images(tmp_path / "imgs", n=3)
+    with pytest.raises(SystemExit) as exc:
+        main(_guide(images, tmp_path / "c", "--limit", "0"))
+    assert exc.value.code == 2 and "--limit: must be >= 1" in capsys.readouterr().err
+    from ssattn.guidance.precompute import precompute
+
+    stats = precompute(images, tmp_path / "c", SaliencyGuide(), limit=0, progress=False)
+    assert stats.total == 0  # limit=0 is none, not all
+    assert precompute(images, tmp_path / "c", SaliencyGuide(), limit=2, progress=False).total == 2
+
+
+# --------------------------------------------------------------------------- train / eval
+def test_eval_checkpoint_that_is_not_one(tmp_path, capsys):
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(b"these bytes are no checkpoint at all")
+    _fails(capsys, ["eval", "--checkpoint", junk, "--data", "synthetic", "--size", "16", "--n", "2", "--device", "cpu"],
+           "not a checkpoint written by ssattn train")
+    torch.save({"weights": torch.zeros(2)}, tmp_path / "other.pt")  # a torch file, but not ours
+    _fails(capsys, ["eval", "--checkpoint", tmp_path / "other.pt", "--data", "synthetic", "--device", "cpu"],
+           "not a checkpoint written by ssattn train")
+    _fails(capsys, ["eval", "--checkpoint", tmp_path / "nosuch.pt", "--data", "synthetic", "--device", "cpu"],
+           "no file at", "nosuch.pt")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a usable GPU")
+def test_train_device_cuda_without_gpu(tmp_path, capsys):
+    argv = ["train", "--data", "synthetic", "--out", tmp_path / "run", "--steps", "1", *TRAIN]
+    argv[argv.index("--device") + 1] = "cuda"
+    _fails(capsys, argv, "--device cuda", "no CUDA device")
+    argv[argv.index("--device") + 1] = "tpu9"
+    _fails(capsys, argv, "--device must be")
+
+
+def test_train_errors_are_one_message(tmp_path, capsys):
+    run = tmp_path / "run"
+    (tmp_path / "flat").mkdir()
+    _images(tmp_path / "flat" / "just_images")  # a folder without a paired layout
+    _fails(capsys, ["train", "--data", tmp_path / "flat", "--out", run, "--steps", "1", *TRAIN], str(tmp_path / "flat"))
+    argv = ["train", "--data", "synthetic", "--out", run, "--steps", "1", *TRAIN]
+    argv[argv.index("--levels") + 1] = "dec9"
+    _fails(capsys, argv, "dec9")
+    _fails(capsys, ["train", "--data", "synthetic", "--out", run, "--steps", "1", "--vgg-weights",
+                    tmp_path / "nosuch.pth", *TRAIN], "nosuch.pth")
+
+
+def test_train_with_an_unreadable_cache_settings_file(tmp_path, capsys):
+    for sub in ("input", "target"):
+        _images(tmp_path / "data" / sub, n=2)
+    bad = tmp_path / "cache" / "0123456789abcdef"
+    bad.mkdir(parents=True)
+    (bad / "settings.json").write_text('{"format": 1, "settin')  # cut off mid-write
+    with pytest.raises(ValueError, match="settings.json.*unreadable"):
+        GuidanceCache.open_existing(tmp_path / "cache")
+    _fails(capsys, ["train", "--data", tmp_path / "data", "--cache-dir", tmp_path / "cache", "--out", tmp_path / "run",
+                    "--steps", "1", *TRAIN], "settings.json", "unreadable")
+
+
+def test_train_steps_zero_and_nothing_left_to_do(tmp_path, capsys):
+    run = tmp_path / "run"
+    with pytest.raises(SystemExit) as exc:
+        main(["train", "--data", "synthetic", "--out", str(run), "--steps", "0", *TRAIN])
+    assert exc.value.code == 2 and "--steps: must be >= 1" in capsys.readouterr().err
+    argv = ["train", "--data", "synthetic", "--out", str(run), "--steps", "1", *TRAIN]
+    assert main(argv) == 0
+    assert "ms/step" in capsys.readouterr().out
+    assert main(argv) == 0  # resumed at step 1 of 1: no step runs, so no step time to report
+    out = capsys.readouterr().out
+    assert "nan" not in out and "no new steps" in out
+
+
+def test_train_help_shows_defaults(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["train", "--help"])
+    assert exc.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    for flag, default in (("--steps", "1000"), ("--batch-size", "8"), ("--lr", "0.002"), ("--model", "unet-ss")):
+        start = text.index(flag + " ", text.index("options:"))
+        assert f"(default {default})" in text[start:start + 300], (flag, text[start:start + 300])
+
+
+def test_info_says_compiled_and_usable(capsys):
+    assert main(["info"]) == 0
+    out = capsys.readouterr().out
+    assert "usable" in out
+    assert "CUDA available" not in out  # the old line, which read as a contradiction beside "CUDA kernels: True"
+    from ssattn import _backends
+
+    native = _backends.native_module()
+    if native is not None and hasattr(native, "has_cuda"):
+        assert "CUDA kernels compiled:" in out and "usable:" in out
+
+
+def test_no_traceback_from_the_installed_command(tmp_path):
+    # The real entry point (a fresh interpreter), for one library error that used to surface as a traceback.
+    proc = subprocess.run([sys.executable, "-m", "ssattn", "eval", "--checkpoint", str(tmp_path / "nosuch.pt"),
+                           "--data", "synthetic", "--device", "cpu"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr and "nosuch.pt" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
