@@ -16,6 +16,7 @@ from torch import Tensor
 from . import _backends, _checks, reference
 from .ops import alignment as _alignment_ops
 from .ops import attention as _attention_ops
+from .ops import attention_cpu as _attention_cpu
 from .ops import pyramid as _pyramid_ops
 
 
@@ -124,7 +125,9 @@ def masked_cross_attention(
 def _attention(q, k, v, weight, key_padding_mask, scale: float, backend: str) -> Tensor:
     """masked_cross_attention after validation (the modules validate their own map)."""
     chosen = _backends.resolve("masked_cross_attention", backend, q.device.type, q.dtype)
-    if chosen == "reference":
+    if chosen == _attention_cpu.BACKEND and (backend != "auto" or _attention_cpu.worth_it(q, k)):
+        return _attention_cpu.masked_attention_cpu(q, k, v, weight, key_padding_mask, scale)
+    if chosen in ("reference", _attention_cpu.BACKEND):  # small CPU problems: the reference (see worth_it)
         return reference.masked_cross_attention(q, k, v, weight, key_padding_mask, scale)
     return _attention_ops.masked_attention(q, k, v, weight, key_padding_mask, scale, chosen)
 

@@ -47,3 +47,14 @@ def test_readme_usage_example_runs():
     exec(compile(example, "README.md:Using it", "exec"), namespace)
     assert namespace["out"].shape == (2, 4, 1024, 32)
     assert namespace["loss"].ndim == 0 and bool(namespace["loss"].isfinite())
+
+
+def test_readme_dropin_example_runs():
+    readme = (ROOT / "README.md").read_text()
+    example = re.findall(r"```python\n(.+?)\n```", readme.split("## Drop-in for an existing network", 1)[1], re.S)[0]
+    namespace: dict = {}
+    exec(compile(example, "README.md:Drop-in", "exec"), namespace)
+    ss, model = namespace["ss"], namespace["model"]
+    assert namespace["y"].shape == (2, 3, 32, 32)
+    assert namespace["loss"].ndim == 0 and bool(namespace["loss"].isfinite())
+    assert ss.model is model and ss.blocks["dec1"].out_proj.weight.abs().sum() > 0  # the optimizer saw the stages

@@ -3,6 +3,7 @@
 import json
 import math
 import os
+import re
 import warnings
 
 import pytest
@@ -193,6 +194,25 @@ def test_train_and_eval_cli_on_synthetic(tmp_path, capsys):
     assert "divisible by 8" in capsys.readouterr().err
     assert cli_main(["train", "--data", str(tmp_path / "nope"), "--out", run_dir]) == 2
     assert "neither a folder" in capsys.readouterr().err
+
+
+def test_resume_with_another_model_is_a_clear_error(tiny_data, tmp_path, capsys):
+    run_dir = str(tmp_path / "run")
+    common = ["train", "--data", "synthetic", "--out", run_dir, "--size", "16", "--n", "4", "--steps", "1",
+              "--batch-size", "2", "--width", "4", "--no-progress", "--device", "cpu"]
+    assert cli_main(common + ["--model", "unet"]) == 0
+    capsys.readouterr()
+    rc = cli_main(common + ["--model", "unet-ss", "--levels", "dec3"])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert re.search(r"checkpoint\.pt holds a run of another model \(\{'arch': 'unet'.*--no-resume", err)
+    assert "Traceback" not in err and "state_dict" not in err
+    # Through the API without a spec: the tensors that do not fit are summarised, not listed by the hundred.
+    train(UNet(width=4), tiny_data, TrainConfig(steps=1, batch_size=2, progress=False), str(tmp_path / "api"))
+    with pytest.raises(ValueError, match=r"saved from a different model: \d+ of this model's tensors are missing "
+                                         r"\(model\.enc1\..*, \.\.\.\), \d+ are unknown to it \(enc1\."):
+        train(unet_ss(width=4, levels=("dec3",)), tiny_data, TrainConfig(steps=2, batch_size=2, progress=False),
+              str(tmp_path / "api"))
 
 
 def test_baseline_and_ss_start_identical():

@@ -3,37 +3,62 @@
     ss = ssattn.semantic_sensitive(unet, {"dec2": "enc2", "dec1": "enc1"})
     y = ss(x, guidance=m)                 # m: (B, 1, H, W) map of the image size
     loss = l1(y, ref) + ss.alignment_loss()
+    with ss.guidance(m):                  # or: existing training code, unchanged
+        y = unet(x)
 
 The model's source is not touched. Forward hooks capture each named encoder
-module's output e_l and replace each named decoder module's output d_l by
+output e_l and replace each named decoder output d_l by
 SemanticCrossAttention(d_l, e_l, m) (keys and values from the map-weighted
 encoder output, the map area-averaged to e_l's size). Every attention stage
 starts as the identity (zero output projection), so a new wrapper gives the
-model's outputs bit for bit.
+model's outputs bit for bit. The bare model called outside `ss(...)` or
+`with ss.guidance(m)` runs as the plain model.
 
-When are the attention stages created? Their sizes must be known before an
-optimizer, DDP or a state_dict load sees the parameters, so they are created
-at construction whenever possible:
-  1. from `channels={dec_name: (dec_channels, enc_channels)}` when given;
-  2. else from the modules themselves (a Conv2d / ConvTranspose2d / norm
-     layer, or an nn.Sequential ending in one, possibly followed by
-     channel-preserving layers such as activations);
-  3. else by a dry probe when `example_inputs=(x, ...)` is given;
-  4. else lazily at the first call (a warning says so). Call
-     `ss.materialize(*example_inputs)` before building the optimizer or DDP.
-Inferred channel counts are checked against the real tensors at every call
-(SemanticCrossAttention raises on a mismatch).
+Sites (pairs' keys and values; see ssattn.dropin.sites): "name" as in
+model.named_modules(), optionally "name[0]" / "name[key]" (one element of a
+tuple, list or dict output; for a decoder only that element is replaced) and
+"name#k" (only the k-th call of the module in a forward pass, from 0).
 
-Works with torch.compile (the hooks are traced: one graph, no graph break,
-checked with torch._dynamo.explain), autocast, state_dict save/load, .to()
-and DistributedDataParallel (wrap the SemanticSensitive module, after the
-stages exist). nn.DataParallel is not supported (its replicas would share
-the wrapper's per-call state); use DDP. The hooks keep per-call state on the
-wrapper, so one wrapper must not run forwards from several threads at once.
+Which encoder call feeds which decoder call: a decoder call takes the most
+recent call of its encoder site that ran before it in the same forward pass
+(with "enc#k": that call). An unpinned decoder refines every call with its
+one stage, and the alignment loss averages that pair's term over the calls.
+A paired module that runs more than once per forward without "#k" gets a
+warning (once), since the rule is then right only if the network means it.
+
+Stages exist at construction, so an optimizer, DDP or a state_dict load sees
+them. Channel counts come from `channels={decoder site: (dec_channels,
+enc_channels)}`, else from the modules' definitions (sites.declared_channels:
+convolutions, norms, Linear, or the last such layer of a custom block), else
+from a dry forward pass on `example_inputs` (a tensor, a tuple of positional
+inputs, a dict of keyword inputs, or (args_tuple, kwargs_dict)). Where none
+applies, construction raises an error naming the module. Every call checks the
+counts against the real tensors (an error names the site).
+
+Features are used as the modules returned them. A module's output that the
+network later changes in place (e.g. ReLU(inplace=True) after it) is found by
+the tensor's version counter: the first forward keeps a copy of each captured
+tensor and drops it when the version did not change; only sites whose output
+changed keep copying.
+
+Activation checkpointing (torch.utils.checkpoint, use_reentrant=False, inside
+the network's forward) works: the recompute in backward refines with the
+guidance and encoder features of the wrapper's most recent forward, so run
+each backward before the next forward of the same wrapper (the usual step).
+A decoder that runs more than once per forward cannot be recomputed (its
+calls cannot be told apart): that raises an error.
+
+copy.deepcopy(ss) is an independent -SS model (EMA and teacher copies);
+wrapping a wrapped model raises. Works with torch.compile (the hooks are
+traced), autocast, state_dict, .to() and DistributedDataParallel (wrap the
+SemanticSensitive module). nn.DataParallel is not supported (its replicas
+would share the wrapper's per-call state); use DDP. One wrapper must not run
+forwards from several threads at once.
 """
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import warnings
 from collections.abc import Mapping
@@ -44,37 +69,60 @@ from torch import Tensor, nn
 from .. import _checks
 from ..reference.area import area_resize
 from ..semantic import SemanticAlignmentLoss, SemanticCrossAttention
+from .sites import Site, declared_channels, parse_site, replace, select
 
 __all__ = ["SemanticSensitive", "semantic_sensitive", "remove_semantic_sensitive"]
 
-# Layers whose output has as many channels as their input.
-_CHANNEL_PRESERVING = (
-    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.GELU, nn.SiLU, nn.ELU, nn.Mish, nn.Sigmoid, nn.Tanh, nn.Hardswish,
-    nn.Hardtanh, nn.Softplus, nn.Identity, nn.Dropout, nn.Dropout2d, nn.Upsample, nn.UpsamplingBilinear2d,
-    nn.UpsamplingNearest2d, nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d,
-    nn.ZeroPad2d, nn.ReflectionPad2d, nn.ReplicationPad2d,
-)
 
-
-def _declared_channels(module: nn.Module) -> int | None:
-    """Output channel count readable from the module's definition, or None when unknown."""
-    if isinstance(module, (nn.Conv2d, nn.ConvTranspose2d)):
-        return module.out_channels
-    if isinstance(module, (nn.BatchNorm2d, nn.InstanceNorm2d)) and module.num_features:
-        return module.num_features
-    if isinstance(module, nn.GroupNorm):
-        return module.num_channels
-    if type(module) is nn.Sequential:
-        for child in reversed(list(module)):
-            if isinstance(child, _CHANNEL_PRESERVING):
-                continue
-            return _declared_channels(child)
-    return None
-
-
-def _block_key(name: str) -> str:
+def _block_key(spec: str) -> str:
     # ModuleDict keys cannot contain dots.
-    return name.replace(".", "__")
+    return spec.replace(".", "__")
+
+
+def _warn(message: str) -> None:
+    warnings.warn(f"semantic_sensitive: {message}", UserWarning, stacklevel=3)
+
+
+class _Hook:
+    """A forward hook of the wrapper: an object, not a closure, so copy.deepcopy rebinds it to the copy."""
+
+    def __init__(self, owner: "SemanticSensitive", kind: str, name: str = ""):
+        self.owner, self.kind, self.name = owner, kind, name
+
+    def __call__(self, module, args, out_or_kwargs):
+        if self.kind == "site":
+            return self.owner._on_site_output(self.name, out_or_kwargs)
+        if self.kind == "enter":
+            return self.owner._on_model_enter(args, out_or_kwargs)
+        return self.owner._on_model_exit()
+
+
+class _Captured:
+    """A captured tensor, its version when captured, and a copy while in-place changes are being looked for."""
+
+    def __init__(self, tensor: Tensor, backup: bool):
+        self.tensor = tensor
+        self.version = None if torch.compiler.is_compiling() else tensor._version
+        self.backup = tensor.clone() if backup else None
+
+    def changed(self) -> bool:
+        return self.version is not None and self.tensor._version != self.version
+
+    def value(self) -> Tensor:
+        return self.backup if (self.backup is not None and self.changed()) else self.tensor
+
+
+class _Call:
+    """The state of one forward pass: guidance, call counts, encoder captures, refined features."""
+
+    def __init__(self, guidance: Tensor | None, probing: bool = False):
+        self.guidance = guidance
+        self.probing = probing
+        self.counts: dict[str, int] = {}             # module name -> calls so far
+        self.encoded: dict[str, _Captured] = {}      # encoder site -> latest (or pinned) capture
+        self.features: dict[str, list[_Captured]] = {}   # decoder site -> one capture per refined call
+        self.used: dict[str, list[Tensor]] = {}      # decoder site -> the encoder feature of each refined call
+        self.channels: dict[str, int] = {}           # probing: site -> measured channel count
 
 
 class SemanticSensitive(nn.Module):
@@ -85,201 +133,391 @@ class SemanticSensitive(nn.Module):
                  level_weights=None, reduction: str = "mean", channels: Mapping | None = None,
                  example_inputs=None):
         super().__init__()
+        if isinstance(model, SemanticSensitive):
+            raise ValueError("model is already a semantic_sensitive wrapper; wrap the plain model once "
+                             "(ss.model is the plain model, ss.remove() takes the hooks off)")
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+        for name, m in model.named_modules():
+            if any(isinstance(h, _Hook) for h in (*m._forward_hooks.values(), *m._forward_pre_hooks.values())):
+                raise ValueError(
+                    f"model is already wrapped by semantic_sensitive (module {name or '<root>'!r} has its hooks); "
+                    "wrap a model once: call the existing wrapper, or ss.remove() it first"
+                )
         if not isinstance(pairs, Mapping) or not pairs:
             raise ValueError("pairs must be a non-empty mapping {decoder module name: encoder module name}")
         modules = dict(model.named_modules())
-        for role, name in [("decoder", d) for d in pairs] + [("encoder", e) for e in pairs.values()]:
-            if not isinstance(name, str) or name not in modules or name == "":
-                close = difflib.get_close_matches(str(name), [n for n in modules if n], n=5, cutoff=0.5)
+        self._dec_sites = [parse_site("decoder", d) for d in pairs]
+        self._enc_of = {d.spec: parse_site("encoder", e) for d, e in zip(self._dec_sites, pairs.values())}
+        for role, site in [("decoder", d) for d in self._dec_sites] + [("encoder", e) for e in self._enc_of.values()]:
+            if site.module not in modules or site.module == "":
+                close = difflib.get_close_matches(site.module, [n for n in modules if n], n=5, cutoff=0.5)
                 hint = f"; close matches: {close}" if close else f"; module names: {[n for n in modules if n][:20]}"
-                raise ValueError(f"pairs: {role} module {name!r} is not in the model{hint}")
+                raise ValueError(f"pairs: {role} module {site.module!r} is not in the model{hint}")
         if level_weights is not None and len(level_weights) != len(pairs):
             raise ValueError(f"level_weights must have one value per pair ({len(pairs)}), got {len(level_weights)}")
         self.model = model
         self.pairs = dict(pairs)
         self.blocks = nn.ModuleDict()
-        # The guidance is range-checked once per forward (_check_guidance); the stages' and the loss's
-        # maps are area averages of it, so their own checks (a host sync each) are off.
+        # The guidance is range-checked once per forward (_check_map); the stages' and the loss's maps are
+        # area averages of it, so their own checks (a host sync each) are off.
         self.align = SemanticAlignmentLoss(eta=eta, weight=weight, level_weights=level_weights, reduction=reduction,
                                            backend=backend, check_values=False)
         self._attn_options = dict(heads=heads, head_dim=head_dim, backend=backend, scale=scale, check_values=False)
-        # Per-call state, only set inside forward().
-        self._guidance: Tensor | None = None
-        self._last_guidance: Tensor | None = None
-        self._encoded: dict[str, Tensor] = {}
-        self._features: dict[str, Tensor] = {}
-        self._probing: dict[str, tuple[int, int]] | None = None
+        self._sites_at: dict[str, list[tuple[str, Site]]] = {}
+        for d in self._dec_sites:
+            self._sites_at.setdefault(d.module, []).append(("decoder", d))
+        for e in {e.spec: e for e in self._enc_of.values()}.values():
+            self._sites_at.setdefault(e.module, []).append(("encoder", e))
+        # Per-call state (dropped by copies and pickles, see __getstate__).
+        self._call: _Call | None = None      # the forward in progress
+        self._last: _Call | None = None      # the last finished forward (alignment loss, checkpoint recompute)
+        self._direct = False                 # inside ss.forward (else the model was called directly)
+        self._ambient: Tensor | None = None  # the map of `with ss.guidance(m)`
         self._removed = False
-        self._lazy_warned = False
+        # Which sites keep a copy of their output (found by the version counter), and which were looked at.
+        self._copying: set[str] = set()
+        self._calibrated: set[str] = set()
+        self._warned: set[str] = set()
 
+        self._channel_source: dict[str, str] = {}
+        self._make_blocks(modules, channels, example_inputs)
+        self._handles = [modules[name].register_forward_hook(_Hook(self, "site", name)) for name in self._sites_at]
+        self._handles.append(model.register_forward_pre_hook(_Hook(self, "enter"), with_kwargs=True))
+        self._handles.append(model.register_forward_hook(_Hook(self, "exit")))
+
+    # ------------------------------------------------------------------ stages
+    def _make_blocks(self, modules, channels, example_inputs) -> None:
         channels = dict(channels or {})
-        for dec, enc in self.pairs.items():
-            if dec in channels:
-                dc, ec = channels[dec]
-            else:
-                dc, ec = _declared_channels(modules[dec]), _declared_channels(modules[enc])
-            if dc is not None and ec is not None:
-                self._make_block(dec, int(dc), int(ec), self._param_like())
-        self._handles = []
-        for enc in set(self.pairs.values()):
-            self._handles.append(modules[enc].register_forward_hook(self._encoder_hook(enc)))
-        for dec in self.pairs:
-            self._handles.append(modules[dec].register_forward_hook(self._decoder_hook(dec)))
-        if example_inputs is not None and not self.materialized:
-            inputs = example_inputs if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
-            self.materialize(*inputs)
+        unknown = [k for k in channels if k not in self.pairs]
+        if unknown:
+            raise ValueError(f"channels: {unknown} are not decoder sites of pairs; use keys from {list(self.pairs)}")
+        known: dict[str, tuple[int, int]] = {}
+        for dec in self._dec_sites:
+            if dec.spec in channels:
+                value = channels[dec.spec]
+                if (not isinstance(value, (tuple, list)) or len(value) != 2
+                        or not all(isinstance(c, int) and c > 0 for c in value)):
+                    raise ValueError(f"channels[{dec.spec!r}] must be (dec_channels, enc_channels), two positive "
+                                     f"integers, got {value!r}")
+                known[dec.spec] = (value[0], value[1])
+                self._channel_source[dec.spec] = "from channels="
+                continue
+            enc = self._enc_of[dec.spec]
+            counts = [None if s.path else declared_channels(modules[s.module]) for s in (dec, enc)]
+            if None not in counts:
+                known[dec.spec] = tuple(counts)
+                self._channel_source[dec.spec] = "read from the module definitions"
+        missing = [d for d in self._dec_sites if d.spec not in known]
+        if missing and example_inputs is not None:
+            measured = self._probe(example_inputs)
+            for dec in missing:
+                enc = self._enc_of[dec.spec]
+                if dec.spec in measured and enc.spec in measured:
+                    known[dec.spec] = (measured[dec.spec], measured[enc.spec])
+                    self._channel_source[dec.spec] = "measured on example_inputs"
+            missing = [d for d in missing if d.spec not in known]
+            if missing:
+                names = [s.spec for d in missing for s in (d, self._enc_of[d.spec]) if s.spec not in measured]
+                raise RuntimeError(f"semantic_sensitive: site(s) {names} did not run in the example_inputs forward "
+                                   f"pass (a direct .forward() call bypasses hooks; call the module instead)")
+        if missing:
+            dec = missing[0]
+            enc = self._enc_of[dec.spec]
+            which = [s for s in (dec, enc) if s.path or declared_channels(modules[s.module]) is None]
+            site = which[0] if which else dec
+            raise ValueError(
+                f"semantic_sensitive: the output channels of {site.describe()} "
+                f"({type(modules[site.module]).__name__}) cannot be read from its definition"
+                f"{' (an element of a structured output)' if site.path else ''}; pass "
+                f"channels={{{dec.spec!r}: (dec_channels, enc_channels)}}, or example_inputs=(x,) for a dry forward "
+                f"pass that measures them"
+            )
+        like = self._param_like()
+        for dec in self._dec_sites:
+            dc, ec = known[dec.spec]
+            block = SemanticCrossAttention(int(dc), int(ec), **self._attn_options)
+            if like is not None:
+                block = block.to(device=like.device, dtype=like.dtype)
+            self.blocks[_block_key(dec.spec)] = block
 
-    # ------------------------------------------------------------------ creation
     def _param_like(self) -> Tensor | None:
         for p in self.model.parameters():
             if p.is_floating_point():
                 return p
         return None
 
-    def _make_block(self, dec: str, dec_channels: int, enc_channels: int, like: Tensor | None) -> None:
-        block = SemanticCrossAttention(dec_channels, enc_channels, **self._attn_options)
-        if like is not None:
-            block = block.to(device=like.device, dtype=like.dtype)
-        self.blocks[_block_key(dec)] = block
+    @torch.no_grad()
+    def _probe(self, example_inputs) -> dict[str, int]:
+        """Channel counts of every site, from one dry forward pass in eval mode (no BatchNorm update)."""
+        if isinstance(example_inputs, Mapping):
+            args, kwargs = (), dict(example_inputs)
+        elif (isinstance(example_inputs, tuple) and len(example_inputs) == 2 and isinstance(example_inputs[0], tuple)
+              and isinstance(example_inputs[1], Mapping)):
+            args, kwargs = example_inputs[0], dict(example_inputs[1])
+        elif isinstance(example_inputs, (tuple, list)):
+            args, kwargs = tuple(example_inputs), {}
+        else:
+            args, kwargs = (example_inputs,), {}
+        modes = {m: m.training for m in self.model.modules()}
+        self.model.eval()
+        self._call = _Call(None, probing=True)
+        handles = [self.model.get_submodule(name).register_forward_hook(_Hook(self, "site", name))
+                   for name in self._sites_at]
+        try:
+            self.model(*args, **kwargs)
+            return self._call.channels
+        finally:
+            for h in handles:
+                h.remove()
+            self._call = None
+            for m, mode in modes.items():
+                m.training = mode
 
     @property
     def materialized(self) -> bool:
-        """True when every attention stage exists (safe to build an optimizer / DDP / load a state_dict)."""
+        """True: every attention stage exists from construction on."""
         return all(_block_key(d) in self.blocks for d in self.pairs)
-
-    @torch.no_grad()
-    def materialize(self, *inputs, **kwargs) -> "SemanticSensitive":
-        """Create missing attention stages from one dry forward pass of the model on example inputs."""
-        self._check_live()
-        if self.materialized:
-            return self
-        self._probing = {}
-        modes = {m: m.training for m in self.model.modules()}
-        self.model.eval()  # the probe must not update BatchNorm running statistics
-        try:
-            self.model(*inputs, **kwargs)
-            found = self._probing
-        finally:
-            self._probing = None
-            self._encoded = {}
-            for m, mode in modes.items():
-                m.training = mode
-        like = self._param_like()
-        for dec, enc in self.pairs.items():
-            if _block_key(dec) in self.blocks:
-                continue
-            if dec not in found or enc not in found:
-                missing = [n for n in (dec, enc) if n not in found]
-                raise RuntimeError(f"materialize: module(s) {missing} did not run in the example forward pass")
-            self._make_block(dec, found[dec], found[enc], like)
-        return self
 
     # ------------------------------------------------------------------ hooks
     def _check_live(self):
         if self._removed:
             raise RuntimeError("this semantic_sensitive wrapper was removed; wrap the model again")
 
-    @staticmethod
-    def _feature(role: str, name: str, out) -> Tensor:
-        if not isinstance(out, Tensor) or out.dim() != 4:
-            what = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
-            raise TypeError(f"{role} module {name!r} must output a (B, C, H, W) tensor, got {what}")
-        return out
+    def _on_model_enter(self, args, kwargs):
+        if self._direct:
+            return None  # ss.forward started this call
+        guidance = self._ambient
+        if guidance is not None:
+            self._check_matches_input(args, kwargs, guidance)
+            self._begin(guidance)
+        else:
+            self._call = None  # a plain call of the bare model (or one after a failed call)
+        return None
 
-    def _encoder_hook(self, name: str):
-        def hook(module, args, out):
-            out = self._feature("encoder", name, out)
-            if self._probing is not None:
-                self._probing[name] = out.shape[1]
+    def _on_model_exit(self):
+        if not self._direct and self._call is not None:
+            self._finish()
+        return None
+
+    def _on_site_output(self, name: str, out):
+        call = self._call
+        if call is None:
+            return self._on_recompute(name, out) if self._recomputing() else None
+        k = call.counts.get(name, 0)  # this call's index
+        call.counts[name] = k + 1
+        new = out
+        for role, site in self._sites_at[name]:
+            if site.call is not None and site.call != k:
+                continue
+            if role == "decoder":
+                new = self._refine(call, site, new)
             else:
-                self._encoded[name] = out
-        return hook
+                feat = select(site, "encoder", new)
+                if call.probing:
+                    call.channels[site.spec] = feat.shape[1]
+                else:
+                    call.encoded[site.spec] = _Captured(feat, backup=self._keeps_copy(site.spec))
+        return None if new is out else new
 
-    def _decoder_hook(self, name: str):
-        enc_name = self.pairs[name]
+    def _keeps_copy(self, spec: str) -> bool:
+        if torch.compiler.is_compiling():
+            return spec in self._copying
+        return spec in self._copying or spec not in self._calibrated
 
-        def hook(module, args, out):
-            out = self._feature("decoder", name, out)
-            if self._probing is not None:
-                self._probing[name] = out.shape[1]
-                return None
-            if self._guidance is None:
-                raise RuntimeError(
-                    "the model is wrapped by semantic_sensitive: call the wrapper, ss(*inputs, guidance=map), "
-                    "or ss.remove() to get the plain model back"
-                )
-            if enc_name not in self._encoded:
-                raise RuntimeError(
-                    f"encoder module {enc_name!r} has not run before decoder module {name!r} in this forward pass"
-                )
-            enc = self._encoded[enc_name]
-            key = _block_key(name)
-            if key not in self.blocks:
-                self._lazy_create(name, out, enc)
-            refined = self.blocks[key](out, enc, self._guidance.to(out.device))
-            self._features[name] = refined
-            return refined
-        return hook
+    def _encoder_feature(self, call: _Call, dec: Site) -> Tensor:
+        enc = self._enc_of[dec.spec]
+        captured = call.encoded.get(enc.spec)
+        if captured is None:
+            ran = call.counts.get(enc.module, 0)
+            if ran and enc.call is not None:
+                why = f"its call #{enc.call} was asked for but it ran {ran} time(s) before"
+            elif ran:
+                why = "it ran, but its output has no such element"
+            else:
+                why = ("it did not run before; if the network calls it as .forward(...) directly, hooks cannot see "
+                       "the call (call the module itself), or it runs after the decoder")
+            raise RuntimeError(f"encoder {enc.describe()} gives no skip feature to decoder {dec.describe()} in this "
+                               f"forward pass: {why}")
+        if captured.changed():
+            self._found_in_place(enc.spec, captured)
+        return captured.value()
 
-    def _lazy_create(self, name: str, dec: Tensor, enc: Tensor) -> None:
-        if not self._lazy_warned:
-            self._lazy_warned = True
-            warnings.warn(
-                "semantic_sensitive: attention stages are being created at the first call because their channel "
-                "counts could not be read from the modules; an optimizer or DDP built before this call does not "
-                "see them. Call ss.materialize(*example_inputs) first, or pass channels=/example_inputs=.",
-                UserWarning, stacklevel=4,
+    def _found_in_place(self, spec: str, captured: _Captured) -> None:
+        self._copying.add(spec)
+        if captured.backup is None and spec not in self._warned:
+            self._warned.add(spec)
+            _warn(f"the output of {spec!r} was changed in place after it was captured (e.g. a ReLU(inplace=True) "
+                  f"after the module), which the first forward did not show; this call used the changed values, "
+                  f"later calls keep a copy")
+
+    def _refine(self, call: _Call, dec: Site, out):
+        d = select(dec, "decoder", out)
+        if call.probing:
+            call.channels[dec.spec] = d.shape[1]
+            return out
+        e = self._encoder_feature(call, dec)
+        block = self.blocks[_block_key(dec.spec)]
+        self._check_channels(dec, block, d, e)
+        refined = block(d, e, call.guidance.to(d.device))
+        call.features.setdefault(dec.spec, []).append(_Captured(refined, backup=self._keeps_copy(dec.spec)))
+        if torch.is_grad_enabled():
+            call.used.setdefault(dec.spec, []).append(e)
+        return replace(out, dec.path, refined)
+
+    def _check_channels(self, dec: Site, block: SemanticCrossAttention, d: Tensor, e: Tensor) -> None:
+        if d.shape[1] != block.dec_channels or e.shape[1] != block.enc_channels:
+            enc = self._enc_of[dec.spec]
+            raise ValueError(
+                f"semantic_sensitive: decoder {dec.describe()} gives {d.shape[1]} channels and encoder "
+                f"{enc.describe()} {e.shape[1]}, but their stage was built for ({block.dec_channels}, "
+                f"{block.enc_channels}) channels ({self._channel_source.get(dec.spec, '')}); pass "
+                f"channels={{{dec.spec!r}: ({d.shape[1]}, {e.shape[1]})}}"
             )
-        like = self._param_like()
-        self._make_block(name, dec.shape[1], enc.shape[1], like if like is not None else dec)
+
+    @staticmethod
+    def _recomputing() -> bool:
+        # A hook that fires in backward, outside any forward: torch.utils.checkpoint recomputing a region.
+        return torch._C._current_graph_task_id() != -1
+
+    def _on_recompute(self, name: str, out):
+        last = self._last
+        if last is None or last.guidance is None:
+            return None
+        new = out
+        for role, site in self._sites_at[name]:
+            if role != "decoder" or site.spec not in last.used:
+                continue
+            used = last.used[site.spec]
+            if len(used) != 1 or last.counts.get(site.module, 0) != 1:
+                raise RuntimeError(
+                    f"semantic_sensitive: decoder {site.describe()} ran {last.counts.get(site.module, 0)} times in "
+                    f"the forward and is recomputed by activation checkpointing; the recompute cannot tell its calls "
+                    f"apart. Checkpoint a region that calls it once, or pair a module that runs once."
+                )
+            d = select(site, "decoder", new)
+            refined = self.blocks[_block_key(site.spec)](d, used[0], last.guidance.to(d.device))
+            new = replace(new, site.path, refined)
+        return None if new is out else new
 
     # ------------------------------------------------------------------ forward
-    def _check_guidance(self, inputs, guidance) -> Tensor:
+    def _check_map(self, guidance) -> Tensor:
         _checks.tensor("guidance", guidance)
         if guidance.dim() != 4 or guidance.shape[1] != 1:
             raise ValueError(f"guidance must be a map of shape (B, 1, H, W), got {tuple(guidance.shape)}")
-        x = inputs[0] if inputs else None
+        _checks.unit_interval("guidance", guidance)
+        return guidance
+
+    @staticmethod
+    def _check_matches_input(args, kwargs, guidance: Tensor) -> None:
+        x = next((t for t in (*args, *kwargs.values()) if isinstance(t, Tensor)), None)
         if isinstance(x, Tensor) and x.dim() == 4:
             expected = (x.shape[0], 1, x.shape[-2], x.shape[-1])
             if tuple(guidance.shape) != expected:
                 raise ValueError(
                     f"guidance must have the input image's batch and size {expected}, got {tuple(guidance.shape)}"
                 )
-        _checks.unit_interval("guidance", guidance)
-        return guidance
+
+    def _begin(self, guidance: Tensor) -> None:
+        self._call = _Call(guidance)
+
+    def _finish(self) -> None:
+        call, self._call = self._call, None
+        for spec, captures in call.features.items():
+            for c in captures:
+                if c.changed():
+                    self._found_in_place(spec, c)
+        if not torch.compiler.is_compiling():
+            # An encoder output changed in place after its decoder read it: keep a copy from now on (a
+            # checkpoint recompute reads it again in backward).
+            self._copying.update(s for s, c in call.encoded.items() if c.changed())
+            self._calibrated.update(call.features)
+            self._calibrated.update(s for s, c in call.encoded.items() if not c.changed())
+            self._warn_reuse(call)
+        self._last = call
+
+    def _warn_reuse(self, call: _Call) -> None:
+        for dec in self._dec_sites:
+            if dec.spec not in call.features and ("missing", dec.spec) not in self._warned:
+                self._warned.add(("missing", dec.spec))
+                ran = call.counts.get(dec.module, 0)
+                _warn(f"decoder {dec.describe()} was not refined in this forward pass ("
+                      + (f"it ran {ran} time(s), not call #{dec.call})" if ran else
+                         "it did not run: if the network calls it as .forward(...) directly, hooks cannot see the "
+                         "call; call the module itself)"))
+            for role, site in (("decoder", dec), ("encoder", self._enc_of[dec.spec])):
+                n = call.counts.get(site.module, 0)
+                if n > 1 and site.call is None and ("reused", site.spec) not in self._warned:
+                    self._warned.add(("reused", site.spec))
+                    rule = (f"each of its calls is refined by the one stage of {dec.spec!r} and the alignment loss "
+                            f"averages over them" if role == "decoder" else
+                            f"each call of decoder {dec.spec!r} takes the most recent call of it before that call")
+                    _warn(f"{role} module {site.module!r} ran {n} times in one forward pass: {rule}. Pick one call "
+                          f"with '{site.module}#k' (k from 0) if that is not what the network means")
 
     def forward(self, *inputs, guidance: Tensor | None = None, **kwargs):
         self._check_live()
         if guidance is None:
-            raise TypeError("semantic_sensitive model needs a guidance map: call ss(*inputs, guidance=map (B, 1, H, W))")
-        self._guidance = self._check_guidance(inputs, guidance)
-        self._encoded, self._features = {}, {}
+            guidance = self._ambient
+            if guidance is None:
+                raise TypeError("semantic_sensitive model needs a guidance map: call ss(*inputs, guidance=map "
+                                "(B, 1, H, W)), or call it inside `with ss.guidance(map):`")
+        else:
+            guidance = self._check_map(guidance)
+        self._check_matches_input(inputs, kwargs, guidance)
+        self._begin(guidance)
+        self._direct = True
         try:
-            return self.model(*inputs, **kwargs)
+            out = self.model(*inputs, **kwargs)
+            self._finish()
+            return out
         finally:
-            self._encoded = {}
-            self._last_guidance = self._guidance
-            self._guidance = None
+            self._direct = False
+            self._call = None
+
+    @contextlib.contextmanager
+    def guidance(self, guidance: Tensor):
+        """`with ss.guidance(m): ...`: every call of ss or of the bare model inside uses the map m."""
+        self._check_live()
+        previous, self._ambient = self._ambient, self._check_map(guidance)
+        try:
+            yield self
+        finally:
+            self._ambient = previous
 
     def alignment_loss(self) -> Tensor:
         """lambda_align * SPEC-3 loss over the refined decoder outputs of the last call (pairs' order)."""
         self._check_live()
-        names = [d for d in self.pairs if d in self._features]
-        if not names:
+        last = self._last
+        if last is None:
             raise RuntimeError("alignment_loss() needs a forward call first: ss(*inputs, guidance=map)")
-        if len(names) != len(self.pairs):
-            missing = [d for d in self.pairs if d not in self._features]
-            raise RuntimeError(f"decoder module(s) {missing} did not run in the last forward pass")
-        feats = [self._features[d] for d in names]
-        g = self._last_guidance
+        missing = [d for d in self.pairs if d not in last.features]
+        if missing:
+            raise RuntimeError(
+                f"alignment_loss(): decoder site(s) {missing} were not refined in the last forward pass (model in "
+                f"{'training' if self.model.training else 'eval'} mode); a network that skips them in this mode "
+                f"has no alignment term, and a direct .forward() call of a module bypasses its hooks"
+            )
+        feats, weights = [], []
+        levels = self.align.level_weights or [1.0] * len(self.pairs)
+        for d, w in zip(self.pairs, levels):
+            captures = last.features[d]
+            feats += [c.value() for c in captures]
+            weights += [w / len(captures)] * len(captures)  # a decoder called n times: the mean of its n terms
+        align = self.align if len(feats) == len(self.pairs) else self._align_with(weights)
+        g = last.guidance
         maps = [area_resize(g.to(f.device, torch.float32), f.shape[-2:]) for f in feats]
-        return self.align(feats, maps)
+        return align(feats, maps)
+
+    def _align_with(self, level_weights) -> SemanticAlignmentLoss:
+        a = self.align
+        return SemanticAlignmentLoss(eta=a.eta, weight=a.weight, level_weights=level_weights, reduction=a.reduction,
+                                     backend=a.backend, check_values=False)
 
     def decoder_features(self) -> dict[str, Tensor]:
-        """The refined decoder outputs of the last call, by decoder module name."""
-        return dict(self._features)
+        """The refined decoder output of each site's last refined call in the last forward, by site."""
+        last = self._last
+        return {} if last is None else {d: c[-1].value() for d, c in last.features.items()}
 
     def remove(self) -> nn.Module:
         """Remove the hooks and return the original model (its own outputs again)."""
@@ -287,8 +525,14 @@ class SemanticSensitive(nn.Module):
             h.remove()
         self._handles = []
         self._removed = True
-        self._features = {}
+        self._last = None
         return self.model
+
+    def __getstate__(self):
+        # Copies (EMA, teacher) and pickles start with no per-call state: it holds non-leaf tensors.
+        state = super().__getstate__()
+        state.update(_call=None, _last=None, _direct=False, _ambient=None)
+        return state
 
     def extra_repr(self) -> str:
         return f"pairs={self.pairs}"
@@ -297,11 +541,12 @@ class SemanticSensitive(nn.Module):
 def semantic_sensitive(model: nn.Module, pairs: Mapping[str, str], **options) -> SemanticSensitive:
     """Wrap `model` with -SS attention stages; see the module docstring.
 
-    pairs: {decoder module name: encoder module name} as in model.named_modules().
+    pairs: {decoder site: encoder site}, sites as in model.named_modules(),
+    optionally "name[0]" (an output element) and "name#k" (the k-th call).
     options: heads (1), head_dim, backend ("auto"), scale (attention stages);
     eta (1.0), weight (lambda_align, 0.1), level_weights, reduction ("mean")
-    (alignment loss); channels {dec: (dec_channels, enc_channels)},
-    example_inputs (tuple) (how the stages are sized).
+    (alignment loss); channels {decoder site: (dec_channels, enc_channels)},
+    example_inputs (how the stages are sized when the modules do not say).
     """
     return SemanticSensitive(model, pairs, **options)
 

@@ -7,4 +7,4 @@ deterministic), so torch.compile sees a single opaque node with a fake
 kernel. No op module imports another.
 """
 
-from . import alignment, attention, pyramid  # noqa: F401  (registers the ops and their implementations)
+from . import alignment, attention, attention_cpu, pyramid  # noqa: F401  (registers the ops and their implementations)

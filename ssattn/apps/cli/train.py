@@ -106,7 +106,7 @@ def run(args) -> int:
 
     from ssattn.apps.distributed import setup, teardown
     from ssattn.apps.training import TrainConfig, build_model, train
-    from ssattn.apps.training.trainer import RankFailure
+    from ssattn.apps.training.trainer import CheckpointMismatch, RankFailure
 
     resolve_device(args.device)  # a clear error for a device that cannot run here
     ctx = setup(args.device, timeout_s=args.dist_timeout)
@@ -131,7 +131,7 @@ def run(args) -> int:
         print(f"ssattn train: {args.model} (width {args.width}) on {desc}, {args.steps} steps, device {ctx.device}{ranks}")
     try:
         hist = train(model, data, cfg, args.out, spec=spec, resume=not args.no_resume, unsafe=args.unsafe_checkpoint)
-    except RankFailure as exc:  # raised on every rank with the same text: rank 0 prints it once
+    except (RankFailure, CheckpointMismatch) as exc:  # the same on every rank: rank 0 prints it once
         if ctx.is_main:
             print(f"{who}: {exc}", file=sys.stderr)
         return 2

@@ -336,6 +336,34 @@ def _blocked_globals(path: str) -> list[str]:
         return []
 
 
+class CheckpointMismatch(ValueError):
+    """A run folder's checkpoint was written for another model than the one asked for."""
+
+
+def _first(names: list[str], n: int = 3) -> str:
+    return ", ".join(names[:n]) + (", ..." if len(names) > n else "")
+
+
+def check_resumable(ckpt: dict, model: nn.Module, spec: dict | None, path: str) -> None:
+    """Raise CheckpointMismatch, in words, when `ckpt` cannot be resumed into `model` (built from `spec`)."""
+    saved = ckpt.get("spec")
+    if spec is not None and saved and saved != spec:
+        raise CheckpointMismatch(
+            f"{path} holds a run of another model ({saved}) than this one ({spec}): choose another run folder, "
+            f"or start over in this one with --no-resume (resume=False), which overwrites its checkpoint"
+        )
+    own, theirs = model.state_dict(), ckpt["model"]
+    missing = [k for k in own if k not in theirs]
+    unexpected = [k for k in theirs if k not in own]
+    reshaped = [k for k in own if k in theirs and tuple(own[k].shape) != tuple(theirs[k].shape)]
+    if missing or unexpected or reshaped:
+        raise CheckpointMismatch(
+            f"{path} was saved from a different model: {len(missing)} of this model's tensors are missing "
+            f"({_first(missing)}), {len(unexpected)} are unknown to it ({_first(unexpected)}), {len(reshaped)} have "
+            f"another shape ({_first(reshaped)}): choose another run folder, or start over with --no-resume"
+        )
+
+
 def load_model(path: str, device="cpu", *, unsafe: bool = False) -> tuple[nn.Module, dict]:
     """Rebuild the model saved in a checkpoint; returns (model, checkpoint)."""
     ckpt = load_checkpoint(path, unsafe=unsafe)
@@ -391,6 +419,7 @@ def train(model: nn.Module, data, config: TrainConfig, out_dir: str | None = Non
     ckpt_path = os.path.join(out_dir, CHECKPOINT) if out_dir else None
     if ckpt_path and resume and os.path.isfile(ckpt_path):
         ckpt = load_checkpoint(ckpt_path, unsafe=unsafe)
+        check_resumable(ckpt, model, spec, ckpt_path)
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         step, history = int(ckpt["step"]), ckpt["history"]
