@@ -2,7 +2,7 @@
 per launch, and saves what this rank saw (sample indices per step) and its parameters after each run.
 
     torchrun --nproc_per_node 2 tests/_ddp_worker.py OUT_DIR RUNS_JSON
-RUNS_JSON: a list of {"name", "steps", "batch", "accum", "amp", "stop_at"}; run NAME trains in OUT_DIR/NAME
+RUNS_JSON: a list of {"name", "steps", "batch", "accum", "amp", "stop_at", "unused", "find_unused"}; run NAME trains in OUT_DIR/NAME
 (resuming a checkpoint found there) and writes OUT_DIR/NAME.rankR.pt.
 """
 
@@ -37,30 +37,38 @@ class Recording(torch.utils.data.Dataset):
         return tuple(t[i] for t in self.tensors_)
 
 
-def fresh_model():
+def fresh_model(unused: bool = False):
     from ssattn.models import unet_ss
 
     torch.manual_seed(0)
-    return unet_ss(width=4, levels=("dec3",))
+    model = unet_ss(width=4, levels=("dec3",))
+    if unused:  # a stage this model never runs: DDP must be told (find_unused_parameters)
+        model.idle = torch.nn.Linear(2, 2)
+    return model
 
 
 def config(run: dict):
     from ssattn.apps.training import TrainConfig
 
     return TrainConfig(steps=run["steps"], batch_size=run["batch"], accum=run.get("accum", 1), lr=1e-2,
-                       amp=run.get("amp", "none"), progress=False)
+                       amp=run.get("amp", "none"), find_unused_parameters=run.get("find_unused", False),
+                       progress=False)
 
 
 def main(out: str, runs: list) -> None:
     from ssattn.apps.distributed import setup, teardown
     from ssattn.apps.training import train
+    from ssattn.apps.training.trainer import RankFailure
 
     ctx = setup("cpu", timeout_s=120)
     for run in runs:
         data = Recording(data_tensors())
-        model = fresh_model()
-        hist = train(model, data, config(run), os.path.join(out, run["name"]), stop_at=run.get("stop_at"))
-        torch.save({"seen": data.seen, "params": model.state_dict(), "loss": hist["loss"]},
+        model = fresh_model(run.get("unused", False))
+        try:
+            hist, error = train(model, data, config(run), os.path.join(out, run["name"]), stop_at=run.get("stop_at")), None
+        except RankFailure as exc:
+            hist, error = {"loss": []}, str(exc)
+        torch.save({"seen": data.seen, "params": model.state_dict(), "loss": hist["loss"], "error": error},
                    os.path.join(out, f"{run['name']}.rank{ctx.rank}.pt"))
     teardown()
 

@@ -1,7 +1,8 @@
 """`ssattn train` under torchrun: 2 gloo processes on CPU, a tiny -SS U-Net, a few steps.
 
 Three launches in all (each costs a few seconds of process start-up): one
-with several runs (uninterrupted, interrupted, accumulated, fp16, bf16), one
+with several runs (uninterrupted, interrupted, accumulated, fp16, bf16, a
+model with a stage it never runs), one
 resuming the interrupted run, and the command line with a bad sample.
 Single-process references run in this process.
 """
@@ -31,6 +32,8 @@ RUNS = [
     {"name": "accum", "steps": 2, "batch": 1, "accum": 2},
     {"name": "fp16", "steps": 2, "batch": 1, "accum": 2, "amp": "fp16"},
     {"name": "bf16", "steps": 1, "batch": 2, "amp": "bf16"},
+    {"name": "unused", "steps": 1, "batch": 2, "unused": True},
+    {"name": "unused-found", "steps": 1, "batch": 2, "unused": True, "find_unused": True},
 ]
 
 
@@ -159,6 +162,16 @@ def test_mixed_precision_under_ddp(runs, amp):
     assert (ckpt["scaler"] is not None) == (amp == "fp16")
     fresh = fresh_model().state_dict()
     assert any(not torch.equal(fresh[n], r0["params"][n]) for n in fresh)  # it trained
+
+
+def test_a_skipped_stage_needs_find_unused_parameters_and_says_so(runs):
+    _, load = runs
+    for rank in load("unused"):  # every rank stops after the first step, with the same message
+        assert "2 parameter(s) got no gradient in the first step (idle.weight, idle.bias)" in rank["error"]
+        assert "find_unused_parameters=True" in rank["error"]
+    r0, r1 = load("unused-found")
+    assert r0["error"] is None and len(r0["loss"]) == 1
+    assert_params(r0["params"], r1["params"], exact=True)
 
 
 def test_a_bad_sample_on_one_rank_ends_the_job_naming_the_rank(tmp_path):
