@@ -7,7 +7,8 @@ GPU cases: 4 decoder levels C = 32, 64, 128, 256 at 256, 128, 64, 32 pixels
 square (SPEC's peer table), B = 8 and 16, float32 and bfloat16 (maps in the
 features' dtype), NCHW. CPU cases are scaled down (from 64x64, B = 2, one
 thread) and add channels-last. Every peer computes the same formula
-(ssattn.reference.alignment_loss) and its gradients w.r.t. features and maps.
+(ssattn.reference.alignment_loss) and its gradients w.r.t. features and maps,
+in both forms ("paper" and "normalized", docs/operations.md section 3).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ ETA = 1.0
 GPU_LEVELS = [(32, 256), (64, 128), (128, 64), (256, 32)]  # (C, H = W)
 CPU_LEVELS = [(32, 64), (64, 32), (128, 16), (256, 8)]
 PEERS = ["eager", "compile", "native"]
+FORMS = ["paper", "normalized"]
 
 
 def _inputs(B, levels, dtype, device, channels_last=False):
@@ -42,21 +44,23 @@ def _inputs(B, levels, dtype, device, channels_last=False):
     return feats, maps
 
 
-def _eager(F, M):
-    return ref.alignment_loss(F, M, eta=ETA, reduction="mean")
+def _eager(F, M, form="paper"):
+    return ref.alignment_loss(F, M, eta=ETA, reduction="mean", form=form)
 
 
 @functools.lru_cache(maxsize=None)
-def _compiled():
-    return torch.compile(_eager, dynamic=False)
+def _compiled(form):
+    return torch.compile(functools.partial(_eager, form=form), dynamic=False)
 
 
-def _native(F, M):
-    return ssattn.alignment_loss(F, M, eta=ETA, reduction="mean", backend="native")
+def _native(F, M, form="paper"):
+    return ssattn.alignment_loss(F, M, eta=ETA, reduction="mean", form=form, backend="native")
 
 
-def _fn(peer):
-    return {"eager": _eager, "compile": _compiled(), "native": _native}[peer]
+def _fn(peer, form):
+    if peer == "compile":
+        return _compiled(form)
+    return functools.partial({"eager": _eager, "native": _native}[peer], form=form)
 
 
 def _step(fn, F, M, sync):
@@ -67,10 +71,10 @@ def _step(fn, F, M, sync):
     sync()
 
 
-def _bench(benchmark, peer, F, M, device, rounds):
+def _bench(benchmark, peer, F, M, device, rounds, form="paper"):
     if peer == "native" and (NATIVE is None or not align_ops.available(device)):
         pytest.skip(f"ssattn._C cannot run on {device}")
-    fn = _fn(peer)
+    fn = _fn(peer, form)
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     for _ in range(3):  # warm-up (and compilation)
         _step(fn, F, M, sync)
@@ -82,25 +86,27 @@ def _bench(benchmark, peer, F, M, device, rounds):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("B", [8, 16])
 @pytest.mark.parametrize("peer", PEERS)
-def test_alignment_cuda_fwd_bwd(benchmark, peer, B, dtype):
+@pytest.mark.parametrize("form", FORMS)
+def test_alignment_cuda_fwd_bwd(benchmark, form, peer, B, dtype):
     F, M = _inputs(B, GPU_LEVELS, dtype, "cuda")
-    benchmark.group = f"alignment cuda B={B} {str(dtype).split('.')[-1]} 4 levels from 256x256 fwd+bwd"
+    benchmark.group = f"alignment cuda {form} B={B} {str(dtype).split('.')[-1]} 4 levels from 256x256 fwd+bwd"
     mb = sum(f.numel() for f in F) * F[0].element_size() / 2**20
-    benchmark.extra_info.update(peer=peer, feature_MiB=round(mb, 1))
-    _bench(benchmark, peer, F, M, "cuda", rounds=50)
+    benchmark.extra_info.update(peer=peer, form=form, feature_MiB=round(mb, 1))
+    _bench(benchmark, peer, F, M, "cuda", rounds=50, form=form)
 
 
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("peer", ["eager", "native"])
-def test_alignment_cpu_fwd_bwd(benchmark, peer, dtype, layout):
+@pytest.mark.parametrize("form", FORMS)
+def test_alignment_cpu_fwd_bwd(benchmark, form, peer, dtype, layout):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         F, M = _inputs(2, CPU_LEVELS, dtype, "cpu", channels_last=layout == "channels_last")
-        benchmark.group = f"alignment cpu B=2 {str(dtype).split('.')[-1]} {layout} 4 levels from 64x64 fwd+bwd"
-        benchmark.extra_info.update(peer=peer, threads=1)
-        _bench(benchmark, peer, F, M, "cpu", rounds=30)
+        benchmark.group = f"alignment cpu {form} B=2 {str(dtype).split('.')[-1]} {layout} 4 levels from 64x64 fwd+bwd"
+        benchmark.extra_info.update(peer=peer, form=form, threads=1)
+        _bench(benchmark, peer, F, M, "cpu", rounds=30, form=form)
     finally:
         torch.set_num_threads(threads)
 

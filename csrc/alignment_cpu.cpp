@@ -1,13 +1,15 @@
-// CPU kernel of the fused alignment loss: one at::parallel_for over the rows
-// (b, h) of every level. Each row's loss is summed on its own into a per-row
-// double, and the rows are added in a fixed order afterwards, so the result
-// has the same bits for any thread count or chunking.
+// CPU kernel of the fused alignment loss: at::parallel_for over the rows (b, h)
+// of every level. Each row's sums are kept on their own (doubles), and rows are
+// added in a fixed order afterwards, so the result has the same bits for any
+// thread count or chunking.
 //
-// Per pixel only two channel sums are needed: S2 = sum_c F^2 and S1 = sum_c F.
-//   loss  = (1-M)^2 S2 - eta M S1
-//   dL/dM = s (-2 (1-M) S2 - eta S1)
-//   dL/dF = a F + b  with  a = 2 s (1-M)^2,  b = -s eta M
-// so F is read once and dF written once.
+// Per pixel only two channel sums are needed: q = sum_c F^2 and r = sum_c F.
+// With per-sample factors g1, g2, k (paper form: 1, 1, 0; see SampleCoef):
+//   loss  = g2 (1-M)^2 q - eta g1 M r
+//   dL/dM = s (-2 g2 (1-M) q - eta g1 r)
+//   dL/dF = a F + b  with  a = s (2 g2 (1-M)^2 + k),  b = -s eta g1 M
+// so the paper form reads F once and writes dF once. The normalized form first
+// sums E = sum F^2 per sample (a pass without writes), then makes the same pass.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -29,8 +31,20 @@ inline acc_t ld(const T* p) {
 }
 
 // One row, channels innermost (f.stride(1) == 1).
+template <typename acc_t>
+struct Coef {
+  acc_t g1, g2, k;
+};
+
+inline void add_pixel(Stats& st, double q, double r, double mv) {
+  const double om = 1.0 - mv;
+  st.e += q;
+  st.s2 += om * om * q;
+  st.s1 += mv * r;
+}
+
 template <typename scalar_t, typename mscalar_t, typename acc_t, bool GF, bool GM>
-double row_channels_last(const LevelDesc& d, int64_t b, int64_t h, acc_t eta) {
+Stats row_channels_last(const LevelDesc& d, int64_t b, int64_t h, acc_t eta, Coef<acc_t> cf) {
   const auto* f = static_cast<const scalar_t*>(d.f) + b * d.fs[0] + h * d.fs[2];
   const auto* m = static_cast<const mscalar_t*>(d.m) + b * d.ms[0] + h * d.ms[2];
   auto* df = GF ? static_cast<scalar_t*>(d.df) + b * d.dfs[0] + h * d.dfs[2] : nullptr;
@@ -38,12 +52,12 @@ double row_channels_last(const LevelDesc& d, int64_t b, int64_t h, acc_t eta) {
   const acc_t s = static_cast<acc_t>(d.scale);
   const int64_t C = d.C, C8 = C - C % kLanes;
   const bool df_unit = GF && d.dfs[1] == 1;
-  double row = 0.0;
+  Stats row{0.0, 0.0, 0.0};
   for (int64_t w = 0; w < d.W; ++w) {
     const scalar_t* __restrict__ fp = f + w * d.fs[3];
     const acc_t mv = ld<acc_t>(m + w * d.ms[3]);
     const acc_t om = acc_t(1) - mv;
-    const acc_t a = acc_t(2) * s * om * om, bb = -s * eta * mv;
+    const acc_t a = s * (acc_t(2) * cf.g2 * om * om + cf.k), bb = -s * eta * cf.g1 * mv;
     acc_t q[kLanes] = {}, r[kLanes] = {};
     if (GF && df_unit) {
       scalar_t* __restrict__ dp = df + w * d.dfs[3];
@@ -79,8 +93,8 @@ double row_channels_last(const LevelDesc& d, int64_t b, int64_t h, acc_t eta) {
       s1 += x;
       if (GF) df[w * d.dfs[3] + c * d.dfs[1]] = static_cast<scalar_t>(a * x + bb);
     }
-    row += static_cast<double>(om * om * s2 - eta * mv * s1);
-    if (GM) dm[w * d.dms[3]] = static_cast<mscalar_t>(s * (acc_t(-2) * om * s2 - eta * s1));
+    add_pixel(row, s2, s1, mv);
+    if (GM) dm[w * d.dms[3]] = static_cast<mscalar_t>(s * (acc_t(-2) * cf.g2 * om * s2 - eta * cf.g1 * s1));
   }
   return row;
 }
@@ -91,22 +105,22 @@ double row_channels_last(const LevelDesc& d, int64_t b, int64_t h, acc_t eta) {
 constexpr int64_t kBlock = 64;
 
 template <typename scalar_t, typename mscalar_t, typename acc_t, bool GF, bool GM>
-double row_width_inner(const LevelDesc& d, int64_t b, int64_t h, acc_t eta) {
+Stats row_width_inner(const LevelDesc& d, int64_t b, int64_t h, acc_t eta, Coef<acc_t> cf) {
   const auto* f = static_cast<const scalar_t*>(d.f) + b * d.fs[0] + h * d.fs[2];
   const auto* m = static_cast<const mscalar_t*>(d.m) + b * d.ms[0] + h * d.ms[2];
   auto* df = GF ? static_cast<scalar_t*>(d.df) + b * d.dfs[0] + h * d.dfs[2] : nullptr;
   auto* dm = GM ? static_cast<mscalar_t*>(d.dm) + b * d.dms[0] + h * d.dms[2] : nullptr;
   const acc_t s = static_cast<acc_t>(d.scale);
   const bool unit = d.fs[3] == 1 && (!GF || d.dfs[3] == 1);
-  double row = 0.0;
+  Stats row{0.0, 0.0, 0.0};
   for (int64_t w0 = 0; w0 < d.W; w0 += kBlock) {
     const int64_t n = std::min(kBlock, d.W - w0);
     acc_t q[kBlock], r[kBlock], av[kBlock], bv[kBlock], mv[kBlock];
     for (int64_t j = 0; j < n; ++j) {
       mv[j] = ld<acc_t>(m + (w0 + j) * d.ms[3]);
       const acc_t om = acc_t(1) - mv[j];
-      av[j] = acc_t(2) * s * om * om;
-      bv[j] = -s * eta * mv[j];
+      av[j] = s * (acc_t(2) * cf.g2 * om * om + cf.k);
+      bv[j] = -s * eta * cf.g1 * mv[j];
       q[j] = 0;
       r[j] = 0;
     }
@@ -134,8 +148,10 @@ double row_width_inner(const LevelDesc& d, int64_t b, int64_t h, acc_t eta) {
     }
     for (int64_t j = 0; j < n; ++j) {
       const acc_t om = acc_t(1) - mv[j];
-      row += static_cast<double>(om * om * q[j] - eta * mv[j] * r[j]);
-      if (GM) dm[(w0 + j) * d.dms[3]] = static_cast<mscalar_t>(s * (acc_t(-2) * om * q[j] - eta * r[j]));
+      add_pixel(row, q[j], r[j], mv[j]);
+      if (GM) {
+        dm[(w0 + j) * d.dms[3]] = static_cast<mscalar_t>(s * (acc_t(-2) * cf.g2 * om * q[j] - eta * cf.g1 * r[j]));
+      }
     }
   }
   return row;
@@ -164,23 +180,15 @@ LevelDesc fold_rows(LevelDesc d, bool gf, bool gm) {
   return d;
 }
 
-template <typename scalar_t, typename mscalar_t, bool GF, bool GM>
-void run(const Problem& p, at::Tensor& loss) {
-  using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-  const int64_t L = static_cast<int64_t>(p.levels.size());
-  std::vector<LevelDesc> levels;
-  levels.reserve(p.levels.size());
-  for (const LevelDesc& d : p.levels) levels.push_back(fold_rows(d, GF, GM));
-  std::vector<int64_t> row_start(L + 1, 0);
-  int64_t elems = 0;
-  for (int64_t l = 0; l < L; ++l) {
-    const LevelDesc& d = levels[l];
-    row_start[l + 1] = row_start[l] + d.B * d.H;
-    elems += d.B * d.C * d.H * d.W;
-  }
+// One parallel pass over every row of every level: row_stats[g] gets row g's sums;
+// coef(g) gives the factors of row g's sample. GF/GM: write dF/dM.
+template <typename scalar_t, typename mscalar_t, typename acc_t, bool GF, bool GM, typename CoefOf>
+void pass(const std::vector<LevelDesc>& levels, const std::vector<int64_t>& row_start, acc_t eta,
+          std::vector<Stats>& row_stats, const CoefOf& coef) {
+  const int64_t L = static_cast<int64_t>(levels.size());
   const int64_t rows = row_start[L];
-  std::vector<double> row_loss(static_cast<size_t>(rows), 0.0);
-  const acc_t eta = static_cast<acc_t>(p.eta);
+  int64_t elems = 0;
+  for (const LevelDesc& d : levels) elems += d.B * d.C * d.H * d.W;
   // Chunking only affects speed: every row's value is computed the same way.
   const int64_t per_row = rows > 0 ? std::max<int64_t>(1, elems / rows) : 1;
   const int64_t grain = std::max<int64_t>(1, 32768 / per_row);
@@ -190,15 +198,69 @@ void run(const Problem& p, at::Tensor& loss) {
       while (g >= row_start[l + 1]) ++l;
       const LevelDesc& d = levels[l];
       const int64_t r = g - row_start[l], b = r / d.H, h = r % d.H;
-      row_loss[g] = d.channels_last ? row_channels_last<scalar_t, mscalar_t, acc_t, GF, GM>(d, b, h, eta)
-                                    : row_width_inner<scalar_t, mscalar_t, acc_t, GF, GM>(d, b, h, eta);
+      const Coef<acc_t> cf = coef(l, b);
+      row_stats[g] = d.channels_last ? row_channels_last<scalar_t, mscalar_t, acc_t, GF, GM>(d, b, h, eta, cf)
+                                     : row_width_inner<scalar_t, mscalar_t, acc_t, GF, GM>(d, b, h, eta, cf);
     }
   });
+}
+
+template <typename scalar_t, typename mscalar_t, bool GF, bool GM>
+void run(const Problem& p, at::Tensor& loss) {
+  using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+  const int64_t L = static_cast<int64_t>(p.levels.size());
+  std::vector<LevelDesc> levels;
+  levels.reserve(p.levels.size());
+  for (const LevelDesc& d : p.levels) levels.push_back(fold_rows(d, GF, GM));
+  std::vector<int64_t> row_start(L + 1, 0);
+  for (int64_t l = 0; l < L; ++l) row_start[l + 1] = row_start[l] + levels[l].B * levels[l].H;
+  std::vector<Stats> row_stats(static_cast<size_t>(row_start[L]), Stats{0.0, 0.0, 0.0});
+  const acc_t eta = static_cast<acc_t>(p.eta);
   double total = 0.0;
-  for (int64_t l = 0; l < L; ++l) {
-    double level = 0.0;
-    for (int64_t g = row_start[l]; g < row_start[l + 1]; ++g) level += row_loss[g];
-    total += levels[l].scale * level;
+  if (!p.normalized) {
+    const Coef<acc_t> one{acc_t(1), acc_t(1), acc_t(0)};
+    pass<scalar_t, mscalar_t, acc_t, GF, GM>(levels, row_start, eta, row_stats, [&](int64_t, int64_t) { return one; });
+    for (int64_t l = 0; l < L; ++l) {
+      double s2 = 0.0, s1 = 0.0;
+      for (int64_t g = row_start[l]; g < row_start[l + 1]; ++g) {
+        s2 += row_stats[g].s2;
+        s1 += row_stats[g].s1;
+      }
+      total += levels[l].scale * (s2 - p.eta * s1);
+    }
+  } else {
+    // Pass 1: per-sample sums (no writes); then each sample's factors, in a fixed order.
+    pass<scalar_t, mscalar_t, acc_t, false, false>(levels, row_start, eta, row_stats,
+                                                   [](int64_t, int64_t) { return Coef<acc_t>{}; });
+    std::vector<int64_t> sample_start(L + 1, 0);
+    for (int64_t l = 0; l < L; ++l) sample_start[l + 1] = sample_start[l] + levels[l].B;
+    // Pass 2 works in double: dF = a F + b cancels (its radial part removes most of 2 g2 (1-M)^2 F
+    // when a sample has few elements), and float rounding of the parts would show in the result.
+    std::vector<Coef<double>> coefs(static_cast<size_t>(sample_start[L]));
+    for (int64_t l = 0; l < L; ++l) {
+      const LevelDesc& d = levels[l];
+      const double N = static_cast<double>(d.C) * static_cast<double>(d.H) * static_cast<double>(d.W);
+      double level = 0.0;
+      for (int64_t b = 0; b < d.B; ++b) {
+        Stats st{0.0, 0.0, 0.0};
+        const int64_t g0 = row_start[l] + b * d.H;
+        for (int64_t g = g0; g < g0 + d.H; ++g) {
+          st.e += row_stats[g].e;
+          st.s2 += row_stats[g].s2;
+          st.s1 += row_stats[g].s1;
+        }
+        double term = 0.0;
+        const SampleCoef c = normalized_coef(st, N, p.eta, &term);
+        coefs[sample_start[l] + b] = Coef<double>{c.g1, c.g2, c.k};
+        level += term;
+      }
+      total += d.scale * level;
+    }
+    // Pass 2: the gradients with each sample's factors.
+    if (GF || GM) {
+      pass<scalar_t, mscalar_t, double, GF, GM>(levels, row_start, p.eta, row_stats,
+                                                [&](int64_t l, int64_t b) { return coefs[sample_start[l] + b]; });
+    }
   }
   if (loss.scalar_type() == at::kDouble) {
     *loss.data_ptr<double>() = total;

@@ -5,6 +5,13 @@
 // one-block kernel adds the partials in a fixed order: the result has the same
 // bits run to run (no float atomics).
 //
+// form="normalized" takes three passes per group of levels: a stats pass (tiles
+// that never cross a sample: each stores E = sum F^2, S2 = sum (1-M)^2 F^2,
+// S1 = sum M F), a one-thread-per-sample kernel that adds its tiles' sums in a
+// fixed order and computes the sample's loss term and factors (SampleCoef), and
+// a gradient pass in double (dF = a F + b cancels for small samples, see
+// alignment_cpu.cpp). The finishing kernel then adds the per-sample terms.
+//
 // Layouts: "width inner" tiles (NCHW and other strides) give each lane its own
 // pixels and each warp its own channels, so a warp reads consecutive pixels of
 // one channel; "channels last" tiles (f.stride(1) == 1) give each warp its own
@@ -37,6 +44,43 @@ struct Params {
   int n;
 };
 
+// What one launch of fused_kernel does.
+enum Mode : int {
+  kPaper = 0,  // paper form: loss partial per tile, gradients in the same pass
+  kStats = 1,  // normalized form, pass 1: (E, S2, S1) per tile, no writes
+  kGrad = 2,   // normalized form, pass 2: gradients with each sample's factors
+};
+
+// A tile's first pixel and the end of the pixels it may take (sample-aligned tiles stop at their sample's end).
+__device__ __forceinline__ void tile_range(const LevelDesc& d, int64_t tile, int64_t per, int64_t& q0, int64_t& qend) {
+  if (d.tiles_per_sample > 0) {
+    const int64_t hw = d.H * d.W;
+    const int64_t b = tile / d.tiles_per_sample;
+    q0 = b * hw + (tile - b * d.tiles_per_sample) * per;
+    qend = (b + 1) * hw;
+  } else {
+    q0 = tile * per;
+    qend = d.B * d.H * d.W;
+  }
+}
+
+// The factors (g1, g2, k) of pixel qq's sample: from the per-sample table in kGrad, else the paper's (1, 1, 0).
+template <int MODE, typename acc_t>
+__device__ __forceinline__ void pixel_coef(const LevelDesc& d, const double* coefs, int64_t qq, acc_t& g1, acc_t& g2,
+                                           acc_t& k) {
+  if (MODE == kGrad) {
+    const int64_t b = qq / (d.H * d.W);
+    const double* c = coefs + 3 * (d.sample_start + b);
+    g1 = static_cast<acc_t>(c[0]);
+    g2 = static_cast<acc_t>(c[1]);
+    k = static_cast<acc_t>(c[2]);
+  } else {
+    g1 = acc_t(1);
+    g2 = acc_t(1);
+    k = acc_t(0);
+  }
+}
+
 template <typename T>
 __device__ __forceinline__ T warp_sum(T v) {
   // Butterfly: every lane ends with the same bits (float addition commutes).
@@ -66,6 +110,7 @@ __device__ __forceinline__ Pix pixel_offsets(const LevelDesc& d, int64_t q) {
 // Block sum of one value per thread, fixed order; result valid in thread 0.
 template <typename acc_t>
 __device__ __forceinline__ acc_t block_sum(acc_t v, acc_t* sh) {
+  __syncthreads();  // sh may still be read by thread 0 from a previous call
   v = warp_sum(v);
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   if (lane == 0) sh[warp] = v;
@@ -77,8 +122,27 @@ __device__ __forceinline__ acc_t block_sum(acc_t v, acc_t* sh) {
   return t;
 }
 
-template <typename scalar_t, typename mscalar_t, typename acc_t, bool GF, bool GM>
-__device__ void tile_width_inner(const LevelDesc& d, int64_t tile, acc_t eta, double* out) {
+// Stores the tile's result: kPaper one scaled loss partial, kStats the three sums; kGrad nothing.
+template <int MODE, typename acc_t>
+__device__ __forceinline__ void store_tile(const LevelDesc& d, acc_t e, acc_t s2, acc_t s1, acc_t eta, acc_t* sred,
+                                           double* out) {
+  if (MODE == kPaper) {
+    const acc_t t = block_sum(s2 - eta * s1, sred);
+    if (threadIdx.x == 0) *out = d.scale * static_cast<double>(t);
+  } else if (MODE == kStats) {
+    const acc_t te = block_sum(e, sred);
+    const acc_t t2 = block_sum(s2, sred);
+    const acc_t t1 = block_sum(s1, sred);
+    if (threadIdx.x == 0) {
+      out[0] = static_cast<double>(te);
+      out[1] = static_cast<double>(t2);
+      out[2] = static_cast<double>(t1);
+    }
+  }
+}
+
+template <int MODE, typename scalar_t, typename mscalar_t, typename acc_t, bool GF, bool GM>
+__device__ void tile_width_inner(const LevelDesc& d, int64_t tile, acc_t eta, const double* coefs, double* out) {
   __shared__ acc_t sq[kWarps][kPixW];
   __shared__ acc_t sr[kWarps][kPixW];
   __shared__ acc_t sred[kWarps];
@@ -87,8 +151,8 @@ __device__ void tile_width_inner(const LevelDesc& d, int64_t tile, acc_t eta, do
   auto* df = static_cast<scalar_t*>(d.df);
   auto* dm = static_cast<mscalar_t*>(d.dm);
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const int64_t npix = d.B * d.H * d.W;
-  const int64_t q0 = tile * kPixW;
+  int64_t q0, qend;
+  tile_range(d, tile, kPixW, q0, qend);
   const acc_t s = static_cast<acc_t>(d.scale);
   bool ok[kPPT];
   int64_t fo[kPPT], dfo[kPPT];
@@ -96,7 +160,7 @@ __device__ void tile_width_inner(const LevelDesc& d, int64_t tile, acc_t eta, do
 #pragma unroll
   for (int i = 0; i < kPPT; ++i) {
     const int64_t qq = q0 + i * 32 + lane;
-    ok[i] = qq < npix;
+    ok[i] = qq < qend;
     q[i] = 0;
     r[i] = 0;
     fo[i] = 0;
@@ -107,10 +171,14 @@ __device__ void tile_width_inner(const LevelDesc& d, int64_t tile, acc_t eta, do
       const Pix p = pixel_offsets(d, qq);
       fo[i] = p.f;
       dfo[i] = p.df;
-      const acc_t mv = static_cast<acc_t>(m[p.m]);
-      const acc_t om = acc_t(1) - mv;
-      a[i] = acc_t(2) * s * om * om;
-      bb[i] = -s * eta * mv;
+      if (GF) {
+        acc_t g1, g2, k;
+        pixel_coef<MODE>(d, coefs, qq, g1, g2, k);
+        const acc_t mv = static_cast<acc_t>(m[p.m]);
+        const acc_t om = acc_t(1) - mv;
+        a[i] = s * (acc_t(2) * g2 * om * om + k);
+        bb[i] = -s * eta * g1 * mv;
+      }
     }
   }
   for (int64_t c = warp; c < d.C; c += kWarps) {
@@ -124,17 +192,18 @@ __device__ void tile_width_inner(const LevelDesc& d, int64_t tile, acc_t eta, do
       if (GF && ok[i]) df[dfo[i] + c * d.dfs[1]] = static_cast<scalar_t>(a[i] * x[i] + bb[i]);
     }
   }
+  if (MODE == kGrad && !GM) return;  // nothing per pixel left to do (uniform across the block)
 #pragma unroll
   for (int i = 0; i < kPPT; ++i) {
     sq[warp][i * 32 + lane] = q[i];
     sr[warp][i * 32 + lane] = r[i];
   }
   __syncthreads();
-  acc_t term = 0;
+  acc_t e = 0, s2 = 0, s1 = 0;
   if (threadIdx.x < kPixW) {
     const int j = threadIdx.x;
     const int64_t qq = q0 + j;
-    if (qq < npix) {
+    if (qq < qend) {
       acc_t Q = 0, R = 0;
       for (int k = 0; k < kWarps; ++k) {
         Q += sq[k][j];
@@ -143,45 +212,53 @@ __device__ void tile_width_inner(const LevelDesc& d, int64_t tile, acc_t eta, do
       const Pix p = pixel_offsets(d, qq);
       const acc_t mv = static_cast<acc_t>(m[p.m]);
       const acc_t om = acc_t(1) - mv;
-      term = om * om * Q - eta * mv * R;
-      if (GM) dm[p.dm] = static_cast<mscalar_t>(s * (acc_t(-2) * om * Q - eta * R));
+      e = Q;
+      s2 = om * om * Q;
+      s1 = mv * R;
+      if (GM) {
+        acc_t g1, g2, k;
+        pixel_coef<MODE>(d, coefs, qq, g1, g2, k);
+        dm[p.dm] = static_cast<mscalar_t>(s * (acc_t(-2) * g2 * om * Q - eta * g1 * R));
+      }
     }
   }
-  const acc_t t = block_sum(term, sred);
-  if (threadIdx.x == 0) *out = d.scale * static_cast<double>(t);
+  store_tile<MODE>(d, e, s2, s1, eta, sred, out);
 }
 
-template <typename scalar_t, typename mscalar_t, typename acc_t, bool GF, bool GM>
-__device__ void tile_channels_last(const LevelDesc& d, int64_t tile, acc_t eta, double* out) {
+template <int MODE, typename scalar_t, typename mscalar_t, typename acc_t, bool GF, bool GM>
+__device__ void tile_channels_last(const LevelDesc& d, int64_t tile, acc_t eta, const double* coefs, double* out) {
   __shared__ acc_t sred[kWarps];
   const auto* f = static_cast<const scalar_t*>(d.f);
   const auto* m = static_cast<const mscalar_t*>(d.m);
   auto* df = static_cast<scalar_t*>(d.df);
   auto* dm = static_cast<mscalar_t*>(d.dm);
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const int64_t npix = d.B * d.H * d.W;
-  const int64_t q0 = tile * kPixC + warp * kPPW;
+  int64_t t0, qend;
+  tile_range(d, tile, kPixC, t0, qend);
+  const int64_t q0 = t0 + warp * kPPW;
   const acc_t s = static_cast<acc_t>(d.scale);
   bool ok[kPPW];
   int64_t fo[kPPW], dfo[kPPW], dmo[kPPW];
-  acc_t mv[kPPW], a[kPPW], bb[kPPW], q[kPPW], r[kPPW];
+  acc_t mv[kPPW], a[kPPW], bb[kPPW], q[kPPW], r[kPPW], g1[kPPW], g2[kPPW];
 #pragma unroll
   for (int k = 0; k < kPPW; ++k) {
     const int64_t qq = q0 + k;
-    ok[k] = qq < npix;
+    ok[k] = qq < qend;
     q[k] = 0;
     r[k] = 0;
     fo[k] = dfo[k] = dmo[k] = 0;
-    mv[k] = a[k] = bb[k] = 0;
+    mv[k] = a[k] = bb[k] = g1[k] = g2[k] = 0;
     if (ok[k]) {
       const Pix p = pixel_offsets(d, qq);
       fo[k] = p.f;
       dfo[k] = p.df;
       dmo[k] = p.dm;
       mv[k] = static_cast<acc_t>(m[p.m]);
+      acc_t kk;
+      pixel_coef<MODE>(d, coefs, qq, g1[k], g2[k], kk);
       const acc_t om = acc_t(1) - mv[k];
-      a[k] = acc_t(2) * s * om * om;
-      bb[k] = -s * eta * mv[k];
+      a[k] = s * (acc_t(2) * g2[k] * om * om + kk);
+      bb[k] = -s * eta * g1[k] * mv[k];
     }
   }
   for (int64_t c = lane; c < d.C; c += 32) {
@@ -195,33 +272,64 @@ __device__ void tile_channels_last(const LevelDesc& d, int64_t tile, acc_t eta, 
       if (GF && ok[k]) df[dfo[k] + c * d.dfs[1]] = static_cast<scalar_t>(a[k] * x[k] + bb[k]);
     }
   }
-  acc_t term = 0;
+  if (MODE == kGrad && !GM) return;  // uniform across the block
+  acc_t e = 0, s2 = 0, s1 = 0;  // only lane 0 of each warp is non-zero
 #pragma unroll
   for (int k = 0; k < kPPW; ++k) {
     const acc_t Q = warp_sum(q[k]);
     const acc_t R = warp_sum(r[k]);
     if (ok[k] && lane == 0) {
       const acc_t om = acc_t(1) - mv[k];
-      term += om * om * Q - eta * mv[k] * R;
-      if (GM) dm[dmo[k]] = static_cast<mscalar_t>(s * (acc_t(-2) * om * Q - eta * R));
+      e += Q;
+      s2 += om * om * Q;
+      s1 += mv[k] * R;
+      if (GM) dm[dmo[k]] = static_cast<mscalar_t>(s * (acc_t(-2) * g2[k] * om * Q - eta * g1[k] * R));
     }
   }
-  const acc_t t = block_sum(term, sred);  // only lane 0 of each warp is non-zero
-  if (threadIdx.x == 0) *out = d.scale * static_cast<double>(t);
+  store_tile<MODE>(d, e, s2, s1, eta, sred, out);
 }
 
-template <typename scalar_t, typename mscalar_t, typename acc_t, bool GF, bool GM>
+// out: kPaper one partial per tile, kStats three per tile (this group's), kGrad unused.
+template <int MODE, typename scalar_t, typename mscalar_t, typename acc_t, bool GF, bool GM>
 __global__ void __launch_bounds__(kThreads)
-    fused_kernel(const __grid_constant__ Params p, acc_t eta, double* partials) {
+    fused_kernel(const __grid_constant__ Params p, acc_t eta, const double* coefs, double* out) {
   const int64_t tile = blockIdx.x;
   int l = 0;
   while (l + 1 < p.n && tile >= p.lv[l + 1].tile_start) ++l;
   const LevelDesc& d = p.lv[l];
+  double* o = MODE == kStats ? out + 3 * tile : out + tile;
   if (d.channels_last) {
-    tile_channels_last<scalar_t, mscalar_t, acc_t, GF, GM>(d, tile - d.tile_start, eta, partials + tile);
+    tile_channels_last<MODE, scalar_t, mscalar_t, acc_t, GF, GM>(d, tile - d.tile_start, eta, coefs, o);
   } else {
-    tile_width_inner<scalar_t, mscalar_t, acc_t, GF, GM>(d, tile - d.tile_start, eta, partials + tile);
+    tile_width_inner<MODE, scalar_t, mscalar_t, acc_t, GF, GM>(d, tile - d.tile_start, eta, coefs, o);
   }
+}
+
+// Normalized form: one thread per sample of this group adds its tiles' sums in tile order
+// and writes the sample's factors (coefs, 3 per sample) and scaled loss term (terms).
+__global__ void sample_kernel(const __grid_constant__ Params p, double eta, const double* stats, int64_t samples,
+                              double* coefs, double* terms) {
+  const int64_t t = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (t >= samples) return;
+  const int64_t gs = p.lv[0].sample_start + t;
+  int l = 0;
+  while (l + 1 < p.n && gs >= p.lv[l + 1].sample_start) ++l;
+  const LevelDesc& d = p.lv[l];
+  const int64_t b = gs - d.sample_start;
+  Stats st{0.0, 0.0, 0.0};
+  const int64_t first = d.tile_start + b * d.tiles_per_sample;
+  for (int64_t i = first; i < first + d.tiles_per_sample; ++i) {
+    st.e += stats[3 * i];
+    st.s2 += stats[3 * i + 1];
+    st.s1 += stats[3 * i + 2];
+  }
+  const double N = static_cast<double>(d.C) * static_cast<double>(d.H) * static_cast<double>(d.W);
+  double term = 0.0;
+  const SampleCoef c = normalized_coef(st, N, eta, &term);
+  coefs[3 * gs] = c.g1;
+  coefs[3 * gs + 1] = c.g2;
+  coefs[3 * gs + 2] = c.k;
+  terms[gs] = d.scale * term;
 }
 
 template <typename out_t>
@@ -238,45 +346,113 @@ __global__ void __launch_bounds__(kFinishThreads) finish_kernel(const double* pa
   if (threadIdx.x == 0) *loss = static_cast<out_t>(sh[0]);
 }
 
-int64_t tiles_of(const LevelDesc& d) {
-  const int64_t npix = d.B * d.H * d.W;
+// Tiles of a level: over all B*H*W pixels, or (sample_aligned) ceil(H*W / per) per sample.
+int64_t tiles_of(const LevelDesc& d, bool sample_aligned) {
   const int64_t per = d.channels_last ? kPixC : kPixW;
-  return (npix + per - 1) / per;
+  if (sample_aligned) return d.B * ((d.H * d.W + per - 1) / per);
+  return (d.B * d.H * d.W + per - 1) / per;
+}
+
+// The levels [g0, g0 + n) as one launch's parameters; sets tile_start (and tiles_per_sample when aligned).
+Params group_params(const Problem& pr, int64_t g0, bool sample_aligned, int64_t& tiles) {
+  Params prm{};
+  prm.n = static_cast<int>(std::min<int64_t>(kMaxLevels, static_cast<int64_t>(pr.levels.size()) - g0));
+  tiles = 0;
+  for (int i = 0; i < prm.n; ++i) {
+    LevelDesc& d = prm.lv[i];
+    d = pr.levels[g0 + i];
+    const int64_t per = d.channels_last ? kPixC : kPixW;
+    d.tiles_per_sample = sample_aligned ? (d.H * d.W + per - 1) / per : 0;
+    d.tile_start = tiles;
+    tiles += tiles_of(d, sample_aligned);
+  }
+  TORCH_CHECK(tiles <= 0x7fffffff, "alignment_loss_fused: too many tiles for one launch (", tiles, ")");
+  return prm;
+}
+
+template <int MODE, typename scalar_t, typename mscalar_t, typename acc_t, bool GF, bool GM>
+void launch_tiles(const Params& prm, int64_t tiles, acc_t eta, const double* coefs, double* out, cudaStream_t stream) {
+  if (tiles == 0) return;
+  fused_kernel<MODE, scalar_t, mscalar_t, acc_t, GF, GM>
+      <<<static_cast<unsigned>(tiles), kThreads, 0, stream>>>(prm, eta, coefs, out);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+void finish(const double* part, int64_t n, at::Tensor& loss, cudaStream_t stream) {
+  if (loss.scalar_type() == at::kDouble) {
+    finish_kernel<double><<<1, kFinishThreads, 0, stream>>>(part, n, loss.data_ptr<double>());
+  } else {
+    finish_kernel<float><<<1, kFinishThreads, 0, stream>>>(part, n, loss.data_ptr<float>());
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 template <typename scalar_t, typename mscalar_t, bool GF, bool GM>
-void launch(const Problem& pr, at::Tensor& loss) {
+void launch_paper(const Problem& pr, at::Tensor& loss, cudaStream_t stream) {
   using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   const int64_t L = static_cast<int64_t>(pr.levels.size());
   int64_t total = 0;
-  for (const LevelDesc& d : pr.levels) total += tiles_of(d);
+  for (const LevelDesc& d : pr.levels) total += tiles_of(d, false);
   at::Tensor partials = at::empty({std::max<int64_t>(total, 1)}, loss.options().dtype(at::kDouble));
   double* part = partials.data_ptr<double>();
   int64_t done = 0;
   for (int64_t g0 = 0; g0 < L; g0 += kMaxLevels) {
-    Params prm{};
-    prm.n = static_cast<int>(std::min<int64_t>(kMaxLevels, L - g0));
     int64_t tiles = 0;
-    for (int i = 0; i < prm.n; ++i) {
-      prm.lv[i] = pr.levels[g0 + i];
-      prm.lv[i].tile_start = tiles;
-      tiles += tiles_of(prm.lv[i]);
-    }
-    if (tiles > 0) {
-      TORCH_CHECK(tiles <= 0x7fffffff, "alignment_loss_fused: too many tiles for one launch (", tiles, ")");
-      fused_kernel<scalar_t, mscalar_t, acc_t, GF, GM>
-          <<<static_cast<unsigned>(tiles), kThreads, 0, stream>>>(prm, static_cast<acc_t>(pr.eta), part + done);
+    const Params prm = group_params(pr, g0, false, tiles);
+    launch_tiles<kPaper, scalar_t, mscalar_t, acc_t, GF, GM>(prm, tiles, static_cast<acc_t>(pr.eta), nullptr,
+                                                             part + done, stream);
+    done += tiles;
+  }
+  finish(part, total, loss, stream);
+}
+
+template <typename scalar_t, typename mscalar_t, bool GF, bool GM>
+void launch_normalized(const Problem& pr, at::Tensor& loss, cudaStream_t stream) {
+  using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+  const int64_t L = static_cast<int64_t>(pr.levels.size());
+  int64_t total_tiles = 0, samples = 0;
+  for (const LevelDesc& d : pr.levels) {
+    total_tiles += tiles_of(d, true);
+    samples += d.B;
+  }
+  // One buffer: 3 stats per tile, then 3 factors and 1 term per sample.
+  at::Tensor buf = at::empty({std::max<int64_t>(3 * total_tiles + 4 * samples, 1)}, loss.options().dtype(at::kDouble));
+  double* stats = buf.data_ptr<double>();
+  double* coefs = stats + 3 * total_tiles;
+  double* terms = coefs + 3 * samples;
+  int64_t done = 0;
+  for (int64_t g0 = 0; g0 < L; g0 += kMaxLevels) {
+    int64_t tiles = 0;
+    const Params prm = group_params(pr, g0, true, tiles);
+    launch_tiles<kStats, scalar_t, mscalar_t, acc_t, false, false>(prm, tiles, static_cast<acc_t>(pr.eta), nullptr,
+                                                                   stats + 3 * done, stream);
+    const LevelDesc& last = prm.lv[prm.n - 1];
+    const int64_t group_samples = last.sample_start + last.B - prm.lv[0].sample_start;
+    if (group_samples > 0) {
+      constexpr int kSampleThreads = 128;
+      const int64_t blocks = (group_samples + kSampleThreads - 1) / kSampleThreads;
+      sample_kernel<<<static_cast<unsigned>(blocks), kSampleThreads, 0, stream>>>(prm, pr.eta, stats + 3 * done,
+                                                                                  group_samples, coefs, terms);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+    if (GF || GM) {  // pass 2 over all pixels (tiles may cross samples: each pixel reads its own factors)
+      int64_t gtiles = 0;
+      const Params gprm = group_params(pr, g0, false, gtiles);
+      launch_tiles<kGrad, scalar_t, mscalar_t, double, GF, GM>(gprm, gtiles, pr.eta, coefs, nullptr, stream);
     }
     done += tiles;
   }
-  if (loss.scalar_type() == at::kDouble) {
-    finish_kernel<double><<<1, kFinishThreads, 0, stream>>>(part, total, loss.data_ptr<double>());
+  finish(terms, samples, loss, stream);
+}
+
+template <typename scalar_t, typename mscalar_t, bool GF, bool GM>
+void launch(const Problem& p, at::Tensor& loss) {
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  if (p.normalized) {
+    launch_normalized<scalar_t, mscalar_t, GF, GM>(p, loss, stream);
   } else {
-    finish_kernel<float><<<1, kFinishThreads, 0, stream>>>(part, total, loss.data_ptr<float>());
+    launch_paper<scalar_t, mscalar_t, GF, GM>(p, loss, stream);
   }
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 template <typename scalar_t, typename mscalar_t>

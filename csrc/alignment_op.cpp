@@ -29,8 +29,8 @@ void fill_strides(int64_t* dst, const at::Tensor& t) {
 }
 
 Result alignment_loss_fused(const std::vector<at::Tensor>& features, const std::vector<at::Tensor>& maps,
-                            at::ArrayRef<double> weights, double eta, bool mean, bool grad_features,
-                            bool grad_maps) {
+                            at::ArrayRef<double> weights, double eta, bool mean, bool normalized,
+                            bool grad_features, bool grad_maps) {
   const size_t L = features.size();
   TORCH_CHECK(L > 0, "alignment_loss_fused: features must be a non-empty list of (B, C, H, W) tensors");
   TORCH_CHECK(maps.size() == L, "alignment_loss_fused: features and maps must have the same number of levels, got ",
@@ -49,9 +49,11 @@ Result alignment_loss_fused(const std::vector<at::Tensor>& features, const std::
 
   Problem p;
   p.eta = eta;
+  p.normalized = normalized;
   p.grad_features = grad_features;
   p.grad_maps = grad_maps;
   std::vector<at::Tensor> gf, gm;
+  int64_t samples = 0;
   for (size_t l = 0; l < L; ++l) {
     const at::Tensor& f = features[l];
     const at::Tensor& m = maps[l];
@@ -73,12 +75,15 @@ Result alignment_loss_fused(const std::vector<at::Tensor>& features, const std::
     d.C = f.size(1);
     d.H = f.size(2);
     d.W = f.size(3);
+    d.sample_start = samples;
+    samples += d.B;
     fill_strides(d.fs, f);
     fill_strides(d.ms, m);
     // Channels are the unit-stride dimension: loop over channels innermost.
     d.channels_last = (d.C > 1 && f.stride(1) == 1) ? 1 : 0;
     const double numel = static_cast<double>(f.numel());
-    d.scale = mean ? weights[l] / numel : weights[l];
+    // An empty level's sum is 0, and so is its mean (not 0/0).
+    d.scale = mean ? (numel > 0 ? weights[l] / numel : 0.0) : weights[l];
     if (grad_features) {
       // Same strides as f when f is dense (so loops stay unit-stride), else contiguous.
       gf.push_back(at::empty_like(f));
@@ -112,7 +117,7 @@ Result alignment_loss_fused(const std::vector<at::Tensor>& features, const std::
 TORCH_LIBRARY_FRAGMENT(ssattn, m) {
   m.def(
       "alignment_loss_fused(Tensor[] features, Tensor[] maps, float[] weights, float eta, bool mean, "
-      "bool grad_features, bool grad_maps) -> (Tensor loss, Tensor[] grad_features, Tensor[] grad_maps)");
+      "bool normalized, bool grad_features, bool grad_maps) -> (Tensor loss, Tensor[] grad_features, Tensor[] grad_maps)");
 }
 
 TORCH_LIBRARY_IMPL(ssattn, CPU, m) { m.impl("alignment_loss_fused", &ssattn::alignment_loss_fused); }

@@ -64,7 +64,7 @@ def same_device(**tensors) -> None:
 
 def unit_interval(name: str, x: torch.Tensor) -> None:
     """Raise if a map has values outside [0, 1]. NaN passes (and propagates)."""
-    if not value_checks_enabled() or x.numel() == 0:
+    if not value_checks_enabled() or x.numel() == 0 or is_shape_only(x):
         return
     lo, hi = torch.aminmax(x.detach().float())
     lo, hi = float(lo), float(hi)
@@ -135,3 +135,33 @@ def nonempty_list(name: str, xs) -> list:
 def choice(name: str, value, allowed: Sequence) -> None:
     if value not in allowed:
         raise ValueError(f"{name} must be one of {list(allowed)}, got {value!r}")
+
+
+def number(name: str, value, *, minimum: float | None = None) -> float:
+    """A finite real number (not a bool, not a string), at least `minimum` when given; as a float."""
+    import numbers
+
+    ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+    if not ok or (minimum is not None and value < minimum):
+        bound = f" >= {minimum:g}" if minimum is not None else ""
+        raise ValueError(f"{name} must be a finite number{bound}, got {value!r}")
+    return float(value)
+
+
+def numbers_per_level(name: str, values, levels: int | None = None) -> list[float]:
+    """One finite number per level (a list or tuple); `levels` checks the count when given."""
+    if isinstance(values, (str, bytes, torch.Tensor)) or not isinstance(values, Sequence):
+        raise TypeError(f"{name} must be a list of numbers, one per level, got {type(values).__name__}")
+    out = [number(f"{name}[{i}]", v) for i, v in enumerate(values)]
+    if levels is not None and len(out) != levels:
+        raise ValueError(f"{name} must have one value per level ({levels}), got {len(out)}")
+    return out
+
+
+def is_shape_only(x: torch.Tensor) -> bool:
+    """Meta tensors and fake tensors (tracing): shapes but no values to check."""
+    if x.device.type == "meta":
+        return True
+    from torch._subclasses.fake_tensor import is_fake
+
+    return is_fake(x)

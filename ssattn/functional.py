@@ -18,6 +18,7 @@ from .ops import alignment as _alignment_ops
 from .ops import attention as _attention_ops
 from .ops import attention_cpu as _attention_cpu
 from .ops import pyramid as _pyramid_ops
+from .reference.alignment import FORMS as ALIGNMENT_FORMS
 
 
 # --------------------------------------------------------------------------- pyramid
@@ -133,17 +134,14 @@ def _attention(q, k, v, weight, key_padding_mask, scale: float, backend: str) ->
 
 
 # --------------------------------------------------------------------------- alignment loss
-def _check_alignment_args(features, maps, eta, weights, reduction, check_values=True):
+def _check_alignment_args(features, maps, eta, weights, reduction, form="paper", check_values=True):
     features = _checks.nonempty_list("features", features)
     maps = _checks.nonempty_list("maps", maps)
     if len(features) != len(maps):
         raise ValueError(f"features and maps must have the same number of levels, got {len(features)} and {len(maps)}")
-    device = None
     for i, (f, m) in enumerate(zip(features, maps)):
         _checks.tensor(f"features[{i}]", f, ndim=4)
         _checks.tensor(f"maps[{i}]", m, ndim=4)
-        if device is None:
-            device = f.device
         _checks.same_device(**{"features[0]": features[0], f"features[{i}]": f, f"maps[{i}]": m})
         B, _, H, W = f.shape
         if m.shape[1] != 1:
@@ -155,18 +153,14 @@ def _check_alignment_args(features, maps, eta, weights, reduction, check_values=
             )
         if check_values:
             _checks.unit_interval(f"maps[{i}]", m)
-    if not (isinstance(eta, (int, float)) and math.isfinite(eta) and eta >= 0):
-        raise ValueError(f"eta must be a finite number >= 0, got {eta!r}")
+    eta = _checks.number("eta", eta, minimum=0)
     if weights is None:
         weights = [1.0] * len(features)
     else:
-        weights = [float(w) for w in weights]
-        if len(weights) != len(features):
-            raise ValueError(f"weights must have one value per level ({len(features)}), got {len(weights)}")
-        if not all(math.isfinite(w) for w in weights):
-            raise ValueError(f"weights must be finite numbers, got {weights}")
+        weights = _checks.numbers_per_level("weights", weights, len(features))
     _checks.choice("reduction", reduction, ("mean", "sum"))
-    return features, maps, weights
+    _checks.choice("form", form, ALIGNMENT_FORMS)
+    return features, maps, eta, weights
 
 
 def alignment_loss(
@@ -176,22 +170,27 @@ def alignment_loss(
     eta: float = 1.0,
     weights=None,
     reduction: str = "mean",
+    form: str = "paper",
     backend: str = "auto",
 ) -> Tensor:
-    """Semantic alignment loss of SPEC 3, summed over levels.
+    """Semantic alignment loss of docs/operations.md section 3, summed over levels.
 
-    L = sum_l w_l (||F_l (1 - M_l)||^2 - eta <F_l, M_l>), each level's term
-    divided by F_l.numel() when reduction="mean". Maps (B, 1, H_l, W_l) in
-    [0, 1] broadcast over channels. Half-precision inputs accumulate in
-    float32 and return a float32 loss.
+    form="paper": L = sum_l w_l (||F_l (1 - M_l)||^2 - eta <F_l, M_l>), the
+    paper's formula (unbounded below: it falls without limit as the features
+    inside the map grow). form="normalized": the same formula applied to each
+    sample's features rescaled to unit RMS, U_b = F_b / max(rms(F_b), 1e-6):
+    invariant to the scale of F, and bounded below. reduction="mean" divides
+    each level's term by F_l.numel() (0 for an empty level). Maps
+    (B, 1, H_l, W_l) in [0, 1] broadcast over channels. Half-precision inputs
+    accumulate in float32 and return a float32 loss.
     """
-    return _alignment_loss(features, maps, eta, weights, reduction, backend)
+    return _alignment_loss(features, maps, eta, weights, reduction, backend, form=form)
 
 
-def _alignment_loss(features, maps, eta, weights, reduction, backend, check_values=True) -> Tensor:
+def _alignment_loss(features, maps, eta, weights, reduction, backend, check_values=True, form="paper") -> Tensor:
     """alignment_loss; check_values=False skips the maps' range check (callers that built them from a checked map)."""
-    features, maps, weights = _check_alignment_args(features, maps, eta, weights, reduction, check_values)
+    features, maps, eta, weights = _check_alignment_args(features, maps, eta, weights, reduction, form, check_values)
     chosen = _backends.resolve("alignment_loss", backend, features[0].device.type, features[0].dtype)
     if chosen == "reference":
-        return reference.alignment_loss(features, maps, eta=eta, weights=weights, reduction=reduction)
-    return _alignment_ops.alignment_loss_native(features, maps, eta=float(eta), weights=weights, reduction=reduction)
+        return reference.alignment_loss(features, maps, eta=eta, weights=weights, reduction=reduction, form=form)
+    return _alignment_ops.alignment_loss_native(features, maps, eta=eta, weights=weights, reduction=reduction, form=form)

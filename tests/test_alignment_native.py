@@ -1,9 +1,12 @@
-"""The compiled alignment loss ssattn::alignment_loss_fused (ssattn._C) against the SPEC 3 reference.
+"""The compiled alignment loss ssattn::alignment_loss_fused (ssattn._C) against the reference.
 
-Loss and both gradients are checked by SPEC's accuracy rule (float64 truth),
-over several levels of different shapes, awkward sizes, layouts, dtypes,
-weights, eta and reductions; plus gradcheck, determinism, opcheck,
-torch.compile and the one-warning fallback when the extension is missing.
+Both forms (docs/operations.md section 3: "paper" and "normalized"). Loss and
+both gradients are checked by the accuracy rule (float64 truth), over several
+levels of different shapes, awkward sizes, layouts, dtypes, weights, eta and
+reductions; plus gradcheck, double backward, determinism, opcheck,
+torch.compile, empty levels, meta tensors, the normalized form's scale
+invariance and lower bound, and the one-warning fallback when the extension
+is missing.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ needs_native = pytest.mark.skipif(NATIVE is None, reason="ssattn._C is not built
 HAS_CUDA = torch.cuda.is_available()
 f64 = torch.float64
 
+FORMS = ["paper", "normalized"]
 # (B, C, H, W) per level: different shapes and channel counts, awkward sizes.
 LEVELS = [(2, 7, 9, 11), (2, 1, 1, 1), (2, 3, 97, 5), (2, 16, 4, 4)]
 BIG = [(1, 2, 255, 257), (1, 9, 7, 1)]
@@ -81,56 +85,74 @@ def _check_against_reference(feats, maps, grad_out=1.0, **kw):
 
 # --------------------------------------------------------------------------- accuracy
 @needs_native
+@pytest.mark.parametrize("form", FORMS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("layout", ["nchw", "channels_last", "noncontig"])
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
-def test_matches_reference(dtype, layout, reduction):
+def test_matches_reference(dtype, layout, reduction, form):
     feats, maps = _make(LEVELS, dtype, layout=layout)
-    _check_against_reference(feats, maps, eta=0.7, weights=[1.0, 0.5, 2.0, 0.25], reduction=reduction)
+    _check_against_reference(feats, maps, eta=0.7, weights=[1.0, 0.5, 2.0, 0.25], reduction=reduction, form=form)
 
 
 @needs_native
+@pytest.mark.parametrize("form", FORMS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_large_awkward_levels(dtype):
+def test_large_awkward_levels(dtype, form):
     feats, maps = _make(BIG, dtype)
-    _check_against_reference(feats, maps, eta=1.0, reduction="sum")
+    _check_against_reference(feats, maps, eta=1.0, reduction="sum", form=form)
 
 
 @needs_native
+@pytest.mark.parametrize("form", FORMS)
 @pytest.mark.parametrize("eta", [0.0, 1.0, 3.5])
-def test_eta_and_default_weights(eta):
+def test_eta_and_default_weights(eta, form):
     feats, maps = _make(LEVELS[:2], torch.float32, layout="channels_last")
-    _check_against_reference(feats, maps, eta=eta)
+    _check_against_reference(feats, maps, eta=eta, form=form)
 
 
 @needs_native
+@pytest.mark.parametrize("form", FORMS)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_half_features_float32_maps(dtype):
+def test_half_features_float32_maps(dtype, form):
     feats, maps = _make(LEVELS, dtype, map_dtype=torch.float32)
-    _check_against_reference(feats, maps, eta=0.5, reduction="mean")
+    _check_against_reference(feats, maps, eta=0.5, reduction="mean", form=form)
 
 
 @needs_native
-def test_mixed_layouts_across_levels():
+@pytest.mark.parametrize("form", FORMS)
+def test_mixed_layouts_across_levels(form):
     a, am = _make(LEVELS[:2], torch.float32, layout="channels_last")
     b, bm = _make(LEVELS[2:], torch.float32, layout="noncontig")
-    _check_against_reference(a + b, am + bm, eta=0.3, weights=[1, 2, 3, 4])
+    _check_against_reference(a + b, am + bm, eta=0.3, weights=[1, 2, 3, 4], form=form)
 
 
 @needs_native
-def test_many_levels():
+@pytest.mark.parametrize("form", FORMS)
+def test_many_levels(form):
     # More levels than one CUDA launch takes (16): the CPU path must not care either.
-    shapes = [(1, 1 + i % 5, 2 + i % 3, 3 + i % 4) for i in range(19)]
+    shapes = [(1 + i % 2, 1 + i % 5, 2 + i % 3, 3 + i % 4) for i in range(19)]
     feats, maps = _make(shapes, torch.float32)
-    _check_against_reference(feats, maps, eta=0.9, weights=[0.1 * (i + 1) for i in range(19)], reduction="sum")
+    _check_against_reference(feats, maps, eta=0.9, weights=[0.1 * (i + 1) for i in range(19)], reduction="sum",
+                             form=form)
 
 
 @needs_native
+@pytest.mark.parametrize("form", FORMS)
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
-def test_grad_output_not_one(reduction):
+def test_grad_output_not_one(reduction, form):
     feats, maps = _make(LEVELS, torch.float32)
-    _check_against_reference(feats, maps, grad_out=3.0, eta=0.7, reduction=reduction)
-    _check_against_reference(feats, maps, grad_out=-0.25, eta=0.7, reduction=reduction)
+    _check_against_reference(feats, maps, grad_out=3.0, eta=0.7, reduction=reduction, form=form)
+    _check_against_reference(feats, maps, grad_out=-0.25, eta=0.7, reduction=reduction, form=form)
+
+
+@needs_native
+@pytest.mark.parametrize("form", FORMS)
+@pytest.mark.parametrize("scales", [(1.0, 1e3), (1e-3, 1.0), (7.0, 0.0)])
+def test_samples_of_very_different_scales(scales, form):
+    # Each sample has its own norm (normalized form): one large and one small (or all-zero) sample.
+    feats, maps = _make([(2, 5, 13, 7), (2, 3, 4, 97)], torch.float32)
+    feats = [f * torch.tensor(scales).view(2, 1, 1, 1) for f in feats]
+    _check_against_reference(feats, maps, eta=0.8, form=form)
 
 
 @needs_native
@@ -146,13 +168,14 @@ def test_backward_twice_with_retain_graph():
 
 
 @needs_native
+@pytest.mark.parametrize("form", FORMS)
 @pytest.mark.parametrize("which", ["features", "maps", "none"])
-def test_partial_requires_grad(which):
+def test_partial_requires_grad(which, form):
     feats, maps = _make(LEVELS, torch.float64)
     F, M = _leaf(feats, grad=which == "features"), _leaf(maps, grad=which == "maps")
-    loss = _native(F, M, eta=0.7)
+    loss = _native(F, M, eta=0.7, form=form)
     rF, rM = _leaf(feats, grad=which == "features"), _leaf(maps, grad=which == "maps")
-    rloss = ref.alignment_loss(rF, rM, eta=0.7)
+    rloss = ref.alignment_loss(rF, rM, eta=0.7, form=form)
     torch.testing.assert_close(loss, rloss)
     if which == "none":
         assert not loss.requires_grad
@@ -175,29 +198,49 @@ def test_no_grad_mode():
 
 
 @needs_native
+@pytest.mark.parametrize("form", FORMS)
 @pytest.mark.parametrize("layout", ["nchw", "channels_last", "noncontig"])
-def test_gradcheck_float64(layout):
+def test_gradcheck_float64(layout, form):
     feats, maps = _make([(2, 3, 4, 5), (1, 2, 3, 1)], f64, layout=layout)
     maps = [m.clamp(0.05, 0.95) for m in maps]  # stay inside [0, 1] under finite differences
     F, M = _leaf(feats), _leaf(maps)
 
     def fn(*xs):
-        return _native(list(xs[:2]), list(xs[2:]), eta=0.6, weights=[1.5, 0.5], reduction="mean")
+        return _native(list(xs[:2]), list(xs[2:]), eta=0.6, weights=[1.5, 0.5], reduction="mean", form=form)
 
     assert torch.autograd.gradcheck(fn, (*F, *M))
+    assert torch.autograd.gradgradcheck(fn, (*F, *M))
+
+
+@needs_native
+@pytest.mark.parametrize("form", FORMS)
+def test_double_backward_mixed_with_other_terms(form):
+    # Issue 14: the kernel's saved dF is a constant, so a graph-building backward used to miss
+    # the loss's own second derivative (the 2 (1 - M)^2 term of the paper form).
+    f = torch.randn(2, 3, 4, 5, dtype=f64)
+    m = torch.rand(2, 1, 4, 5, dtype=f64)
+    results = []
+    for fn in (_native, ref.alignment_loss):
+        F, M = f.clone().requires_grad_(), m.clone().requires_grad_()
+        loss = fn([F], [M], eta=0.7, form=form) + (F**3).sum()
+        (g,) = torch.autograd.grad(loss, F, create_graph=True)
+        results.append(torch.autograd.grad(g.sum(), (F, M)))
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b)
 
 
 # --------------------------------------------------------------------------- determinism
 @needs_native
+@pytest.mark.parametrize("form", FORMS)
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
-def test_deterministic_across_runs_and_threads(layout):
+def test_deterministic_across_runs_and_threads(layout, form):
     feats, maps = _make([(2, 16, 64, 64), (2, 32, 32, 32), (2, 5, 17, 3)], torch.float32, layout=layout)
     before = torch.get_num_threads()
     results = []
     try:
         for threads in (1, 1, 2, 3):
             torch.set_num_threads(threads)
-            results.append(_run(_native, feats, maps, eta=0.7))
+            results.append(_run(_native, feats, maps, eta=0.7, form=form))
     finally:
         torch.set_num_threads(before)
     loss0, gf0, gm0 = results[0]
@@ -211,18 +254,22 @@ def test_deterministic_across_runs_and_threads(layout):
 def test_opcheck():
     feats, maps = _make(LEVELS[:3], torch.float32)
     op = torch.ops.ssattn.alignment_loss_fused.default
-    torch.library.opcheck(op, (_leaf(feats), _leaf(maps), [1.0, 0.5, 2.0], 0.7, True, True, True))
+    for normalized in (False, True):
+        torch.library.opcheck(op, (_leaf(feats), _leaf(maps), [1.0, 0.5, 2.0], 0.7, True, normalized, True, True))
     # Only dF requested, half features with float32 maps, channels-last, reduction "sum".
     cl, clm = _make(LEVELS[:2], torch.bfloat16, layout="channels_last", map_dtype=torch.float32)
-    torch.library.opcheck(op, (_leaf(cl), _leaf(clm, grad=False), [1.0, 1.0], 1.0, False, True, False))
+    for normalized in (False, True):
+        torch.library.opcheck(op, (_leaf(cl), _leaf(clm, grad=False), [1.0, 1.0], 1.0, False, normalized, True, False))
 
 
 @needs_native
-def test_torch_compile_fullgraph():
+@pytest.mark.parametrize("form", FORMS)
+def test_torch_compile_fullgraph(form):
     feats, maps = _make(LEVELS, torch.float32)
 
     def fn(F, M):
-        return ssattn.alignment_loss(F, M, eta=0.7, weights=[1, 2, 3, 4], reduction="mean", backend="native")
+        return ssattn.alignment_loss(F, M, eta=0.7, weights=[1, 2, 3, 4], reduction="mean", form=form,
+                                     backend="native")
 
     compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
     loss, gf, gm = _run(compiled, feats, maps, grad_out=2.0)
@@ -245,13 +292,13 @@ def test_op_errors_name_the_argument():
     m = torch.rand(2, 1, 4, 5)
     op = torch.ops.ssattn.alignment_loss_fused
     with pytest.raises(RuntimeError, match=r"maps\[0\] must be \(2, 1, 4, 5\)"):
-        op([f], [m[:, :, :3]], [1.0], 1.0, True, False, False)
+        op([f], [m[:, :, :3]], [1.0], 1.0, True, False, False, False)
     with pytest.raises(RuntimeError, match=r"weights must have one value per level"):
-        op([f], [m], [1.0, 2.0], 1.0, True, False, False)
+        op([f], [m], [1.0, 2.0], 1.0, True, False, False, False)
     with pytest.raises(RuntimeError, match=r"maps must have the dtype of the features"):
-        op([f], [m.double()], [1.0], 1.0, True, False, False)
+        op([f], [m.double()], [1.0], 1.0, True, False, False, False)
     with pytest.raises(RuntimeError, match=r"features\[1\] has dtype"):
-        op([f, f.double()], [m, m], [1.0, 1.0], 1.0, True, False, False)
+        op([f, f.double()], [m, m], [1.0, 1.0], 1.0, True, True, False, False)
 
 
 # --------------------------------------------------------------------------- fallback without the extension
@@ -279,49 +326,102 @@ needs_cuda_native = pytest.mark.skipif(
 
 @pytest.mark.gpu
 @needs_cuda_native
+@pytest.mark.parametrize("form", FORMS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("layout", ["nchw", "channels_last", "noncontig"])
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
-def test_cuda_matches_reference(dtype, layout, reduction):
+def test_cuda_matches_reference(dtype, layout, reduction, form):
     feats, maps = _make(LEVELS + BIG, dtype, device="cuda", layout=layout)
-    _check_against_reference(feats, maps, eta=0.7, weights=[1.0, 0.5, 2.0, 0.25, 3.0, 1.0], reduction=reduction)
+    _check_against_reference(feats, maps, eta=0.7, weights=[1.0, 0.5, 2.0, 0.25, 3.0, 1.0], reduction=reduction,
+                             form=form)
 
 
 @pytest.mark.gpu
 @needs_cuda_native
+@pytest.mark.parametrize("form", FORMS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_cuda_decoder_levels_and_many_levels(dtype):
+def test_cuda_decoder_levels_and_many_levels(dtype, form):
     shapes = [(2, 32, 256, 256), (2, 64, 128, 128), (2, 128, 64, 64), (2, 256, 32, 32)]
     feats, maps = _make(shapes, dtype, device="cuda", layout="channels_last")
-    _check_against_reference(feats, maps, grad_out=3.0, eta=1.0)
-    many = [(1, 1 + i % 40, 3 + i % 7, 5 + i % 9) for i in range(37)]
+    _check_against_reference(feats, maps, grad_out=3.0, eta=1.0, form=form)
+    many = [(1 + i % 3, 1 + i % 40, 3 + i % 7, 5 + i % 9) for i in range(37)]
     feats, maps = _make(many, dtype, device="cuda", map_dtype=torch.float32)
-    _check_against_reference(feats, maps, eta=0.5, reduction="sum")
+    _check_against_reference(feats, maps, eta=0.5, reduction="sum", form=form)
 
 
 @pytest.mark.gpu
 @needs_cuda_native
+@pytest.mark.parametrize("form", FORMS)
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
-def test_cuda_deterministic(layout):
+def test_cuda_samples_of_very_different_scales_and_partial_grads(layout, form):
+    feats, maps = _make([(3, 5, 13, 7), (3, 3, 4, 97), (3, 1, 1, 1)], torch.float32, device="cuda", layout=layout)
+    scale = torch.tensor([1e-3, 0.0, 1e3], device="cuda").view(3, 1, 1, 1)
+    feats = [f * scale for f in feats]
+    _check_against_reference(feats, maps, eta=0.8, form=form)
+    for which in ("features", "maps"):
+        F, M = _leaf(feats, grad=which == "features"), _leaf(maps, grad=which == "maps")
+        rF, rM = _leaf(feats, grad=which == "features"), _leaf(maps, grad=which == "maps")
+        _native(F, M, eta=0.8, form=form).backward()
+        ref.alignment_loss(rF, rM, eta=0.8, form=form).backward()
+        for x, r in zip(F + M, rF + rM):
+            assert (x.grad is None) == (r.grad is None)
+            if r.grad is not None:
+                torch.testing.assert_close(x.grad, r.grad, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.gpu
+@needs_cuda_native
+@pytest.mark.parametrize("form", FORMS)
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_cuda_empty_levels_give_zero(form, reduction):
+    for shape in [(0, 3, 4, 5), (2, 0, 4, 5), (2, 3, 0, 5)]:
+        f = torch.randn(*shape, device="cuda", requires_grad=True)
+        m = torch.rand(shape[0], 1, *shape[2:], device="cuda", requires_grad=True)
+        loss = _native([f], [m], reduction=reduction, form=form)
+        assert loss.item() == 0.0
+        loss.backward()
+        assert (m.grad == 0).all()
+
+
+@pytest.mark.gpu
+@needs_cuda_native
+@pytest.mark.parametrize("form", FORMS)
+def test_cuda_double_backward(form):
+    f = torch.randn(2, 3, 4, 5, device="cuda", dtype=f64)
+    m = torch.rand(2, 1, 4, 5, device="cuda", dtype=f64)
+    results = []
+    for fn in (_native, ref.alignment_loss):
+        F = f.clone().requires_grad_()
+        (g,) = torch.autograd.grad(fn([F], [m], eta=0.7, form=form) + (F**3).sum(), F, create_graph=True)
+        results.append(torch.autograd.grad(g.sum(), F)[0])
+    torch.testing.assert_close(*results)
+
+
+@pytest.mark.gpu
+@needs_cuda_native
+@pytest.mark.parametrize("form", FORMS)
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_cuda_deterministic(layout, form):
     feats, maps = _make([(8, 32, 256, 256), (8, 256, 32, 32)], torch.float32, device="cuda", layout=layout)
-    r0 = _run(_native, feats, maps, eta=0.7)
+    r0 = _run(_native, feats, maps, eta=0.7, form=form)
     for _ in range(3):
-        r = _run(_native, feats, maps, eta=0.7)
+        r = _run(_native, feats, maps, eta=0.7, form=form)
         assert torch.equal(r[0], r0[0])
         assert all(torch.equal(a, b) for a, b in zip(r[1] + r[2], r0[1] + r0[2]))
 
 
 @pytest.mark.gpu
 @needs_cuda_native
-def test_cuda_compile_and_opcheck():
+@pytest.mark.parametrize("form", FORMS)
+def test_cuda_compile_and_opcheck(form):
     feats, maps = _make(LEVELS, torch.bfloat16, device="cuda", map_dtype=torch.float32)
     torch.library.opcheck(
         torch.ops.ssattn.alignment_loss_fused.default,
-        (_leaf(feats), _leaf(maps), [1.0] * 4, 0.7, True, True, True),
+        (_leaf(feats), _leaf(maps), [1.0] * 4, 0.7, True, form == "normalized", True, True),
     )
 
     def fn(F, M):
-        return ssattn.alignment_loss(F, M, eta=0.7, backend="native")
+        return ssattn.alignment_loss(F, M, eta=0.7, form=form, backend="native")
 
     loss, gf, gm = _run(torch.compile(fn, fullgraph=True), feats, maps, grad_out=2.0)
     eloss, egf, egm = _run(fn, feats, maps, grad_out=2.0)

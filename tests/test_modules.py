@@ -147,7 +147,7 @@ def test_alignment_loss_module_applies_lambda():
     assert all(f.grad is not None for f in fs)
     with pytest.raises(ValueError, match=r"reduction must be one of"):
         ssattn.SemanticAlignmentLoss(reduction="none")
-    with pytest.raises(ValueError, match=r"eta must be >= 0"):
+    with pytest.raises(ValueError, match=r"eta must be a finite number >= 0"):
         ssattn.SemanticAlignmentLoss(eta=-0.1)
 
 

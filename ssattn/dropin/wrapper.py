@@ -130,7 +130,7 @@ class SemanticSensitive(nn.Module):
 
     def __init__(self, model: nn.Module, pairs: Mapping[str, str], *, heads: int = 1, head_dim: int | None = None,
                  backend: str = "auto", scale: float | None = None, eta: float = 1.0, weight: float = 0.1,
-                 level_weights=None, reduction: str = "mean", channels: Mapping | None = None,
+                 level_weights=None, reduction: str = "mean", form: str = "paper", channels: Mapping | None = None,
                  example_inputs=None):
         super().__init__()
         if isinstance(model, SemanticSensitive):
@@ -161,7 +161,7 @@ class SemanticSensitive(nn.Module):
         self.blocks = nn.ModuleDict()
         # The guidance is range-checked once per forward (_check_map); the stages' and the loss's maps are
         # area averages of it, so their own checks (a host sync each) are off.
-        self.align = SemanticAlignmentLoss(eta=eta, weight=weight, level_weights=level_weights, reduction=reduction,
+        self.align = SemanticAlignmentLoss(eta=eta, weight=weight, level_weights=level_weights, reduction=reduction, form=form,
                                            backend=backend, check_values=False)
         self._attn_options = dict(heads=heads, head_dim=head_dim, backend=backend, scale=scale, check_values=False)
         self._sites_at: dict[str, list[tuple[str, Site]]] = {}
@@ -512,7 +512,7 @@ class SemanticSensitive(nn.Module):
     def _align_with(self, level_weights) -> SemanticAlignmentLoss:
         a = self.align
         return SemanticAlignmentLoss(eta=a.eta, weight=a.weight, level_weights=level_weights, reduction=a.reduction,
-                                     backend=a.backend, check_values=False)
+                                     form=a.form, backend=a.backend, check_values=False)
 
     def decoder_features(self) -> dict[str, Tensor]:
         """The refined decoder output of each site's last refined call in the last forward, by site."""
@@ -544,7 +544,7 @@ def semantic_sensitive(model: nn.Module, pairs: Mapping[str, str], **options) ->
     pairs: {decoder site: encoder site}, sites as in model.named_modules(),
     optionally "name[0]" (an output element) and "name#k" (the k-th call).
     options: heads (1), head_dim, backend ("auto"), scale (attention stages);
-    eta (1.0), weight (lambda_align, 0.1), level_weights, reduction ("mean")
+    eta (1.0), weight (lambda_align, 0.1), level_weights, reduction ("mean"), form ("paper" or "normalized")
     (alignment loss); channels {decoder site: (dec_channels, enc_channels)},
     example_inputs (how the stages are sized when the modules do not say).
     """

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import Tensor, nn
 
@@ -135,33 +137,91 @@ class GuidancePyramid(nn.Module):
 
 
 class SemanticAlignmentLoss(nn.Module):
-    """weight * alignment_loss(features, maps) (SPEC 3); weight is lambda_align (paper: 0.1).
+    """weight * alignment_loss(features, maps) (docs/operations.md section 3); weight is lambda_align (paper: 0.1).
 
+    form: "paper" (the paper's formula, unbounded below) or "normalized" (the
+    formula on per-sample unit-RMS features: scale invariant, bounded below).
     The weight is folded into the per-level weights rather than multiplied
     onto the loss, so the fused op's saved gradient needs no rescaling pass
     when the training loss (a sum containing this term) is backpropagated.
     check_values (True): check that the maps lie in [0, 1] (one host sync per level).
+
+    Divergence guard: every `guard_every` calls with grad enabled (0: never)
+    the RMS of each level's features is compared with its value at the first
+    such call, and one RuntimeWarning is raised the first time a level has
+    grown by `guard_factor` or more. It costs one host sync per check, none
+    in between, and is skipped while torch.compile traces.
     """
 
     def __init__(self, eta: float = 1.0, weight: float = 0.1, level_weights=None, reduction: str = "mean",
-                 *, backend: str = "auto", check_values: bool = True):
+                 form: str = "paper", *, backend: str = "auto", check_values: bool = True,
+                 guard_every: int = 100, guard_factor: float = 100.0):
         super().__init__()
-        if not (eta >= 0):
-            raise ValueError(f"eta must be >= 0, got {eta!r}")
+        self.eta = _checks.number("eta", eta, minimum=0)
+        self.weight = _checks.number("weight", weight)
+        self.level_weights = None if level_weights is None else _checks.numbers_per_level("level_weights", level_weights)
         _checks.choice("reduction", reduction, ("mean", "sum"))
-        self.eta, self.weight, self.reduction, self.backend = float(eta), float(weight), reduction, backend
+        _checks.choice("form", form, functional.ALIGNMENT_FORMS)
+        if isinstance(guard_every, bool) or not isinstance(guard_every, int) or guard_every < 0:
+            raise ValueError(f"guard_every must be an integer >= 0 (0 turns the guard off), got {guard_every!r}")
+        self.guard_factor = _checks.number("guard_factor", guard_factor, minimum=1)
+        self.reduction, self.form, self.backend = reduction, form, backend
         self.check_values = bool(check_values)
-        self.level_weights = None if level_weights is None else [float(w) for w in level_weights]
+        self.guard_every = guard_every
+        self._guard = _ScaleGuard()
 
     def extra_repr(self) -> str:
-        return f"eta={self.eta}, weight={self.weight}, level_weights={self.level_weights}, reduction={self.reduction!r}"
+        return (f"eta={self.eta}, weight={self.weight}, level_weights={self.level_weights}, "
+                f"reduction={self.reduction!r}, form={self.form!r}")
 
     def forward(self, features, maps) -> Tensor:
         features = _checks.nonempty_list("features", features)
         levels = self.level_weights if self.level_weights is not None else [1.0] * len(features)
         if len(levels) != len(features):
             raise ValueError(f"level_weights has {len(levels)} values but {len(features)} levels were given")
-        return functional._alignment_loss(
+        loss = functional._alignment_loss(
             features, maps, self.eta, [self.weight * w for w in levels], self.reduction, self.backend,
-            self.check_values,
+            self.check_values, form=self.form,
         )
+        if self.guard_every and torch.is_grad_enabled() and not torch.compiler.is_compiling():
+            self._guard.step(features, self.guard_every, self.guard_factor, self.form)
+        return loss
+
+
+class _ScaleGuard:
+    """Warns once when a level's feature RMS grows by orders of magnitude (see SemanticAlignmentLoss)."""
+
+    def __init__(self):
+        self.calls = 0
+        self.first: list[float] | None = None
+        self.warned = False
+
+    def step(self, features, every: int, factor: float, form: str) -> None:
+        self.calls += 1
+        if self.warned or (self.calls - 1) % every:
+            return
+        if any(_checks.is_shape_only(f) for f in features):
+            return
+        # One sync for all levels; the norm accumulates in float32 at least (half features would overflow).
+        rms = torch.stack([
+            torch.linalg.vector_norm(f.detach(), dtype=torch.promote_types(f.dtype, torch.float32)).float()
+            / max(f.numel(), 1) ** 0.5
+            for f in features
+        ]).tolist()
+        if self.first is None or len(self.first) != len(rms):
+            self.first = rms
+            return
+        for level, (now, then) in enumerate(zip(rms, self.first)):
+            if then > 0 and now >= factor * then:
+                self.warned = True
+                advice = ("the paper's form is unbounded below, so training can lower it by inflating the "
+                          "features inside the map; form='normalized' is scale invariant"
+                          if form == "paper" else "the normalized form does not reward this: look at the other losses")
+                warnings.warn(
+                    f"ssattn.SemanticAlignmentLoss: the RMS of level {level}'s features grew from {then:.3g} to "
+                    f"{now:.3g} ({now / then:.3g}x) since the first check, {self.calls - 1} calls ago; {advice}",
+                    RuntimeWarning, stacklevel=3,
+                )
+                return
+            if then == 0:
+                self.first[level] = now  # an all-zero start says nothing about scale: take the next value
