@@ -7,6 +7,7 @@ error messages.
 """
 
 import copy
+import io
 import re
 import warnings
 
@@ -100,6 +101,43 @@ def test_custom_block_stages_exist_before_the_optimizer():
         (ss(x, guidance=g).square().mean() + ss.alignment_loss()).backward()
         opt.step()
     assert ss.blocks["dec"].out_proj.weight.abs().sum() > 0
+
+
+class LayerNorm2d(nn.Module):
+    """A custom channel norm (as NAFNet-style networks define it): per-channel weight and bias only."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.weight, self.bias = nn.Parameter(torch.ones(c)), nn.Parameter(torch.zeros(c))
+
+    def forward(self, x):
+        mu, var = x.mean(1, keepdim=True), x.var(1, keepdim=True, unbiased=False)
+        return (x - mu) / (var + 1e-6).sqrt() * self.weight[:, None, None] + self.bias[:, None, None]
+
+
+class GatedBlock(nn.Module):
+    """conv -> simple gate (halves the channels) -> conv, then a custom norm registered last."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.conv1 = nn.Conv2d(c, 2 * c, 1)
+        self.conv2 = nn.Conv2d(c, c, 3, padding=1)
+        self.norm = LayerNorm2d(c)
+        self.drop = nn.Dropout(0.0)
+
+    def forward(self, x):
+        a, b = self.conv1(self.norm(x)).chunk(2, 1)
+        return x + self.drop(self.conv2(a * b))
+
+
+def test_custom_norm_layers_give_their_channel_count():
+    net = nn.Sequential()
+    net.add_module("enc", GatedBlock(4))
+    net.add_module("dec", nn.Sequential(nn.Conv2d(4, 6, 1), GatedBlock(6)))
+    ss = semantic_sensitive(net, {"dec": "enc"})
+    assert (ss.blocks["dec"].dec_channels, ss.blocks["dec"].enc_channels) == (6, 4)
+    x = torch.randn(2, 4, 8, 8)
+    assert torch.equal(ss(x, guidance=torch.rand(2, 1, 8, 8)), net(x))
 
 
 class Unreadable(nn.Module):
@@ -226,6 +264,11 @@ def test_deepcopy_is_an_independent_ss_model():
     torch.testing.assert_close(ss(x, guidance=g), out, rtol=0, atol=0)  # its hooks are its own
     averaged = torch.optim.swa_utils.AveragedModel(ss)  # EMA helpers deep-copy the model
     torch.testing.assert_close(averaged(x, guidance=g), out, rtol=0, atol=0)
+    buffer = io.BytesIO()
+    torch.save(ss, buffer)  # a whole-object pickle (hooks included) works the same way
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    torch.testing.assert_close(loaded(x, guidance=g), out, rtol=0, atol=0)
 
 
 def test_wrapping_twice_is_an_error():

@@ -105,7 +105,8 @@ def declared_channels(module: nn.Module) -> int | None:
     """Output channel count readable from the module's definition, or None when unknown.
 
     Layers give theirs (convolutions, norms, Linear for blocks that work on
-    channels-last tokens); a container or custom block gives that of its last
+    channels-last tokens, a custom layer whose parameters are per-channel
+    vectors of one length); a container or custom block gives that of its last
     registered submodule that changes or fixes the channel count (skipping
     activations, pooling, dropout, ...): in the usual definition order, the
     layer that produces the block's output. The wrapper checks the count
@@ -123,7 +124,14 @@ def declared_channels(module: nn.Module) -> int | None:
         return module.normalized_shape[0]
     if isinstance(module, nn.PixelShuffle | nn.PixelUnshuffle):
         return None  # changes the channel count by a factor we cannot see without the input
-    for child in reversed(list(module.children())):
+    children = list(module.children())
+    if not children:
+        # A custom norm or scale layer (e.g. a LayerNorm2d): only per-channel vectors of one length C.
+        params = list(module.parameters(recurse=False))
+        if params and all(p.dim() == 1 for p in params) and len({p.shape[0] for p in params}) == 1:
+            return params[0].shape[0]
+        return None
+    for child in reversed(children):
         if isinstance(child, _CHANNEL_PRESERVING):
             continue
         found = declared_channels(child)
