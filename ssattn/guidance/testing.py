@@ -60,13 +60,16 @@ LLAVA_TEMPLATE = (
 )
 
 
-def save_llava(folder, hidden: int = 32, seed: int = 0):
-    """A random LlavaForConditionalGeneration (CLIP tower 336/14, 2 layers; Llama 1 layer) + LlavaProcessor."""
+def save_llava(folder, hidden: int = 32, seed: int = 0, extra_chars: str = ""):
+    """A random LlavaForConditionalGeneration (CLIP tower 336/14, 2 layers; Llama 1 layer) + LlavaProcessor.
+
+    extra_chars are added to the character vocabulary (e.g. "ABCD" for multiple-choice letters).
+    """
     import torch
     from transformers import (CLIPImageProcessorPil, LlamaTokenizer, LlavaConfig, LlavaForConditionalGeneration,
                               LlavaProcessor)
 
-    chars = list("abcdefghijklmnopqrstuvwxyz,.:") + ["\u2581", "\n"]
+    chars = list("abcdefghijklmnopqrstuvwxyz,.:") + ["\u2581", "\n"] + list(extra_chars)
     tokens = ["<unk>", "<s>", "</s>", "<image>", "<pad>", *chars]
     vocab = {t: i for i, t in enumerate(tokens)}
     tok = LlamaTokenizer(vocab=vocab, merges=[], unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="<pad>")
