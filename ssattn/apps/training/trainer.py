@@ -424,7 +424,7 @@ def train(model: nn.Module, data, config: TrainConfig, out_dir: str | None = Non
         optimizer.load_state_dict(ckpt["optimizer"])
         step, history = int(ckpt["step"]), ckpt["history"]
         history.setdefault("psnr", [])
-        if "scheduler" in ckpt:
+        if ckpt.get("scheduler"):
             scheduler.load_state_dict(ckpt["scheduler"])
         else:  # format 1 set the LR by hand each step
             scheduler.last_epoch = step
@@ -546,13 +546,27 @@ def train(model: nn.Module, data, config: TrainConfig, out_dir: str | None = Non
 
 def _save(ctx, path, model, optimizer, scheduler, scaler, step, epoch, offset, config, spec, history) -> None:
     rngs = _gather(ctx, _rng_state(ctx.device))  # a collective: every rank takes part, rank 0 writes
-    if not ctx.is_main:
-        return
+    if ctx.is_main:
+        save_checkpoint(path, model, optimizer, step, config, spec, history, scheduler=scheduler, scaler=scaler,
+                        sampler={"epoch": epoch, "offset": offset, "seed": config.seed}, world_size=ctx.world_size,
+                        rngs=rngs)
+
+
+def save_checkpoint(path: str, model: nn.Module, optimizer, step: int, config: TrainConfig, spec: dict | None,
+                    history: dict, *, scheduler=None, scaler=None, sampler: dict | None = None, world_size: int = 1,
+                    rngs: list | None = None) -> None:
+    """Write a checkpoint `train` can resume (atomically); by default that of one process at `step`.
+
+    sampler: {"epoch", "offset", "seed"} (default: the start of epoch 0); rngs: every rank's RNG states
+    (default: this process's).
+    """
     write_checkpoint(path, {
         "format": FORMAT, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict() if scaler is not None else None,
-        "step": step, "sampler": {"epoch": epoch, "offset": offset, "seed": config.seed},
-        "world_size": ctx.world_size, "rng": rngs, "config": asdict(config), "spec": spec, "history": history,
+        "scheduler": scheduler.state_dict() if scheduler is not None else None,
+        "scaler": scaler.state_dict() if scaler is not None else None, "step": int(step),
+        "sampler": sampler or {"epoch": 0, "offset": 0, "seed": config.seed}, "world_size": int(world_size),
+        "rng": rngs if rngs is not None else [_rng_state(torch.device(config.device))], "config": asdict(config),
+        "spec": spec, "history": history,
     })
 
 
