@@ -122,10 +122,21 @@ def test_old_checkpoints_with_numpy_rng_state_still_load(checkpoint, tmp_path):
 
     from ssattn.apps.training.trainer import load_checkpoint
 
+    from ssattn.apps.data.synthetic import SyntheticUnderwater
+    from ssattn.apps.training import TrainConfig, build_model, train
+
     ckpt = torch.load(checkpoint, weights_only=True)
-    ckpt["rng"]["numpy"] = np.random.get_state()  # what the trainer saved before: an ndarray inside
-    torch.save(ckpt, tmp_path / "old.pt")
-    assert load_checkpoint(str(tmp_path / "old.pt"))["step"] == 1
+    # What the trainer saved before (format 1): one RNG dict with numpy's tuple (an ndarray inside), no
+    # scheduler, sampler position or world size.
+    ckpt["rng"] = {**ckpt["rng"][0], "numpy": np.random.get_state()}
+    for key in ("format", "scheduler", "scaler", "sampler", "world_size"):
+        del ckpt[key]
+    os.makedirs(tmp_path / "old")
+    torch.save(ckpt, tmp_path / "old" / "checkpoint.pt")
+    assert load_checkpoint(str(tmp_path / "old" / "checkpoint.pt"))["step"] == 1
+    hist = train(build_model(ckpt["spec"]), SyntheticUnderwater(16, 4, 0, "train").tensors(),
+                 TrainConfig(steps=2, batch_size=2, progress=False), str(tmp_path / "old"), spec=ckpt["spec"])
+    assert hist["steps"] == 2 and hist["steps_run"] == 1  # and it resumes
 
 
 class _RunsCode:

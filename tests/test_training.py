@@ -1,6 +1,7 @@
 """ssattn.apps.training: metrics, losses, the resumable loop, and the train / eval commands."""
 
 import json
+import math
 import os
 import re
 import warnings
@@ -12,7 +13,8 @@ from ssattn.apps.cli import main as cli_main
 from ssattn.apps.data.synthetic import SyntheticUnderwater
 from ssattn.models import UNet, unet_ss
 from ssattn.apps.training import ReconstructionLoss, TrainConfig, VGGPerceptualLoss, psnr, ssim, train, vgg19_features
-from ssattn.apps.training.trainer import batch_indices, load_model
+from ssattn.apps.data.sampler import ResumableDistributedSampler
+from ssattn.apps.training.trainer import load_model
 
 warnings.filterwarnings("ignore", message=r"ssattn\..*falling back")
 
@@ -72,13 +74,33 @@ def test_reconstruction_loss_without_weights_is_l1_and_says_so():
     torch.testing.assert_close(crit(x, y), (x - y).abs().mean())
 
 
-def test_batch_order_depends_only_on_seed_and_step():
-    a = [batch_indices(10, 4, seed=3, step=s) for s in range(6)]
-    b = [batch_indices(10, 4, seed=3, step=s) for s in range(6)]
-    assert all(torch.equal(i, j) for i, j in zip(a, b))
-    assert set(torch.cat(a[:2]).tolist()).isdisjoint(set())  # within an epoch no index repeats
-    assert len(set(torch.cat(a[:2]).tolist())) == 8
-    assert not torch.equal(batch_indices(10, 4, seed=4, step=0), a[0])
+def test_sampler_is_distributed_samplers_order_and_starts_mid_epoch():
+    from torch.utils.data import DistributedSampler
+
+    for world in (1, 2, 3):
+        for rank in range(world):
+            ours = ResumableDistributedSampler(range(10), num_replicas=world, rank=rank, seed=3)
+            theirs = DistributedSampler(range(10), num_replicas=world, rank=rank, shuffle=True, seed=3, drop_last=True)
+            for epoch in (0, 1):
+                ours.set_epoch(epoch)
+                theirs.set_epoch(epoch)
+                assert list(ours) == list(theirs) and len(ours) == len(theirs)
+    s = ResumableDistributedSampler(range(10), num_replicas=2, rank=1, seed=3)
+    s.set_epoch(1)
+    whole = list(s)
+    s.set_epoch(1, start=4)  # two steps of 2 ranks x 1 sample done: the same world size continues in place
+    assert list(s) == whole[2:]
+    order = s.epoch_order().tolist()
+    parts = []
+    for rank in range(3):  # another world size takes the rest of the same order, nothing twice
+        t = ResumableDistributedSampler(range(10), num_replicas=3, rank=rank, seed=3)
+        t.set_epoch(1, start=4)
+        parts += list(t)
+    assert sorted(parts) == sorted(order[4:])
+    s.set_epoch(2)
+    assert list(s) != whole
+    with pytest.raises(ValueError, match="start must lie in"):
+        s.set_epoch(0, start=11)
 
 
 @pytest.fixture(scope="module")
@@ -102,7 +124,7 @@ def test_resume_continues_exactly(tiny_data, tmp_path):
 
     cfg = TrainConfig(steps=4, batch_size=2, lr=1e-2, progress=False)
     straight = fresh()
-    train(straight, tiny_data, cfg)
+    straight_hist = train(straight, tiny_data, cfg)
     run_dir = str(tmp_path / "run")
     first = fresh()
     train(first, tiny_data, cfg, run_dir, stop_at=2)  # interrupted after 2 of 4 steps
@@ -110,9 +132,46 @@ def test_resume_continues_exactly(tiny_data, tmp_path):
     resumed = fresh()
     torch.manual_seed(123)  # the checkpoint's RNG state must win over this
     hist = train(resumed, tiny_data, cfg, run_dir)
-    assert hist["steps"] == 4 and len(hist["loss"]) == 4
+    assert hist["steps"] == 4 and hist["loss"] == straight_hist["loss"]
     for (n, a), (_, b) in zip(straight.state_dict().items(), resumed.state_dict().items()):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=n)
+        assert torch.equal(a, b), n  # bit for bit
+
+
+def test_accumulation_matches_twice_the_batch(tiny_data):
+    def run(**kw):
+        torch.manual_seed(0)
+        model = unet_ss(width=4, levels=("dec3",))
+        hist = train(model, tiny_data, TrainConfig(steps=3, lr=1e-2, progress=False, **kw))
+        return model, hist
+
+    accumulated, h1 = run(batch_size=1, accum=2)
+    whole, h2 = run(batch_size=2)
+    torch.testing.assert_close(torch.tensor(h1["loss"]), torch.tensor(h2["loss"]), rtol=1e-4, atol=1e-6)
+    for (n, a), (_, b) in zip(accumulated.state_dict().items(), whole.state_dict().items()):
+        # Adam's normalised steps turn float-order differences into ~1e-5; a wrong gradient moves ~lr = 1e-2.
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4, msg=n)
+
+
+@pytest.mark.parametrize("amp", ["fp16", "bf16"])
+def test_mixed_precision_trains_and_resumes(tiny_data, tmp_path, amp):
+    torch.manual_seed(0)
+    model = unet_ss(width=4, levels=("dec3",))
+    cfg = TrainConfig(steps=2, batch_size=2, accum=2, amp=amp, lr=1e-2, progress=False)
+    hist = train(model, tiny_data, cfg, str(tmp_path), stop_at=1)
+    ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=True)  # tensors and plain values only
+    assert (ckpt["scaler"] is not None) == (amp == "fp16") and ckpt["step"] == 1
+    hist = train(model, tiny_data, cfg, str(tmp_path))
+    assert hist["steps"] == 2 and all(map(math.isfinite, hist["loss"]))
+
+
+def test_bad_training_settings_are_clear_errors(tiny_data):
+    model = unet_ss(width=4, levels=("dec3",))
+    with pytest.raises(ValueError, match=r"6 items, fewer than one step takes: batch size 4 x accum 2 x 1 rank\(s\) = 8"):
+        train(model, tiny_data, TrainConfig(steps=1, batch_size=4, accum=2, progress=False))
+    with pytest.raises(ValueError, match="accum must be a positive integer, got 0"):
+        train(model, tiny_data, TrainConfig(steps=1, accum=0, progress=False))
+    with pytest.raises(ValueError, match="amp must be one of"):
+        train(model, tiny_data, TrainConfig(steps=1, amp="fp8", progress=False))
 
 
 def test_train_and_eval_cli_on_synthetic(tmp_path, capsys):

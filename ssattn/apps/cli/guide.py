@@ -49,21 +49,10 @@ def register(sub) -> None:
 
 def _distributed(device_arg):
     """(rank, world_size, device) from torchrun's environment; initialises the process group when world_size > 1."""
-    import torch
-    import torch.distributed as dist
+    from ssattn.apps.distributed import setup
 
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local = int(os.environ.get("LOCAL_RANK", "0"))
-    if device_arg:
-        device = torch.device(device_arg)
-    else:
-        device = torch.device(f"cuda:{local % torch.cuda.device_count()}" if torch.cuda.is_available() else "cpu")
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return rank, world, device
+    ctx = setup(device_arg)
+    return ctx.rank, ctx.world_size, ctx.device
 
 
 def run(args) -> int:

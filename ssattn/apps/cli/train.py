@@ -1,4 +1,8 @@
-"""`ssattn train`: train the baseline U-Net or its -SS version on paired data or synthetic underwater crops."""
+"""`ssattn train`: train the baseline U-Net or its -SS version on paired data or synthetic underwater crops.
+
+On N GPUs (or N CPU processes): `torchrun --nproc_per_node N --no-python ssattn train ...` runs DDP,
+one process per device; only rank 0 writes the run folder and prints.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +13,9 @@ def add_data_args(p, *, n_default: int) -> None:
     p.add_argument("--data", required=True,
                    help="a folder of paired images (ssattn.apps.data.paired.PairedGuidanceDataset) or 'synthetic'")
     p.add_argument("--size", type=positive_int, default=64, help="crop / resize size (default 64; divisible by 8)")
-    p.add_argument("--n", type=positive_int, default=n_default, help=f"synthetic items (default {n_default})")
+    # --items, not only --n: torchrun's parser rejects "--n" as an ambiguous prefix of its own options.
+    p.add_argument("--items", "--n", dest="n", type=positive_int, default=n_default,
+                   help=f"synthetic items (default {n_default})")
     p.add_argument("--cache-dir", default=None, help="guidance cache folder for folder data")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N (default auto)")
@@ -67,7 +73,7 @@ def register(sub) -> None:
     p.add_argument("--levels", default=None, help="-SS decoder stages, comma-separated (default all: dec3,dec2,dec1)")
     p.add_argument("--steps", type=positive_int, default=1000,
                    help="total training steps, counted across resumes (default %(default)s)")
-    p.add_argument("--batch-size", type=positive_int, default=8, help="batch size (default %(default)s)")
+    p.add_argument("--batch-size", type=positive_int, default=8, help="batch size per process (default %(default)s)")
     p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate, cosine decay (default %(default)s)")
     p.add_argument("--vgg-weights", default=None,
                    help="local VGG-19 weights (torchvision state_dict) for the perceptual loss; without it the term is off")
@@ -75,7 +81,16 @@ def register(sub) -> None:
     p.add_argument("--align-weight", type=float, default=0.1, help="lambda_align (default 0.1, the paper's)")
     p.add_argument("--checkpoint-every", type=nonnegative_int, default=200,
                    help="save a checkpoint every N steps; 0: only at the end (default %(default)s)")
-    p.add_argument("--amp", choices=("none", "bf16"), default="none", help="autocast dtype (default %(default)s)")
+    p.add_argument("--amp", choices=("none", "bf16", "fp16"), default="none",
+                   help="mixed precision: bf16, or fp16 with a gradient scaler (default %(default)s)")
+    p.add_argument("--accum", type=positive_int, default=1,
+                   help="gradient accumulation: micro-batches of --batch-size per optimizer step (default %(default)s)")
+    p.add_argument("--find-unused-parameters", action="store_true",
+                   help="DDP: for a model that skips some stage in a forward pass (not needed for unet/unet-ss)")
+    p.add_argument("--dist-timeout", type=float, default=600.0,
+                   help="seconds a rank waits for the others before the job fails (torchrun only; default %(default)s)")
+    p.add_argument("--log-every", type=nonnegative_int, default=100,
+                   help="log a line of metrics every N steps; 0: off (default %(default)s)")
     p.add_argument("--no-resume", action="store_true", help="start over even if RUN_DIR/checkpoint.pt exists")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=run)
@@ -85,13 +100,19 @@ def run(args) -> int:
     import json
     import logging
     import os
+    import sys
 
     import torch
 
+    from ssattn.apps.distributed import setup, teardown
     from ssattn.apps.training import TrainConfig, build_model, train
+    from ssattn.apps.training.trainer import CheckpointMismatch, RankFailure
 
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    device = resolve_device(args.device)
+    resolve_device(args.device)  # a clear error for a device that cannot run here
+    ctx = setup(args.device, timeout_s=args.dist_timeout)
+    # Rank 0 speaks for the job; the other ranks only report their own failures.
+    logging.basicConfig(level=logging.INFO if ctx.is_main else logging.WARNING, format="%(message)s")
+    who = f"ssattn train (rank {ctx.rank} of {ctx.world_size})" if ctx.distributed else "ssattn train"
     data, desc = load_data(args, "train")
     spec = {"arch": args.model, "width": args.width}
     if args.model == "unet-ss":
@@ -102,18 +123,35 @@ def run(args) -> int:
     model = build_model(spec)
     cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
                       vgg_weights=args.vgg_weights, perceptual_weight=args.perceptual_weight,
-                      checkpoint_every=args.checkpoint_every, device=str(device), amp=args.amp,
+                      checkpoint_every=args.checkpoint_every, device=str(ctx.device), amp=args.amp, accum=args.accum,
+                      find_unused_parameters=args.find_unused_parameters, log_every=args.log_every,
                       progress=not args.no_progress, desc=f"train {args.model}")
-    print(f"ssattn train: {args.model} (width {args.width}) on {desc}, {args.steps} steps, device {device}")
-    # A run folder holding another model's checkpoint raises CheckpointMismatch (a ValueError): main()
-    # prints its message and exits with 2.
-    hist = train(model, data, cfg, args.out, spec=spec, resume=not args.no_resume, unsafe=args.unsafe_checkpoint)
+    if ctx.is_main:
+        ranks = f", {ctx.world_size} processes (DDP)" if ctx.distributed else ""
+        print(f"ssattn train: {args.model} (width {args.width}) on {desc}, {args.steps} steps, device {ctx.device}{ranks}")
+    try:
+        hist = train(model, data, cfg, args.out, spec=spec, resume=not args.no_resume, unsafe=args.unsafe_checkpoint)
+    except (RankFailure, CheckpointMismatch) as exc:  # the same on every rank: rank 0 prints it once
+        if ctx.is_main:
+            print(f"{who}: {exc}", file=sys.stderr)
+        return 2
+    except Exception as exc:  # e.g. the process group's timeout when another rank stopped answering
+        if not ctx.distributed:
+            raise  # ssattn.apps.cli.main prints it
+        print(f"{who}: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        teardown()
+    if not ctx.is_main:
+        return 0
     summary = {"steps": hist["steps"], "final_loss": hist["loss"][-1] if hist["loss"] else None,
-               "step_time_s": hist["step_time_s"], "loss": hist["loss_description"], "spec": spec}
+               "step_time_s": hist["step_time_s"], "images_per_s": hist["images_per_s"],
+               "world_size": hist["world_size"], "loss": hist["loss_description"], "spec": spec}
     with open(os.path.join(args.out, "history.json"), "w") as f:
-        json.dump({**summary, "loss_per_step": hist["loss"]}, f)
-    timing = (f"{1000 * hist['step_time_s']:.1f} ms/step" if hist["steps_run"] > 0
+        json.dump({**summary, "loss_per_step": hist["loss"], "psnr_per_step": hist["psnr"]}, f)
+    timing = (f"{1000 * hist['step_time_s']:.1f} ms/step, {hist['images_per_s']:.1f} images/s over "
+              f"{hist['world_size']} process(es)" if hist["steps_run"] > 0
               else f"no new steps (the checkpoint in {args.out} was already at step {hist['steps']})")
-    print(f"done: step {hist['steps']}, loss {summary['final_loss']}, {timing} "
-          f"({hist['loss_description']}); checkpoint {os.path.join(args.out, 'checkpoint.pt')}")
+    print(f"done: step {hist['steps']}, loss {summary['final_loss']}, {timing} ({hist['loss_description']}); "
+          f"checkpoint {os.path.join(args.out, 'checkpoint.pt')}")
     return 0

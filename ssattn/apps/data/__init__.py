@@ -1,9 +1,10 @@
 """Datasets and image loading: paired underwater datasets with cached guidance maps."""
 
+from .sampler import ResumableDistributedSampler
 from ssattn.images import IMAGE_EXTENSIONS, ImageLoadError, file_sha256, list_images, load_image, resize_image, to_image_tensor
 
 __all__ = [
-    "IMAGE_EXTENSIONS", "ImageLoadError", "LAYOUTS", "PairedGuidanceDataset", "SyntheticUnderwater", "degrade",
+    "IMAGE_EXTENSIONS", "ImageLoadError", "LAYOUTS", "PairedGuidanceDataset", "ResumableDistributedSampler", "SyntheticUnderwater", "degrade",
     "file_sha256", "find_layout", "list_images", "load_image", "pair_files", "resize_image", "to_image_tensor",
 ]
 
