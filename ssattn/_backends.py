@@ -96,6 +96,16 @@ def kernel_missing(name: str) -> str | None:
     return None
 
 
+def triton_kernels(op: str, backend: str, name: str):
+    """ssattn.kernels.<name> for an op called with backend="triton", or a clear error."""
+    if backend != "triton":
+        raise ValueError(f"{op}: unknown backend {backend!r}; expected 'triton'")
+    mod = kernel_module(name)
+    if mod is None:
+        raise RuntimeError(f"ssattn: the Triton kernels '{name}' are not available")
+    return mod
+
+
 # --------------------------------------------------------------------------- the registry
 @dataclass(frozen=True)
 class Implementation:

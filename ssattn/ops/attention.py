@@ -138,12 +138,7 @@ def _check_backward_inputs(grad_out, q, k, v, weight, key_padding_mask, out, sta
 
 
 def _kernels(backend: str):
-    if backend != "triton":
-        raise ValueError(f"masked_attention: unknown backend {backend!r}; expected 'triton'")
-    mod = _backends.kernel_module("attention")
-    if mod is None:
-        raise RuntimeError("ssattn: the Triton attention kernels are not available")
-    return mod
+    return _backends.triton_kernels("masked_attention", backend, "attention")
 
 
 def _check_precision(precision: str) -> None:

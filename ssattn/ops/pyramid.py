@@ -50,12 +50,7 @@ def choose(backend: str, device_type: str, dtype: torch.dtype, grid: tuple[int, 
 
 
 def _kernels(backend: str):
-    if backend != "triton":
-        raise ValueError(f"guidance_pyramid: unknown backend {backend!r}; expected 'triton'")
-    mod = _backends.kernel_module("pyramid")
-    if mod is None:
-        raise RuntimeError("ssattn: the Triton pyramid kernel is not available")
-    return mod
+    return _backends.triton_kernels("guidance_pyramid", backend, "pyramid")
 
 
 def check_inputs(scores: Tensor, text: Optional[Tensor], grid_size: list[int], sizes: list[int]) -> None:

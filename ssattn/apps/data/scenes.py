@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .synthetic import _smooth_noise, background_depth, degrade
+from .synthetic import _smooth_noise, background_depth, check_set_args, degrade
 
 CLASSES = ("background", "fish", "diver", "robot", "rock")
 # Half-length of an object as a fraction of the scene side, per class.
@@ -205,12 +205,7 @@ class UnderwaterScenes(torch.utils.data.Dataset):
 
     def __init__(self, size: int = 64, n: int = 64, seed: int = 0, split: str = "train", *,
                  gamma: float = 2.0, delta: float = 0.2, guidance: str = "embedded"):
-        if not isinstance(size, int) or size < 8:
-            raise ValueError(f"size must be an integer >= 8, got {size!r}")
-        if not isinstance(n, int) or n < 1:
-            raise ValueError(f"n must be a positive integer, got {n!r}")
-        if split not in ("train", "test"):
-            raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+        check_set_args(size, n, split)
         if guidance not in ("embedded", "oracle"):
             raise ValueError(f"guidance must be 'embedded' or 'oracle', got {guidance!r}")
         self.size, self.n, self.seed, self.split = size, n, int(seed), split

@@ -139,6 +139,16 @@ def _crop(rng: np.random.Generator, size: int, split: str) -> tuple[Tensor, tupl
     return patch.clamp(0, 1), (name, top, left, ch, cw)
 
 
+def check_set_args(size, n, split) -> None:
+    """The arguments every synthetic set shares: image size, number of items, split."""
+    if not isinstance(size, int) or size < 8:
+        raise ValueError(f"size must be an integer >= 8, got {size!r}")
+    if not isinstance(n, int) or n < 1:
+        raise ValueError(f"n must be a positive integer, got {n!r}")
+    if split not in ("train", "test"):
+        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+
+
 class SyntheticUnderwater(torch.utils.data.Dataset):
     """n synthetic underwater crops of size x size: items (degraded (3,S,S), reference (3,S,S), guidance (1,S,S)).
 
@@ -150,12 +160,7 @@ class SyntheticUnderwater(torch.utils.data.Dataset):
 
     def __init__(self, size: int = 64, n: int = 256, seed: int = 0, split: str = "train", *,
                  gamma: float = 2.0, delta: float = 0.2):
-        if not isinstance(size, int) or size < 8:
-            raise ValueError(f"size must be an integer >= 8, got {size!r}")
-        if not isinstance(n, int) or n < 1:
-            raise ValueError(f"n must be a positive integer, got {n!r}")
-        if split not in ("train", "test"):
-            raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+        check_set_args(size, n, split)
         self.size, self.n, self.seed, self.split = size, n, int(seed), split
         self.gamma, self.delta = gamma, delta
         self._cache: dict[int, tuple[Tensor, Tensor, Tensor]] = {}

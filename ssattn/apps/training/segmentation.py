@@ -8,15 +8,27 @@ The network is the project's U-Net (no residual, one logit per pixel).
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .metrics import miou
-from .trainer import batch_indices
 
 # Object pixels are rare (a few % of a scene): weigh them up, but not without bound.
 MAX_POS_WEIGHT = 10.0
+
+
+def batch_indices(n: int, batch_size: int, seed: int, step: int) -> Tensor:
+    """Indices of the segmenter's batch at `step` (0-based): epoch permutations seeded by (seed, epoch)."""
+    per_epoch = max(1, n // batch_size)  # drop the last partial batch
+    epoch, pos = divmod(step, per_epoch)
+    g = torch.Generator().manual_seed(int(seed) * 1_000_003 + epoch)
+    perm = torch.randperm(n, generator=g)
+    if n < batch_size:
+        return perm.repeat(math.ceil(batch_size / n))[:batch_size]
+    return perm[pos * batch_size:(pos + 1) * batch_size]
 
 
 def train_segmenter(images: Tensor, masks: Tensor, *, steps: int = 200, batch_size: int = 8, width: int = 8,
