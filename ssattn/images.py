@@ -9,11 +9,13 @@ the colours the camera saw are kept), CMYK, and 16-bit or float images
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 
@@ -131,3 +133,13 @@ def resize_image(x: torch.Tensor, size) -> torch.Tensor:
     if tuple(x.shape[-2:]) != (h, w):
         x = F.interpolate(x, size=(h, w), mode="bicubic", align_corners=False, antialias=True).clamp_(0.0, 1.0)
     return x.squeeze(0) if squeeze else x
+
+
+def gaussian_blur(x, sigma: float, pad_mode: str = "reflect"):
+    """Separable Gaussian blur of a (B, C, H, W) tensor (radius 3 sigma), edges padded with `pad_mode`."""
+    radius = max(1, int(math.ceil(3 * sigma)))
+    t = torch.arange(-radius, radius + 1, dtype=x.dtype, device=x.device)
+    g = torch.exp(-0.5 * (t / sigma) ** 2)
+    g = (g / g.sum()).view(1, 1, 1, -1)
+    x = F.conv2d(F.pad(x, (radius, radius, 0, 0), mode=pad_mode), g)
+    return F.conv2d(F.pad(x, (0, 0, radius, radius), mode=pad_mode), g.transpose(-1, -2))

@@ -42,6 +42,17 @@ def assert_accurate(fast, ref_same_dtype, ref64, *, factor: float = 2.0, floor: 
     return fast_err, ref_err
 
 
+def assert_grads_accurate(out, out_ref, out64, inputs, inputs_ref, inputs64,
+                          names=("dq", "dk", "dv", "dweight")):
+    """The accuracy rule on the gradients of three runs (fast, reference in its dtype, float64) for one upstream grad."""
+    do = torch.randn_like(out64)
+    g64 = torch.autograd.grad(out64, inputs64, do)
+    g_ref = torch.autograd.grad(out_ref, inputs_ref, do.to(out_ref.dtype))
+    g = torch.autograd.grad(out, inputs, do.to(out.dtype))
+    for name, a, b, c in zip(names, g, g_ref, g64):
+        assert_accurate(a, b, c, name=name)
+
+
 def poison_like(x: torch.Tensor) -> torch.Tensor:
     """A tensor of x's shape full of NaN, to catch outputs that are never written."""
     return torch.full_like(x, float("nan"))

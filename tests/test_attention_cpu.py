@@ -8,7 +8,7 @@ import torch
 import ssattn
 from ssattn import reference as ref
 from ssattn.ops import attention_cpu
-from tests._accuracy import assert_accurate
+from tests._accuracy import assert_accurate, assert_grads_accurate
 
 f64 = torch.float64
 
@@ -37,12 +37,7 @@ def test_cpu_path_by_accuracy_rule_with_gradients(dtype, nq, nk, scale):
     out = attention_cpu.masked_attention_cpu(*lowp, pad, scale)
     assert out.dtype == dtype
     assert_accurate(out, out_ref, out64, name="out")
-    do = torch.randn_like(out64)
-    g64 = torch.autograd.grad(out64, inputs64, do)
-    g_ref = torch.autograd.grad(out_ref, lowp_ref, do.to(dtype))
-    g = torch.autograd.grad(out, lowp, do.to(dtype))
-    for name, a, b, c in zip(("dq", "dk", "dv", "dweight"), g, g_ref, g64):
-        assert_accurate(a, b, c, name=name)
+    assert_grads_accurate(out, out_ref, out64, lowp, lowp_ref, inputs64)
 
 
 def test_cpu_path_without_weight_or_mask_and_in_float64():

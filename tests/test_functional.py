@@ -7,7 +7,7 @@ import torch
 
 import ssattn
 from ssattn import _backends, reference as ref
-from tests._accuracy import assert_accurate
+from tests._accuracy import assert_accurate, assert_grads_accurate
 
 f64 = torch.float64
 
@@ -300,12 +300,7 @@ def test_attention_op_by_accuracy_rule(dtype, nq, nk):
     assert lse.dtype == torch.float32 and lse.shape == (B, h, nq, 2)  # base-2 row max, log2 row sum
     assert_accurate(out, out_ref, out64, name="out")
 
-    do = torch.randn_like(out64)
-    g64 = torch.autograd.grad(out64, inputs64, do)
-    g_ref = torch.autograd.grad(out_ref, lowp_ref, do.to(dtype))
-    g = torch.autograd.grad(out, lowp, do.to(dtype))
-    for name, a, b, c in zip(("dq", "dk", "dv", "dweight"), g, g_ref, g64):
-        assert_accurate(a, b, c, name=name)
+    assert_grads_accurate(out, out_ref, out64, lowp, lowp_ref, inputs64)
 
 
 def test_attention_op_handles_non_contiguous_and_channels_last_views():

@@ -11,27 +11,17 @@ the place of BLIP's similarity grid in SPEC 1, so the rest of the pipeline
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from .. import _checks
 from ..functional import guidance_pyramid
+from ..images import gaussian_blur
 
 # Hou & Zhang work on a 64-pixel image with a 3x3 average of the log spectrum.
 GRID = 64
 BLUR_SIGMA = 3.0
-
-
-def _gaussian_blur(x: Tensor, sigma: float) -> Tensor:
-    radius = max(1, int(math.ceil(3 * sigma)))
-    t = torch.arange(-radius, radius + 1, dtype=x.dtype, device=x.device)
-    g = torch.exp(-0.5 * (t / sigma) ** 2)
-    g = (g / g.sum()).view(1, 1, 1, -1)
-    x = F.conv2d(F.pad(x, (radius, radius, 0, 0), mode="reflect"), g)
-    return F.conv2d(F.pad(x, (0, 0, radius, radius), mode="reflect"), g.transpose(-1, -2))
 
 
 def saliency_grid(images: Tensor, grid: int = GRID) -> Tensor:
@@ -47,7 +37,7 @@ def saliency_grid(images: Tensor, grid: int = GRID) -> Tensor:
     log_amp = torch.log(spectrum.abs().clamp_min(1e-8))
     residual = log_amp - F.avg_pool2d(F.pad(log_amp, (1, 1, 1, 1), mode="replicate"), 3, stride=1)
     sal = torch.fft.ifft2(torch.exp(torch.complex(residual, torch.angle(spectrum)))).abs().square()
-    return _gaussian_blur(sal, BLUR_SIGMA).squeeze(1)
+    return gaussian_blur(sal, BLUR_SIGMA).squeeze(1)
 
 
 def saliency_guidance(images: Tensor, sizes=None, *, gamma: float = 2.0, delta: float = 0.2,

@@ -29,7 +29,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import _checks
-from .saliency import _gaussian_blur, saliency_grid
+from ..images import gaussian_blur
+from .saliency import saliency_grid
 
 GRID = 64
 CELLS = 4
@@ -62,7 +63,7 @@ def water_contrast(images: Tensor, grid: int = GRID, cells: int = CELLS) -> Tens
     residual = logc - water_colour(logc, cells)
     scale = residual.abs().flatten(2).median(-1).values[..., None, None].clamp_min(1e-4)
     dist = (residual / scale).square().sum(1, keepdim=True).sqrt()
-    return _gaussian_blur(dist, BLUR_SIGMA)[:, 0]
+    return gaussian_blur(dist, BLUR_SIGMA)[:, 0]
 
 
 def water_contrast_grid(images: Tensor, grid: int = GRID, cells: int = CELLS,

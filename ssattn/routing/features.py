@@ -31,6 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..images import gaussian_blur
+
 FEATURES = ("noise", "sharpness", "lap_ratio", "coherence1", "coherence2", "min_dir", "block_x", "block_y",
             "ghost", "contrast", "brightness", "p05", "p95", "floor", "cast_rg", "cast_bg", "saturation")
 
@@ -48,12 +50,7 @@ def _quantile(x: Tensor, q: float) -> Tensor:
 
 
 def _gauss(x: Tensor, sigma: float) -> Tensor:
-    r = max(1, int(math.ceil(3 * sigma)))
-    t = torch.arange(-r, r + 1, dtype=x.dtype, device=x.device)
-    g = torch.exp(-0.5 * (t / sigma) ** 2)
-    g = (g / g.sum()).view(1, 1, 1, -1)
-    x = F.conv2d(F.pad(x, (r, r, 0, 0), mode="replicate"), g)
-    return F.conv2d(F.pad(x, (0, 0, r, r), mode="replicate"), g.transpose(-1, -2))
+    return gaussian_blur(x, sigma, pad_mode="replicate")  # replicate: any image size, however small
 
 
 def _grad(y: Tensor, step: int = 1) -> tuple[Tensor, Tensor]:
