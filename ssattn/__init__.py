@@ -9,6 +9,7 @@ from . import models
 from ._checks import set_value_checks
 from .dropin import remove_semantic_sensitive, semantic_sensitive
 from .functional import alignment_loss, guidance_pyramid, masked_cross_attention
+from .functional import caption_feature_loss
 from .semantic import GuidancePyramid, SemanticAlignmentLoss, SemanticCrossAttention
 
 __version__ = "0.1.0"
@@ -18,6 +19,7 @@ __all__ = [
     "SemanticAlignmentLoss",
     "SemanticCrossAttention",
     "alignment_loss",
+    "caption_feature_loss",
     "guidance_pyramid",
     "masked_cross_attention",
     "models",

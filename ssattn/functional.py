@@ -17,8 +17,12 @@ from . import _backends, _checks, reference
 from .ops import alignment as _alignment_ops
 from .ops import attention as _attention_ops
 from .ops import attention_cpu as _attention_cpu
+from .ops import caption_loss as _caption_ops
 from .ops import pyramid as _pyramid_ops
 from .reference.alignment import FORMS as ALIGNMENT_FORMS
+from .reference.caption_loss import COSINE_EPS as CAPTION_COSINE_EPS
+from .reference.caption_loss import DISTANCES as CAPTION_DISTANCES
+from .reference.caption_loss import caption_feature_loss as _caption_reference  # `reference` is an argument below
 
 
 # --------------------------------------------------------------------------- pyramid
@@ -194,3 +198,58 @@ def _alignment_loss(features, maps, eta, weights, reduction, backend, check_valu
     if chosen == "reference":
         return reference.alignment_loss(features, maps, eta=eta, weights=weights, reduction=reduction, form=form)
     return _alignment_ops.alignment_loss_native(features, maps, eta=eta, weights=weights, reduction=reduction, form=form)
+
+
+# --------------------------------------------------------------------------- caption-feature loss
+def _check_caption_args(enhanced, reference, distance, weights, eps):
+    enhanced = _checks.nonempty_list("enhanced", enhanced)
+    reference = _checks.nonempty_list("reference", reference)
+    if len(enhanced) != len(reference):
+        raise ValueError(f"enhanced and reference must have the same number of spaces, got {len(enhanced)} "
+                         f"and {len(reference)}")
+    for i, (x, y) in enumerate(zip(enhanced, reference)):
+        _checks.tensor(f"enhanced[{i}]", x)
+        _checks.tensor(f"reference[{i}]", y)
+        _checks.same_device(**{"enhanced[0]": enhanced[0], f"enhanced[{i}]": x, f"reference[{i}]": y})
+        if x.dim() < 1:
+            raise ValueError(f"enhanced[{i}] must have at least one dimension (..., D), got a scalar")
+        if x.shape != y.shape:
+            raise ValueError(f"reference[{i}] has shape {tuple(y.shape)} but enhanced[{i}] is {tuple(x.shape)}: "
+                             "they must match")
+    _checks.choice("distance", distance, CAPTION_DISTANCES)
+    weights = [1.0] * len(enhanced) if weights is None else _checks.numbers_per_level("weights", weights, len(enhanced))
+    eps = _checks.number("eps", eps)
+    if eps <= 0:
+        raise ValueError(f"eps must be a finite number > 0, got {eps!r}")
+    return enhanced, reference, weights, eps
+
+
+def caption_feature_loss(
+    enhanced,
+    reference,
+    *,
+    distance: str = "l1",
+    weights=None,
+    eps: float = CAPTION_COSINE_EPS,
+    backend: str = "auto",
+) -> Tensor:
+    """Multi-level caption-feature loss of docs/operations.md section 4: sum_s w_s d(X_s, Y_s).
+
+    enhanced[s] and reference[s] are one space's features (any equal shapes (..., D));
+    distance "l1" (mean |X - Y|), "l2" (mean (X - Y)^2) or "cosine" (mean over the
+    vectors along the last dimension of 1 - cos, each norm clamped to eps). The loss
+    is float32 (float64 if a pair is float64). The fused op ("native") returns the
+    gradient of the enhanced features only: a reference that requires grad takes the
+    reference path under "auto" and is an error under "native".
+    """
+    enhanced, reference, weights, eps = _check_caption_args(enhanced, reference, distance, weights, eps)
+    ref_grad = torch.is_grad_enabled() and any(y.requires_grad for y in reference)
+    dtype = enhanced[0].dtype
+    chosen = _backends.resolve("caption_feature_loss", backend, enhanced[0].device.type, dtype,
+                               allow_fast=not ref_grad)
+    if chosen == "reference":
+        return _caption_reference(enhanced, reference, distance=distance, weights=weights, eps=eps)
+    if ref_grad:
+        raise ValueError("caption_feature_loss: the fused op gives no gradient for `reference`; detach the "
+                         "reference features or use backend='reference'")
+    return _caption_ops.caption_loss_native(enhanced, reference, distance=distance, weights=weights, eps=eps)

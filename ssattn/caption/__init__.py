@@ -1,4 +1,18 @@
 """Caption-model regulariser (seed 001): enhanced and reference images agree in a captioner's feature spaces.
 
-Room reserved for the third system; nothing is implemented here yet.
+A ClipCap-style captioner (CLIP vision -> mapping network -> GPT-2, built from
+transformers' modules; captioner.py), CLIP's preprocessing as differentiable
+tensor ops (preprocess.py), ClipCap's checkpoint format (clipcap.py), the
+reference-feature cache (cache.py) and CaptionFeatureLoss (loss.py), a module
+over ssattn.caption_feature_loss (docs/operations.md section 4).
 """
+
+from .cache import ReferenceFeatureCache
+from .captioner import SPACES, Captioner, load_captioner, save_captioner
+from .clipcap import MappingReport, load_clipcap
+from .loss import CaptionFeatureLoss
+from .mapper import MLPMapper, TransformerMapper
+from .preprocess import ClipPreprocess
+
+__all__ = ["SPACES", "CaptionFeatureLoss", "Captioner", "ClipPreprocess", "MLPMapper", "MappingReport",
+           "ReferenceFeatureCache", "TransformerMapper", "load_captioner", "load_clipcap", "save_captioner"]

@@ -178,3 +178,55 @@ class GuidanceCache:
         torch.save(d, buf)
         atomic_write_bytes(self.path(image_sha256), buf.getvalue())
         return Entry(image_sha256, tuple(image_size), grids, prompts)
+
+
+# --------------------------------------------------------------------------- named tensors (e.g. caption features)
+def tensors_checksum(tensors: dict) -> str:
+    """Checksum of named tensors: names, dtypes, shapes and bytes (in name order)."""
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().to("cpu").contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+class TensorCache(GuidanceCache):
+    """Entries of named tensors under the same layout, atomic writes and checks as the guidance grids.
+
+    CACHE_DIR/<settings id>/settings.json and CACHE_DIR/<settings id>/<ab>/<sha256>.pt, one
+    entry a dict {name: tensor} keyed by a content hash; a corrupt or stale entry reads as
+    missing (logged, counted in `rejected`).
+    """
+
+    def get(self, image_sha256: str) -> dict | None:
+        path = self.path(image_sha256)
+        if not path.exists():
+            self.misses += 1
+            return None
+        try:
+            d = torch.load(path, map_location="cpu", weights_only=True)
+            ok = (isinstance(d, dict) and d.get("format") == FORMAT and d.get("key") == self.key(image_sha256)
+                  and isinstance(d.get("tensors"), dict) and d.get("checksum") == tensors_checksum(d["tensors"]))
+        except Exception as exc:  # truncated zip, unpickling error, missing field...
+            log.warning("cache entry %s is unreadable (%s: %s); recomputing", path, type(exc).__name__, exc)
+            ok, d = False, None
+        if not ok:
+            if d is not None:
+                log.warning("cache entry %s is stale or corrupt (key/checksum mismatch); recomputing", path)
+            self.rejected += 1
+            return None
+        self.hits += 1
+        return dict(d["tensors"])
+
+    def put(self, image_sha256: str, tensors: dict) -> dict:
+        # Copies of their own: torch.save writes a view's entire storage.
+        tensors = {str(k): v.detach().to("cpu").clone(memory_format=torch.contiguous_format) for k, v in tensors.items()}
+        self.write_settings()
+        d = {"format": FORMAT, "key": self.key(image_sha256), "tensors": tensors, "checksum": tensors_checksum(tensors)}
+        import io
+
+        buf = io.BytesIO()
+        torch.save(d, buf)
+        atomic_write_bytes(self.path(image_sha256), buf.getvalue())
+        return tensors

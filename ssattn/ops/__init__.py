@@ -8,3 +8,4 @@ kernel. No op module imports another.
 """
 
 from . import alignment, attention, attention_cpu, pyramid  # noqa: F401  (registers the ops and their implementations)
+from . import caption_loss  # noqa: F401

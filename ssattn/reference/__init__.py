@@ -7,12 +7,14 @@ validates them).
 
 from .alignment import alignment_loss
 from .area import area_resize
+from .caption_loss import caption_feature_loss
 from .attention import masked_cross_attention
 from .pyramid import guidance_pyramid, sharpen, similarity_grid, normalize_minmax
 
 __all__ = [
     "area_resize",
     "alignment_loss",
+    "caption_feature_loss",
     "guidance_pyramid",
     "masked_cross_attention",
     "normalize_minmax",

@@ -1,0 +1,158 @@
+"""ClipCap's public checkpoint format, mapped onto Captioner's modules.
+
+A ClipCap checkpoint (`torch.save(ClipCaptionModel.state_dict())`) holds
+
+    clip_project.model.{0,2}.{weight,bias}           the MLP mapper (or clip_project.linear.*,
+                                                     clip_project.prefix_const, clip_project.transformer.*)
+    gpt.transformer.*                                GPT-2 (wte, wpe, h.N.*, ln_f)
+    gpt.lm_head.weight                               the LM head (tied to wte)
+
+`map_clipcap_state` renames these onto Captioner (mapper.*, language.*) and
+`load_clipcap` loads them, returning a report of every checkpoint key it
+could not map (unknown names, shape mismatches, the LM head the feature
+spaces do not use) and every module key the checkpoint did not fill.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+log = logging.getLogger("ssattn.caption")
+
+# checkpoint prefix -> Captioner prefix
+PREFIXES = (("clip_project.", "mapper."), ("gpt.transformer.", "language."))
+# Keys that exist in every checkpoint but have no place in the feature spaces.
+UNUSED = {"gpt.lm_head.weight": "GPT-2's LM head (tied to wte; the caption loss uses hidden states only)"}
+
+
+@dataclass
+class MappingReport:
+    loaded: list[str] = field(default_factory=list)      # captioner keys filled from the checkpoint
+    unused: dict = field(default_factory=dict)           # checkpoint key -> why it was not used
+    missing: list[str] = field(default_factory=list)     # captioner keys the checkpoint did not fill
+
+    @property
+    def complete(self) -> bool:
+        """Every mapper and language parameter came from the checkpoint."""
+        return not self.missing
+
+    def __str__(self) -> str:
+        lines = [f"ClipCap checkpoint: {len(self.loaded)} tensors loaded"]
+        if self.unused:
+            lines.append(f"{len(self.unused)} checkpoint keys not mapped:")
+            lines += [f"  {k}: {why}" for k, why in sorted(self.unused.items())]
+        if self.missing:
+            lines.append(f"{len(self.missing)} captioner keys not in the checkpoint (left as they were):")
+            lines += [f"  {k}" for k in self.missing]
+        return "\n".join(lines)
+
+
+def _strip(state: dict) -> dict:
+    """Accept a bare state dict, one under "state_dict"/"model", and DataParallel's "module." names."""
+    for key in ("state_dict", "model"):
+        if isinstance(state.get(key), dict):
+            state = state[key]
+    return {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}
+
+
+def map_clipcap_state(state: dict) -> tuple[dict, dict]:
+    """(captioner-named tensors, {checkpoint key: why not mapped}) by name only."""
+    mapped, unused = {}, {}
+    for key, value in _strip(state).items():
+        if key in UNUSED:
+            unused[key] = UNUSED[key]
+            continue
+        for src, dst in PREFIXES:
+            if key.startswith(src):
+                mapped[dst + key[len(src):]] = value
+                break
+        else:
+            unused[key] = "not a ClipCap mapper (clip_project.*) or GPT-2 (gpt.transformer.*) key"
+    return mapped, unused
+
+
+def load_clipcap(captioner: nn.Module, state: dict) -> MappingReport:
+    """Load a ClipCap state dict into captioner.mapper and captioner.language; the report says what did not map."""
+    mapped, unused = map_clipcap_state(state)
+    own = {k: v for k, v in captioner.state_dict().items() if k.startswith(("mapper.", "language."))}
+    report = MappingReport(unused=dict(unused))
+    ok = {}
+    for key, value in mapped.items():
+        if key not in own:
+            # GPT-2's attention masks ("attn.bias", "attn.masked_bias") were buffers in older transformers
+            report.unused[f"captioner {key}"] = "no such parameter or buffer in the captioner"
+        elif tuple(own[key].shape) != tuple(value.shape):
+            report.unused[f"captioner {key}"] = (f"shape {tuple(value.shape)} in the checkpoint, "
+                                                f"{tuple(own[key].shape)} in the captioner")
+        else:
+            ok[key] = value
+    captioner.load_state_dict(ok, strict=False)
+    report.loaded = sorted(ok)
+    report.missing = sorted(k for k in own if k not in ok)
+    return report
+
+
+def _infer_mapper(state: dict, embed: int) -> dict:
+    if "clip_project.model.0.weight" in state:
+        w0, w2 = state["clip_project.model.0.weight"], state["clip_project.model.2.weight"]
+        if w2.shape[0] % embed:
+            raise ValueError(f"ClipCap MLP output {w2.shape[0]} is not a multiple of GPT-2's width {embed}")
+        return {"mapper": "mlp", "clip_dim": w0.shape[1], "embed_dim": embed, "prefix_length": w2.shape[0] // embed}
+    if "clip_project.linear.weight" in state and "clip_project.prefix_const" in state:
+        lin, const = state["clip_project.linear.weight"], state["clip_project.prefix_const"]
+        layers = {int(k.split(".")[3]) for k in state if k.startswith("clip_project.transformer.layers.")}
+        return {"mapper": "transformer", "clip_dim": lin.shape[1], "embed_dim": embed,
+                "prefix_length": const.shape[0], "clip_length": lin.shape[0] // embed, "num_layers": len(layers)}
+    raise ValueError("not a ClipCap checkpoint: it has neither clip_project.model.0.weight (MLP mapper) nor "
+                     "clip_project.linear.weight + clip_project.prefix_const (transformer mapper)")
+
+
+def _gpt2_config(state: dict, language):
+    """GPT-2's config: from `language` (hub id or folder) when given, else from the checkpoint's shapes (64-d heads)."""
+    import transformers
+
+    from ..guidance import hub
+
+    if language is not None:
+        return hub.from_pretrained(transformers.GPT2Config, language, "GPT-2 config")
+    wte, wpe = state["gpt.transformer.wte.weight"], state["gpt.transformer.wpe.weight"]
+    layers = {int(k.split(".")[3]) for k in state if k.startswith("gpt.transformer.h.")}
+    n_embd = wte.shape[1]
+    log.info("GPT-2 config inferred from the checkpoint: %d layers, width %d, %d heads of 64 (pass language= to "
+             "give the config)", len(layers), n_embd, max(1, n_embd // 64))
+    return transformers.GPT2Config(vocab_size=wte.shape[0], n_positions=wpe.shape[0], n_embd=n_embd,
+                                   n_layer=len(layers), n_head=max(1, n_embd // 64))
+
+
+def captioner_from_checkpoint(path, *, vision, language=None, dtype=None, normalize_prefix: bool = False):
+    """A Captioner: CLIP from `vision`, mapper and GPT-2 from the ClipCap checkpoint file at `path`."""
+    import transformers
+
+    from ..guidance import hub
+    from .captioner import Captioner, load_vision
+    from .mapper import build_mapper
+
+    try:
+        state = _strip(torch.load(path, map_location="cpu", weights_only=True))
+    except Exception as exc:
+        raise ValueError(f"captioner checkpoint {str(path)!r} is unreadable ({type(exc).__name__}: {exc})") from None
+    if "gpt.transformer.wte.weight" not in state:
+        raise ValueError(f"captioner checkpoint {str(path)!r} is not a ClipCap checkpoint: no gpt.transformer.wte.weight")
+    embed = state["gpt.transformer.wte.weight"].shape[1]
+    mapper = build_mapper(_infer_mapper(state, embed))
+    gpt = transformers.GPT2Model(_gpt2_config(state, language))
+    v, pre = load_vision(vision, dtype)
+    source = {"clipcap": hub.model_ref(path), "vision": hub.model_ref(vision), "revision": hub.revision_of(vision)}
+    cap = Captioner(v, mapper, gpt, pre, normalize_prefix=normalize_prefix, source=source)
+    report = load_clipcap(cap, state)
+    if report.missing or [k for k in report.unused if k not in UNUSED]:
+        log.warning("%s", report)
+    if dtype is not None:
+        cap.mapper.to(dtype)
+        cap.language.to(dtype)
+    cap.clipcap_report = report
+    return cap

@@ -1,0 +1,124 @@
+"""CaptionFeatureLoss: the enhanced image and its reference must agree in a frozen captioner's feature spaces.
+
+    loss = sum_s w_s * d(f_s(enhanced), f_s(reference))      (ssattn.caption_feature_loss)
+
+The captioner is frozen (requires_grad False) and always in eval mode. It is
+held outside the module tree: the loss has no parameters() and no
+state_dict() entries, so an optimiser built from a model that owns the loss
+never sees the captioner; `.to()` / `.cuda()` still move it. The reference
+branch runs under no_grad, through the reference-feature cache when one is
+given (so a step runs the captioner on the enhanced image only). The
+captioner may run in bf16 under autocast (`amp_dtype`); the loss itself
+accumulates in float32.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch import Tensor, nn
+
+from .. import _checks
+from ..functional import caption_feature_loss
+from ..reference.caption_loss import DISTANCES
+from .cache import ReferenceFeatureCache, content_sha256, weights_fingerprint
+from .captioner import SPACES, Captioner
+
+
+class CaptionFeatureLoss(nn.Module):
+    """Consistency of enhanced and reference images in the visual, prefix and language spaces of a captioner.
+
+    spaces: a subset of ("visual", "prefix", "language"), in any order; weights: one per space
+    (default 1 each); distance: "l1", "l2" or "cosine" (docs/operations.md section 4).
+    cache: True for an in-memory reference-feature cache, a ReferenceFeatureCache, or
+    None/False for none; cache_dir adds the on-disk cache. amp_dtype: run the captioner
+    under torch.autocast with this dtype (e.g. torch.bfloat16); None leaves the caller's
+    autocast state as it is.
+    """
+
+    def __init__(self, captioner: Captioner, spaces=SPACES, distance: str = "l1", weights=None, *,
+                 cache=True, cache_dir=None, amp_dtype: torch.dtype | None = None, backend: str = "auto"):
+        super().__init__()
+        if not isinstance(captioner, Captioner):
+            raise TypeError(f"captioner must be an ssattn.caption.Captioner, got {type(captioner).__name__}")
+        spaces = (spaces,) if isinstance(spaces, str) else tuple(spaces)
+        if not spaces or len(set(spaces)) != len(spaces) or any(s not in SPACES for s in spaces):
+            raise ValueError(f"spaces must be distinct names from {list(SPACES)}, got {list(spaces)}")
+        _checks.choice("distance", distance, DISTANCES)
+        self.spaces, self.distance, self.backend = spaces, distance, backend
+        self.weights = ([1.0] * len(spaces) if weights is None
+                        else _checks.numbers_per_level("weights", weights, len(spaces)))
+        if amp_dtype not in (None, torch.bfloat16, torch.float16):
+            raise ValueError(f"amp_dtype must be None, torch.bfloat16 or torch.float16, got {amp_dtype!r}")
+        self.amp_dtype = amp_dtype
+        captioner.requires_grad_(False).eval()
+        self.__dict__["captioner"] = captioner  # outside the module tree: no parameters(), no state_dict()
+        if cache is True or (cache_dir is not None and not isinstance(cache, ReferenceFeatureCache)):
+            cache = ReferenceFeatureCache(self.cache_settings(), cache_dir=cache_dir)
+        elif cache not in (None, False) and not isinstance(cache, ReferenceFeatureCache):
+            raise TypeError(f"cache must be True, False, None or a ReferenceFeatureCache, got {type(cache).__name__}")
+        self.cache = cache if isinstance(cache, ReferenceFeatureCache) else None
+
+    def cache_settings(self) -> dict:
+        """What the reference features depend on: the captioner (settings and weights), spaces, autocast dtype."""
+        return {"captioner": self.captioner.settings(), "weights": weights_fingerprint(self.captioner),
+                "spaces": list(self.spaces), "amp_dtype": str(self.amp_dtype)}
+
+    # The captioner follows .to()/.cuda()/.half() and stays in eval mode.
+    def _apply(self, fn, *args, **kwargs):
+        self.captioner._apply(fn, *args, **kwargs)
+        return super()._apply(fn, *args, **kwargs)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.captioner.eval()
+        return self
+
+    def extra_repr(self) -> str:
+        return f"spaces={self.spaces}, distance={self.distance!r}, weights={self.weights}"
+
+    def _autocast(self, device: torch.device):
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device.type, dtype=self.amp_dtype)
+
+    def features(self, images: Tensor, tokens: Tensor | None = None) -> list[Tensor]:
+        """The captioner's features of `images` in self.spaces (differentiable w.r.t. images)."""
+        with self._autocast(images.device):
+            f = self.captioner.features(images, self.spaces, tokens)
+        return [f[s] for s in self.spaces]
+
+    @torch.no_grad()
+    def reference_features(self, reference: Tensor, tokens: Tensor | None = None) -> list[Tensor]:
+        """Features of the reference images, from the cache where it has them (no gradients)."""
+        if self.cache is None:
+            return self.features(reference, tokens)
+        keys = [content_sha256(reference[i], None if tokens is None else tokens[i]) for i in range(len(reference))]
+        found = [self.cache.get(k, reference.device) for k in keys]
+        todo = [i for i, f in enumerate(found) if f is None]
+        if todo:
+            idx = torch.tensor(todo, device=reference.device)
+            computed = self.features(reference[idx], None if tokens is None else tokens[idx])
+            for j, i in enumerate(todo):
+                entry = {s: f[j:j + 1].clone() for s, f in zip(self.spaces, computed)}
+                self.cache.put(keys[i], entry)
+                found[i] = entry
+        return [torch.cat([f[s] for f in found]) for s in self.spaces]
+
+    def forward(self, enhanced: Tensor, reference: Tensor, tokens: Tensor | None = None) -> Tensor:
+        """Scalar float32 loss for images (B, 3, H, W) in [0, 1]; tokens (B, T): teacher-forced caption tokens."""
+        _checks.tensor("enhanced", enhanced, ndim=4)
+        _checks.tensor("reference", reference, ndim=4)
+        if enhanced.shape[0] != reference.shape[0]:
+            raise ValueError(f"enhanced and reference must have the same batch size, got {enhanced.shape[0]} "
+                             f"and {reference.shape[0]}")
+        if tokens is not None:
+            _checks.tensor("tokens", tokens, ndim=2, floating=False)
+            if tokens.shape[0] != enhanced.shape[0]:
+                raise ValueError(f"tokens must be (B, T) with B = {enhanced.shape[0]}, got {tuple(tokens.shape)}")
+            if "language" not in self.spaces:
+                raise ValueError("tokens are only used by the 'language' space, which this loss does not have")
+        ref = self.reference_features(reference, tokens)
+        out = self.features(enhanced, tokens)
+        return caption_feature_loss(out, ref, distance=self.distance, weights=self.weights, backend=self.backend)
