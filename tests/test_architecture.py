@@ -139,6 +139,10 @@ def _inside(dep: str, *prefixes: str) -> bool:
     ("ssattn.reference", lambda n, d: _inside(d, "ssattn.reference")),
     # ops: the registry and the references, never another op
     ("ssattn.ops", lambda n, d: _inside(d, "ssattn._backends", "ssattn.reference") or (n, d) == ("ssattn.ops", d)),
+    # the caption room: the functional API and the layers below, model loading, the cache, tiny test models
+    ("ssattn.caption", lambda n, d: _inside(d, "ssattn.caption", "ssattn.functional", "ssattn._checks",
+                                           "ssattn._backends", "ssattn.reference", "ssattn.ops",
+                                           "ssattn.guidance.hub", "ssattn.guidance.cache", "ssattn.guidance.testing")),
 ])
 def test_layer_imports(layer, allowed):
     assert _violations(layer, allowed) == []

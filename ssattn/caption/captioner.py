@@ -20,6 +20,7 @@ by `save_captioner`; `load_captioner` also takes a ClipCap checkpoint file
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 
@@ -27,12 +28,14 @@ import torch
 from torch import Tensor, nn
 
 from ..guidance import hub
+from .clipcap import UNUSED, gpt2_config, infer_mapper, load_clipcap, strip_prefixes
 from .mapper import build_mapper
 from .preprocess import ClipPreprocess
 
 SPACES = ("visual", "prefix", "language")
 CONFIG = "captioner.json"
 FORMAT = 1
+log = logging.getLogger("ssattn.caption")
 DEFAULT_VISION = "openai/clip-vit-base-patch32"  # the CLIP ClipCap's public checkpoints were trained on
 
 
@@ -51,6 +54,7 @@ class Captioner(nn.Module):
         if mapper.embed_dim != embed:
             raise ValueError(f"the mapper makes {mapper.embed_dim}-d prefix embeddings but the language model's "
                              f"embeddings are {embed}-d")
+        self.eval()  # a feature extractor: no dropout (a GPT2Model built from a config starts in train mode)
 
     def settings(self) -> dict:
         """Everything that changes the features (for cache keys)."""
@@ -173,8 +177,6 @@ def load_captioner(ref, *, vision=None, language=None, dtype=None, normalize_pre
     ref = os.fspath(ref)
     path = Path(ref).expanduser()
     if path.is_file():
-        from .clipcap import captioner_from_checkpoint
-
         return captioner_from_checkpoint(path, vision=vision or DEFAULT_VISION, language=language, dtype=dtype,
                                          normalize_prefix=normalize_prefix)
     if path.is_dir():
@@ -190,3 +192,29 @@ def load_captioner(ref, *, vision=None, language=None, dtype=None, normalize_pre
     if not (snap / CONFIG).is_file():
         raise hub.not_available("captioner", ref, FileNotFoundError(f"the repository holds no {CONFIG}"))
     return _load_folder(snap, ref, dtype)
+
+
+def captioner_from_checkpoint(path, *, vision, language=None, dtype=None, normalize_prefix: bool = False):
+    """A Captioner: CLIP from `vision`, mapper and GPT-2 from the ClipCap checkpoint file at `path`."""
+    import transformers
+
+    try:
+        state = strip_prefixes(torch.load(path, map_location="cpu", weights_only=True))
+    except Exception as exc:
+        raise ValueError(f"captioner checkpoint {str(path)!r} is unreadable ({type(exc).__name__}: {exc})") from None
+    if "gpt.transformer.wte.weight" not in state:
+        raise ValueError(f"captioner checkpoint {str(path)!r} is not a ClipCap checkpoint: no gpt.transformer.wte.weight")
+    embed = state["gpt.transformer.wte.weight"].shape[1]
+    mapper = build_mapper(infer_mapper(state, embed))
+    gpt = transformers.GPT2Model(gpt2_config(state, language))
+    v, pre = load_vision(vision, dtype)
+    source = {"clipcap": hub.model_ref(path), "vision": hub.model_ref(vision), "revision": hub.revision_of(vision)}
+    cap = Captioner(v, mapper, gpt, pre, normalize_prefix=normalize_prefix, source=source)
+    report = load_clipcap(cap, state)
+    if report.missing or [k for k in report.unused if k not in UNUSED]:
+        log.warning("%s", report)
+    if dtype is not None:
+        cap.mapper.to(dtype)
+        cap.language.to(dtype)
+    cap.clipcap_report = report
+    return cap

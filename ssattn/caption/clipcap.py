@@ -51,7 +51,7 @@ class MappingReport:
         return "\n".join(lines)
 
 
-def _strip(state: dict) -> dict:
+def strip_prefixes(state: dict) -> dict:
     """Accept a bare state dict, one under "state_dict"/"model", and DataParallel's "module." names."""
     for key in ("state_dict", "model"):
         if isinstance(state.get(key), dict):
@@ -60,15 +60,15 @@ def _strip(state: dict) -> dict:
 
 
 def map_clipcap_state(state: dict) -> tuple[dict, dict]:
-    """(captioner-named tensors, {checkpoint key: why not mapped}) by name only."""
+    """({captioner key: (checkpoint key, tensor)}, {checkpoint key: why not mapped}) by name only."""
     mapped, unused = {}, {}
-    for key, value in _strip(state).items():
+    for key, value in strip_prefixes(state).items():
         if key in UNUSED:
             unused[key] = UNUSED[key]
             continue
         for src, dst in PREFIXES:
             if key.startswith(src):
-                mapped[dst + key[len(src):]] = value
+                mapped[dst + key[len(src):]] = (key, value)
                 break
         else:
             unused[key] = "not a ClipCap mapper (clip_project.*) or GPT-2 (gpt.transformer.*) key"
@@ -81,13 +81,13 @@ def load_clipcap(captioner: nn.Module, state: dict) -> MappingReport:
     own = {k: v for k, v in captioner.state_dict().items() if k.startswith(("mapper.", "language."))}
     report = MappingReport(unused=dict(unused))
     ok = {}
-    for key, value in mapped.items():
+    for key, (src, value) in mapped.items():
         if key not in own:
-            # GPT-2's attention masks ("attn.bias", "attn.masked_bias") were buffers in older transformers
-            report.unused[f"captioner {key}"] = "no such parameter or buffer in the captioner"
+            # e.g. GPT-2's attention masks ("attn.bias", "attn.masked_bias"), buffers in older transformers
+            report.unused[src] = f"the captioner has no {key}"
         elif tuple(own[key].shape) != tuple(value.shape):
-            report.unused[f"captioner {key}"] = (f"shape {tuple(value.shape)} in the checkpoint, "
-                                                f"{tuple(own[key].shape)} in the captioner")
+            report.unused[src] = (f"shape {tuple(value.shape)} in the checkpoint, {tuple(own[key].shape)} "
+                                  f"for {key} in the captioner")
         else:
             ok[key] = value
     captioner.load_state_dict(ok, strict=False)
@@ -96,7 +96,7 @@ def load_clipcap(captioner: nn.Module, state: dict) -> MappingReport:
     return report
 
 
-def _infer_mapper(state: dict, embed: int) -> dict:
+def infer_mapper(state: dict, embed: int) -> dict:
     if "clip_project.model.0.weight" in state:
         w0, w2 = state["clip_project.model.0.weight"], state["clip_project.model.2.weight"]
         if w2.shape[0] % embed:
@@ -111,7 +111,7 @@ def _infer_mapper(state: dict, embed: int) -> dict:
                      "clip_project.linear.weight + clip_project.prefix_const (transformer mapper)")
 
 
-def _gpt2_config(state: dict, language):
+def gpt2_config(state: dict, language):
     """GPT-2's config: from `language` (hub id or folder) when given, else from the checkpoint's shapes (64-d heads)."""
     import transformers
 
@@ -126,33 +126,3 @@ def _gpt2_config(state: dict, language):
              "give the config)", len(layers), n_embd, max(1, n_embd // 64))
     return transformers.GPT2Config(vocab_size=wte.shape[0], n_positions=wpe.shape[0], n_embd=n_embd,
                                    n_layer=len(layers), n_head=max(1, n_embd // 64))
-
-
-def captioner_from_checkpoint(path, *, vision, language=None, dtype=None, normalize_prefix: bool = False):
-    """A Captioner: CLIP from `vision`, mapper and GPT-2 from the ClipCap checkpoint file at `path`."""
-    import transformers
-
-    from ..guidance import hub
-    from .captioner import Captioner, load_vision
-    from .mapper import build_mapper
-
-    try:
-        state = _strip(torch.load(path, map_location="cpu", weights_only=True))
-    except Exception as exc:
-        raise ValueError(f"captioner checkpoint {str(path)!r} is unreadable ({type(exc).__name__}: {exc})") from None
-    if "gpt.transformer.wte.weight" not in state:
-        raise ValueError(f"captioner checkpoint {str(path)!r} is not a ClipCap checkpoint: no gpt.transformer.wte.weight")
-    embed = state["gpt.transformer.wte.weight"].shape[1]
-    mapper = build_mapper(_infer_mapper(state, embed))
-    gpt = transformers.GPT2Model(_gpt2_config(state, language))
-    v, pre = load_vision(vision, dtype)
-    source = {"clipcap": hub.model_ref(path), "vision": hub.model_ref(vision), "revision": hub.revision_of(vision)}
-    cap = Captioner(v, mapper, gpt, pre, normalize_prefix=normalize_prefix, source=source)
-    report = load_clipcap(cap, state)
-    if report.missing or [k for k in report.unused if k not in UNUSED]:
-        log.warning("%s", report)
-    if dtype is not None:
-        cap.mapper.to(dtype)
-        cap.language.to(dtype)
-    cap.clipcap_report = report
-    return cap
