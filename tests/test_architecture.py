@@ -133,6 +133,7 @@ def _inside(dep: str, *prefixes: str) -> bool:
     # the registry knows no op
     ("ssattn._backends", lambda n, d: False),
     ("ssattn._checks", lambda n, d: False),
+    ("ssattn._heads", lambda n, d: False),
     # kernels hold kernels and their launchers: nothing from the library
     ("ssattn.kernels", lambda n, d: _inside(d, "ssattn.kernels")),
     # references are the ground truth: only each other
@@ -142,7 +143,8 @@ def _inside(dep: str, *prefixes: str) -> bool:
     # the caption room: the functional API and the layers below, model loading, the cache, tiny test models
     ("ssattn.caption", lambda n, d: _inside(d, "ssattn.caption", "ssattn.functional", "ssattn._checks",
                                            "ssattn._backends", "ssattn.reference", "ssattn.ops",
-                                           "ssattn.guidance.hub", "ssattn.guidance.cache", "ssattn.guidance.testing")),
+                                           "ssattn.guidance.hub", "ssattn.guidance.feature_cache",
+                                           "ssattn.guidance.testing")),
 ])
 def test_layer_imports(layer, allowed):
     assert _violations(layer, allowed) == []

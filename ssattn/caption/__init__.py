@@ -7,7 +7,6 @@ reference-feature cache (cache.py) and CaptionFeatureLoss (loss.py), a module
 over ssattn.caption_feature_loss (docs/operations.md section 4).
 """
 
-from .cache import ReferenceFeatureCache
 from .captioner import SPACES, Captioner, load_captioner, save_captioner
 from .clipcap import MappingReport, load_clipcap
 from .loss import CaptionFeatureLoss
@@ -15,4 +14,4 @@ from .mapper import MLPMapper, TransformerMapper
 from .preprocess import ClipPreprocess
 
 __all__ = ["SPACES", "CaptionFeatureLoss", "Captioner", "ClipPreprocess", "MLPMapper", "MappingReport",
-           "ReferenceFeatureCache", "TransformerMapper", "load_captioner", "load_clipcap", "save_captioner"]
+           "TransformerMapper", "load_captioner", "load_clipcap", "save_captioner"]

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from .. import _checks
 from ..functional import caption_feature_loss
 from ..reference.caption_loss import DISTANCES
-from .cache import ReferenceFeatureCache, content_sha256, weights_fingerprint
+from .cache import FeatureCache, reference_cache, reference_key, weights_fingerprint
 from .captioner import SPACES, Captioner
 
 
@@ -31,10 +31,10 @@ class CaptionFeatureLoss(nn.Module):
 
     spaces: a subset of ("visual", "prefix", "language"), in any order; weights: one per space
     (default 1 each); distance: "l1", "l2" or "cosine" (docs/operations.md section 4).
-    cache: True for an in-memory reference-feature cache, a ReferenceFeatureCache, or
-    None/False for none; cache_dir adds the on-disk cache. amp_dtype: run the captioner
-    under torch.autocast with this dtype (e.g. torch.bfloat16); None leaves the caller's
-    autocast state as it is.
+    cache: True for a reference-feature cache (in memory; on disk too with cache_dir), a
+    FeatureCache of kind "caption-features" (ssattn.caption.cache.reference_cache), or
+    None/False. amp_dtype: run the captioner under torch.autocast with this dtype (e.g.
+    torch.bfloat16); None leaves the caller's autocast state as it is.
     """
 
     def __init__(self, captioner: Captioner, spaces=SPACES, distance: str = "l1", weights=None, *,
@@ -54,11 +54,14 @@ class CaptionFeatureLoss(nn.Module):
         self.amp_dtype = amp_dtype
         captioner.requires_grad_(False).eval()
         self.__dict__["captioner"] = captioner  # outside the module tree: no parameters(), no state_dict()
-        if cache is True or (cache_dir is not None and not isinstance(cache, ReferenceFeatureCache)):
-            cache = ReferenceFeatureCache(self.cache_settings(), cache_dir=cache_dir)
-        elif cache not in (None, False) and not isinstance(cache, ReferenceFeatureCache):
-            raise TypeError(f"cache must be True, False, None or a ReferenceFeatureCache, got {type(cache).__name__}")
-        self.cache = cache if isinstance(cache, ReferenceFeatureCache) else None
+        if cache is True:
+            cache = reference_cache(self.cache_settings(), cache_dir)
+        elif cache_dir is not None:
+            raise ValueError("cache_dir is for the cache this loss builds (cache=True), not for cache=None/False "
+                             "or a cache of your own")
+        elif cache is not None and cache is not False and not isinstance(cache, FeatureCache):
+            raise TypeError(f"cache must be True, False, None or a FeatureCache, got {type(cache).__name__}")
+        self.cache = cache if isinstance(cache, FeatureCache) else None
 
     def cache_settings(self) -> dict:
         """What the reference features depend on: the captioner (settings and weights), spaces, autocast dtype."""
@@ -94,17 +97,16 @@ class CaptionFeatureLoss(nn.Module):
         """Features of the reference images, from the cache where it has them (no gradients)."""
         if self.cache is None:
             return self.features(reference, tokens)
-        keys = [content_sha256(reference[i], None if tokens is None else tokens[i]) for i in range(len(reference))]
-        found = [self.cache.get(k, reference.device) for k in keys]
+        keys = [reference_key(reference[i], None if tokens is None else tokens[i]) for i in range(len(reference))]
+        found = [self.cache.get(k) for k in keys]
         todo = [i for i, f in enumerate(found) if f is None]
         if todo:
             idx = torch.tensor(todo, device=reference.device)
             computed = self.features(reference[idx], None if tokens is None else tokens[idx])
             for j, i in enumerate(todo):
-                entry = {s: f[j:j + 1].clone() for s, f in zip(self.spaces, computed)}
-                self.cache.put(keys[i], entry)
-                found[i] = entry
-        return [torch.cat([f[s] for f in found]) for s in self.spaces]
+                found[i] = self.cache.put(keys[i], {s: f[j:j + 1] for s, f in zip(self.spaces, computed)})
+        # stored on the CPU as float32: the loss promotes each pair to the wider dtype
+        return [torch.cat([f[s] for f in found]).to(reference.device, non_blocking=True) for s in self.spaces]
 
     def forward(self, enhanced: Tensor, reference: Tensor, tokens: Tensor | None = None) -> Tensor:
         """Scalar float32 loss for images (B, 3, H, W) in [0, 1]; tokens (B, T): teacher-forced caption tokens."""
