@@ -90,3 +90,20 @@ def test_train_cli_text_errors(tmp_path, clip_dir, capsys):
     assert cli_main(base + ["--text", str(tmp_path / "one.txt"), "--text-encoder", clip_dir,
                             "--text-levels", "dec9"]) == 2
     assert "dec9" in capsys.readouterr().err
+
+
+def test_train_cli_captions_from_a_vlm(tmp_path, clip_dir, capsys):
+    from ssattn.guidance.testing import save_llava
+
+    llava = str(save_llava(tmp_path / "tiny-llava"))
+    run_dir = str(tmp_path / "run")
+    args = ["train", "--data", "synthetic", "--out", run_dir, "--size", "16", "--n", "2", "--steps", "1",
+            "--batch-size", "2", "--width", "4", "--model", "unet", "--no-progress", "--device", "cpu",
+            "--text", "vlm", "--text-captioner", llava, "--text-encoder", clip_dir, "--text-levels", "dec1",
+            "--cache-dir", str(tmp_path / "cache")]
+    assert cli_main(args) == 0, capsys.readouterr().err
+    assert list((tmp_path / "cache" / "captions").glob("*/settings.json"))  # the answers were cached
+    model, _ = load_model(os.path.join(run_dir, "checkpoint.pt"))
+    assert model.text_stages == ["dec1"] and not model.takes_map
+    assert cli_main(args[:-6] + ["--text", "x.txt", "--text-captioner", llava, "--text-encoder", clip_dir]) == 2
+    assert "--text-captioner is for --text vlm" in capsys.readouterr().err

@@ -1,10 +1,18 @@
-"""Drop-in -SS for an existing encoder-decoder model (SPEC Public API: semantic_sensitive).
+"""The drop-in wrapper: -SS and text stages for an existing network (SPEC Public API: semantic_sensitive).
 
     ss = ssattn.semantic_sensitive(unet, {"dec2": "enc2", "dec1": "enc1"})
     y = ss(x, guidance=m)                 # m: (B, 1, H, W) map of the image size
     loss = l1(y, ref) + ss.alignment_loss()
     with ss.guidance(m):                  # or: existing training code, unchanged
         y = unet(x)
+    tg = ssattn.text_guided(unet, ["dec2"], text_channels=512)
+    y = tg(x, text=(words, mask))         # words (B, L, 512), mask (B, L) bool, True = padded
+
+One wrapper class (GuidedModel) holds every kind of stage: -SS stages (a
+decoder site paired with an encoder site, reading the guidance map) and text
+stages (one site, reading word features; ssattn.text.TextConditioning).
+Everything below holds for both kinds; a text stage has no encoder, and the
+alignment loss covers the -SS stages only.
 
 The model's source is not touched. Forward hooks capture each named encoder
 output e_l and replace each named decoder output d_l by
@@ -148,7 +156,7 @@ class GuidedModel(nn.Module):
                  form: str = "paper", channels: Mapping | None = None, example_inputs=None):
         super().__init__()
         if isinstance(model, GuidedModel):
-            raise ValueError("model is already a semantic_sensitive / text_guided wrapper; wrap the plain model once "
+            raise ValueError("model is already a semantic_sensitive wrapper (or text_guided); wrap the plain model once "
                              "with all its stages (ss.model is the plain model, ss.remove() takes the hooks off)")
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -244,7 +252,7 @@ class GuidedModel(nn.Module):
         channels = dict(channels or {})
         unknown = [k for k in channels if k not in self.pairs and k not in self.text_stages]
         if unknown:
-            raise ValueError(f"channels: {unknown} are not stage sites; use keys from "
+            raise ValueError(f"channels: {unknown} are not decoder sites of pairs or text stages; use keys from "
                              f"{list(self.pairs) + self.text_stages}")
         for site, value in channels.items():
             if site in self.pairs:
