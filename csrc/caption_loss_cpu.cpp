@@ -32,35 +32,32 @@ inline acc_t ld(const T* p, int64_t i) {
   return static_cast<acc_t>(p[i]);
 }
 
-template <typename scalar_t, typename acc_t>
-double block_l1_l2(const CaptionPair& p, int64_t r0, int64_t r1, bool l2, bool grad) {
+// L2 and GRAD are template parameters so that the element loop has no branch and vectorises.
+template <typename scalar_t, typename acc_t, bool L2, bool GRAD>
+double block_l1_l2(const CaptionPair& p, int64_t r0, int64_t r1) {
   const auto* __restrict__ x = static_cast<const scalar_t*>(p.x);
   const auto* __restrict__ y = static_cast<const scalar_t*>(p.y);
   auto* __restrict__ gx = static_cast<scalar_t*>(p.gx);
-  const acc_t s = static_cast<acc_t>(p.scale), s2 = static_cast<acc_t>(2.0 * p.scale);
-  double total = 0.0;
-  for (int64_t r = r0; r < r1; ++r) {
-    const int64_t off = r * p.D;
-    acc_t lane[kLanes] = {};
-    const int64_t D8 = p.D - p.D % kLanes;
-    for (int64_t c = 0; c < D8; c += kLanes) {
-      for (int j = 0; j < kLanes; ++j) {
-        const acc_t d = ld<acc_t>(x, off + c + j) - ld<acc_t>(y, off + c + j);
-        lane[j] += l2 ? d * d : std::abs(d);
-        if (grad) {
-          gx[off + c + j] = static_cast<scalar_t>(l2 ? s2 * d : (d > 0 ? s : (d < 0 ? -s : acc_t(0))));
-        }
-      }
+  const acc_t s = static_cast<acc_t>(L2 ? 2.0 * p.scale : p.scale);
+  // The block's rows are contiguous: one flat loop over them, lanes for the sum.
+  const int64_t n = (r1 - r0) * p.D, off = r0 * p.D;
+  const int64_t n8 = n - n % kLanes;
+  acc_t lane[kLanes] = {};
+  for (int64_t i = 0; i < n8; i += kLanes) {
+    for (int j = 0; j < kLanes; ++j) {
+      const acc_t d = ld<acc_t>(x, off + i + j) - ld<acc_t>(y, off + i + j);
+      lane[j] += L2 ? d * d : std::abs(d);
+      if (GRAD) gx[off + i + j] = static_cast<scalar_t>(L2 ? s * d : s * (acc_t(d > 0) - acc_t(d < 0)));
     }
-    acc_t row = 0;
-    for (int j = 0; j < kLanes; ++j) row += lane[j];
-    for (int64_t c = D8; c < p.D; ++c) {
-      const acc_t d = ld<acc_t>(x, off + c) - ld<acc_t>(y, off + c);
-      row += l2 ? d * d : std::abs(d);
-      if (grad) gx[off + c] = static_cast<scalar_t>(l2 ? s2 * d : (d > 0 ? s : (d < 0 ? -s : acc_t(0))));
-    }
-    total += static_cast<double>(row);
   }
+  acc_t tail = 0;
+  for (int64_t i = n8; i < n; ++i) {
+    const acc_t d = ld<acc_t>(x, off + i) - ld<acc_t>(y, off + i);
+    tail += L2 ? d * d : std::abs(d);
+    if (GRAD) gx[off + i] = static_cast<scalar_t>(L2 ? s * d : s * (acc_t(d > 0) - acc_t(d < 0)));
+  }
+  double total = static_cast<double>(tail);
+  for (int j = 0; j < kLanes; ++j) total += static_cast<double>(lane[j]);
   return total;
 }
 
@@ -118,7 +115,11 @@ double run_block(const CaptionProblem& prob, const CaptionPair& p, int64_t r0, i
   if (prob.distance == kCaptionCosine) {
     return block_cosine<scalar_t, acc_t>(p, r0, r1, static_cast<acc_t>(prob.eps), prob.grad);
   }
-  return block_l1_l2<scalar_t, acc_t>(p, r0, r1, prob.distance == kCaptionL2, prob.grad);
+  const bool l2 = prob.distance == kCaptionL2;
+  if (l2) {
+    return prob.grad ? block_l1_l2<scalar_t, acc_t, true, true>(p, r0, r1) : block_l1_l2<scalar_t, acc_t, true, false>(p, r0, r1);
+  }
+  return prob.grad ? block_l1_l2<scalar_t, acc_t, false, true>(p, r0, r1) : block_l1_l2<scalar_t, acc_t, false, false>(p, r0, r1);
 }
 
 double dispatch_block(const CaptionProblem& prob, const CaptionPair& p, int64_t r0, int64_t r1) {
