@@ -96,6 +96,42 @@ def vlm_captions(data, captioner_id, cache_dir) -> list[str]:
     return captions
 
 
+def add_caption_args(p) -> None:
+    g = p.add_argument_group("caption-model feature regularisation (seed 001)")
+    g.add_argument("--caption-loss", type=float, default=0.0, metavar="WEIGHT",
+                   help="add WEIGHT * CaptionFeatureLoss(output, reference): the two images must agree in the "
+                        "captioner's visual, prefix and language spaces (default 0: off)")
+    g.add_argument("--captioner", default=None, metavar="ID_OR_DIR",
+                   help="the captioner: a folder with captioner.json (ssattn.caption.save_captioner), a hub id "
+                        "holding one, or a ClipCap checkpoint .pt (with CLIP openai/clip-vit-base-patch32)")
+    g.add_argument("--caption-distance", choices=("l1", "l2", "cosine"), default="l1",
+                   help="distance in each space (default %(default)s); reference features are cached under "
+                        "--cache-dir/caption when --cache-dir is given")
+
+
+def load_caption_term(args):
+    """The CaptionTerm for --caption-loss / --captioner, or None (CLIError on bad arguments)."""
+    import math
+
+    if not args.caption_loss:
+        if args.captioner:
+            raise CLIError("--captioner needs --caption-loss WEIGHT (> 0)")
+        return None
+    if not math.isfinite(args.caption_loss) or args.caption_loss < 0:
+        raise CLIError(f"--caption-loss must be a finite number >= 0, got {args.caption_loss}")
+    if not args.captioner:
+        raise CLIError("--caption-loss needs --captioner ID_OR_DIR (a captioner folder, hub id or ClipCap checkpoint)")
+    from ssattn.apps.training.caption import caption_term
+    from ssattn.guidance.hub import ModelNotAvailableError
+
+    cache = None if args.cache_dir is None else f"{args.cache_dir}/caption"
+    try:
+        return caption_term(weight=args.caption_loss, captioner=args.captioner, distance=args.caption_distance,
+                            cache_dir=cache)
+    except (ModelNotAvailableError, ValueError) as exc:
+        raise CLIError(f"--captioner: {exc}") from None
+
+
 def resolve_device(name: str):
     """--device as a torch.device that can run here (CLIError otherwise)."""
     import torch
@@ -147,6 +183,7 @@ def register(sub) -> None:
     p.add_argument("--no-resume", action="store_true", help="start over even if RUN_DIR/checkpoint.pt exists")
     p.add_argument("--no-progress", action="store_true")
     add_text_args(p, training=True)
+    add_caption_args(p)
     p.set_defaults(func=run)
 
 
@@ -184,6 +221,7 @@ def run(args) -> int:
         spec["text"] = {"channels": text.channels, "stages": stages, "encoder": encoder_id}
     elif args.text_encoder or args.text_levels or args.text_captioner:
         raise CLIError("--text-encoder, --text-levels and --text-captioner need --text (the captions)")
+    caption = load_caption_term(args)
     torch.manual_seed(args.seed)
     model = build_model(spec)
     cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
@@ -198,7 +236,7 @@ def run(args) -> int:
               f"device {ctx.device}{ranks}")
     try:
         hist = train(model, data, cfg, args.out, spec=spec, resume=not args.no_resume, unsafe=args.unsafe_checkpoint,
-                     text=text)
+                     text=text, caption=caption)
     except (RankFailure, CheckpointMismatch) as exc:  # the same on every rank: rank 0 prints it once
         if ctx.is_main:
             print(f"{who}: {exc}", file=sys.stderr)

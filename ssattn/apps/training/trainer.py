@@ -403,10 +403,11 @@ def _unused_parameters(model: nn.Module) -> list[str]:
 
 
 def train(model: nn.Module, data, config: TrainConfig, out_dir: str | None = None, *, spec: dict | None = None,
-          resume: bool = True, stop_at: int | None = None, unsafe: bool = False, text=None) -> dict:
+          resume: bool = True, stop_at: int | None = None, unsafe: bool = False, text=None, caption=None) -> dict:
     """Train `model` (a plain network, or a drop-in wrapper) on (degraded, reference, guidance).
 
     text: the items' word features (ssattn.apps.training.text.ItemText) for a model with text stages.
+    caption: a CaptionTerm (ssattn.apps.training.caption) added to the reconstruction loss.
 
     Loss: ReconstructionLoss (L1 [+ VGG-19 perceptual]) + ss.alignment_loss()
     for -SS models. With out_dir, checkpoints go to out_dir/checkpoint.pt and
@@ -435,6 +436,10 @@ def train(model: nn.Module, data, config: TrainConfig, out_dir: str | None = Non
                          f"accum {k} x {w} rank(s) = {per_step}; lower the batch size or accum")
     model.to(device).train()
     criterion = ReconstructionLoss(config.vgg_weights, perceptual_weight=config.perceptual_weight).to(device)
+    if caption is not None:  # + weight * CaptionFeatureLoss (seed 001): the captioner stays out of the optimiser
+        from .caption import WithCaption
+
+        criterion = WithCaption(criterion, caption).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: config.lr_at(s) / config.lr)
     scaler = torch.amp.GradScaler(device.type) if config.amp == "fp16" else None
