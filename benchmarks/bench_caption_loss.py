@@ -10,7 +10,7 @@ The peers alternate round by round in one process (so a change in machine
 load hits both); each figure is the median (and min) over the rounds.
 
     python benchmarks/bench_caption_loss.py [--rounds 50] [--threads 1]
-    python benchmarks/bench_caption_loss.py train [--steps 8]   # train step with / without the caption loss
+    python benchmarks/bench_caption_loss.py train [--steps 8] [--clipcap-geometry]   # step with / without it
 """
 
 from __future__ import annotations
@@ -96,7 +96,7 @@ def run_train(args):
 
     from ssattn.apps.training.caption import caption_criterion
     from ssattn.apps.training.losses import ReconstructionLoss
-    from ssattn.caption.testing import save_tiny_captioner
+    from ssattn.caption.testing import CLIPCAP_GEOMETRY, save_tiny_captioner
     from ssattn.models import UNet, unet_ss
 
     torch.set_num_threads(args.threads)
@@ -104,18 +104,21 @@ def run_train(args):
     x, ref, g = torch.rand(args.batch, 3, args.size, args.size), torch.rand(args.batch, 3, args.size, args.size), \
         torch.rand(args.batch, 1, args.size, args.size)
     with tempfile.TemporaryDirectory() as tmp:
-        folder = save_tiny_captioner(tmp + "/cap", hidden=args.hidden, embed=args.embed)
+        geometry = CLIPCAP_GEOMETRY if args.clipcap_geometry else dict(hidden=args.hidden, embed=args.embed)
+        folder = save_tiny_captioner(tmp + "/cap", **geometry)
         rows = []
         for ss in (False, True):
+            # the two variants alternate step by step, so a change in machine load hits both
+            runs = []
             for with_caption in (False, True):
                 torch.manual_seed(0)
                 model = unet_ss(3, 3, 16) if ss else UNet(3, 3, 16)
                 crit = ReconstructionLoss()
                 if with_caption:
                     crit = caption_criterion(crit, weight=0.1, captioner=str(folder))
-                opt = torch.optim.Adam(model.parameters(), 1e-3)
-                times = []
-                for i in range(args.steps + 2):
+                runs.append((with_caption, model, crit, torch.optim.Adam(model.parameters(), 1e-3), []))
+            for i in range(args.steps + 2):
+                for with_caption, model, crit, opt, times in runs:
                     t0 = time.perf_counter()
                     opt.zero_grad()
                     out = model(x, guidance=g) if ss else model(x)
@@ -126,9 +129,12 @@ def run_train(args):
                     opt.step()
                     if i >= 2:
                         times.append(time.perf_counter() - t0)
+            for with_caption, _, _, _, times in runs:
                 rows.append((("unet-ss" if ss else "unet"), with_caption, statistics.median(times) * 1e3))
-    print(f"torch {torch.__version__}, {args.threads} thread(s), B={args.batch}, {args.size}px, "
-          f"tiny captioner (CLIP 224/32 hidden {args.hidden}, GPT-2 width {args.embed}), median of {args.steps} steps")
+    what = ("ClipCap geometry (CLIP ViT-B/32 224 px, GPT-2 small; random weights)" if args.clipcap_geometry
+            else f"tiny captioner (CLIP 224/32 hidden {args.hidden}, 1 layer; GPT-2 width {args.embed}, 1 layer)")
+    print(f"torch {torch.__version__}, {args.threads} thread(s), B={args.batch}, {args.size}px, {what}, "
+          f"median of {args.steps} steps after 2 warm-up steps")
     print("| model | caption loss | ms/step |")
     print("|---|---|---|")
     for name, cap, ms in rows:
@@ -145,6 +151,7 @@ def main():
     p.add_argument("--size", type=int, default=64)
     p.add_argument("--hidden", type=int, default=32)
     p.add_argument("--embed", type=int, default=32)
+    p.add_argument("--clipcap-geometry", action="store_true", help="train: a captioner of ClipCap's real sizes")
     args = p.parse_args()
     (run_train if args.what == "train" else run_ops)(args)
 

@@ -124,14 +124,16 @@ def test_captioner_folder_round_trip(tmp_path):
     assert cap.settings()["source"]["captioner"] == str((tmp_path / "cap").resolve())
 
 
-def test_captioner_from_a_clipcap_checkpoint_file(tmp_path, caplog):
-    save_tiny_captioner(tmp_path / "cap", seed=4)  # its vision/ folder stands in for the CLIP model
-    orig = tiny_captioner(seed=4)[0]
+@pytest.mark.parametrize("mapper", ["mlp", "transformer"])
+def test_captioner_from_a_clipcap_checkpoint_file(tmp_path, mapper):
+    save_tiny_captioner(tmp_path / "cap", seed=4, mapper=mapper)  # its vision/ folder stands in for the CLIP model
+    orig = tiny_captioner(seed=4, mapper=mapper)[0]
     torch.save(clipcap_state(orig), tmp_path / "coco_weights.pt")
     # GPT-2's config from the tiny model's folder (without it: inferred, with 64-d heads as GPT-2 has)
     cap = load_captioner(tmp_path / "coco_weights.pt", vision=tmp_path / "cap" / "vision",
                          language=tmp_path / "cap" / "language")
     assert cap.clipcap_report.complete and list(cap.clipcap_report.unused) == ["gpt.lm_head.weight"]
+    assert type(cap.mapper) is type(orig.mapper) and cap.mapper.settings() == orig.mapper.settings()
     x = _images()
     torch.testing.assert_close(cap.features(x)["language"], orig.features(x)["language"])
     torch.save({"something": torch.zeros(1)}, tmp_path / "other.pt")

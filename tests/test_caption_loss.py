@@ -318,3 +318,10 @@ def test_missing_extension_warns_once_and_uses_reference(monkeypatch):
     assert torch.equal(a, expected) and torch.equal(b, expected)
     with pytest.raises(RuntimeError, match="native"):
         ssattn.caption_feature_loss(xs, ys, backend="native")
+
+
+def test_cuda_takes_the_reference_and_native_says_why():
+    # No CUDA kernel yet: "auto" gives CUDA tensors the reference, backend="native" names the reason.
+    assert _backends.resolve("caption_feature_loss", "auto", "cuda", torch.float32) == "reference"
+    with pytest.raises(RuntimeError, match="cannot run on cuda"):
+        _backends.resolve("caption_feature_loss", "native", "cuda", torch.float32)

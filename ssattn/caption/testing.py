@@ -16,8 +16,8 @@ from ..guidance.testing import CLIP_MEAN, CLIP_STD
 
 def tiny_captioner(*, hidden: int = 32, proj: int = 16, embed: int = 32, prefix_length: int = 10,
                    mapper: str = "mlp", image_size: int = 224, patch: int = 32, seed: int = 0,
-                   vocab: int = 64):
-    """(Captioner, image processor) with random weights."""
+                   vocab: int = 64, layers: int = 1, heads: int = 2):
+    """(Captioner, image processor) with random weights; `layers`/`heads` for both CLIP and GPT-2."""
     import torch
     from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection, GPT2Config, GPT2Model
 
@@ -26,20 +26,25 @@ def tiny_captioner(*, hidden: int = 32, proj: int = 16, embed: int = 32, prefix_
     from .preprocess import ClipPreprocess
 
     torch.manual_seed(seed)
-    vcfg = CLIPVisionConfig(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=1,
-                            num_attention_heads=2, image_size=image_size, patch_size=patch, projection_dim=proj)
+    vcfg = CLIPVisionConfig(hidden_size=hidden, intermediate_size=4 * hidden, num_hidden_layers=layers,
+                            num_attention_heads=heads, image_size=image_size, patch_size=patch, projection_dim=proj)
     vision = CLIPVisionModelWithProjection(vcfg).eval()
-    gpt = GPT2Model(GPT2Config(vocab_size=vocab, n_positions=64, n_embd=embed, n_layer=1, n_head=2,
+    gpt = GPT2Model(GPT2Config(vocab_size=vocab, n_positions=64, n_embd=embed, n_layer=layers, n_head=heads,
                                 bos_token_id=0, eos_token_id=1)).eval()
     if mapper == "mlp":
         m = MLPMapper(proj, embed, prefix_length)
     else:
-        m = TransformerMapper(proj, embed, prefix_length, clip_length=prefix_length, num_layers=1, heads=2)
+        m = TransformerMapper(proj, embed, prefix_length, clip_length=prefix_length, num_layers=1)  # 8 heads, as ClipCap
     processor = _image_processor_class()(size={"shortest_edge": image_size},
                                          crop_size={"height": image_size, "width": image_size},
                                          image_mean=CLIP_MEAN, image_std=CLIP_STD)
     cap = Captioner(vision, m, gpt, ClipPreprocess.from_processor(processor))
     return cap, processor
+
+
+# ClipCap's geometry (CLIP ViT-B/32 at 224 px with its 512-d projection, GPT-2 small), random weights:
+# for timing a realistic captioner without downloading one.
+CLIPCAP_GEOMETRY = dict(hidden=768, proj=512, embed=768, layers=12, heads=12, vocab=50257)
 
 
 def save_tiny_captioner(folder, **kw) -> Path:
