@@ -269,3 +269,38 @@ def test_functional_and_module_use_the_fused_op(captioner):
         pytest.skip("ssattn._C is not built")
     loss = CaptionFeatureLoss(captioner)(_images(seed=1).requires_grad_(True), _images(seed=2))
     assert "caption_loss_fused" in type(loss.grad_fn).__name__
+
+
+# --------------------------------------------------------------------------- the reference's own greedy caption
+def test_greedy_tokens_are_gpt2s_tied_lm_head_argmax(captioner):
+    from transformers import GPT2LMHeadModel
+
+    lm = GPT2LMHeadModel(captioner.language.config).eval()
+    lm.transformer.load_state_dict(captioner.language.state_dict())
+    lm.lm_head.weight = lm.transformer.wte.weight  # tied, as in ClipCap's checkpoints
+    prefix = captioner.prefix(captioner.visual(_images(seed=3)))
+    tokens = captioner.greedy_tokens(prefix, 4)
+    assert tokens.shape == (2, 4) and tokens.dtype == torch.long
+    embeds = prefix
+    for t in range(4):
+        nxt = lm(inputs_embeds=embeds).logits[:, -1].argmax(-1)
+        assert torch.equal(nxt, tokens[:, t])
+        embeds = torch.cat((embeds, lm.transformer.wte(tokens[:, t:t + 1])), dim=1)
+
+
+@pytest.mark.parametrize("cache", [True, False])
+def test_caption_length_teacher_forces_the_references_caption(captioner, cache):
+    x, y = _images(seed=1), _images(seed=2)
+    loss_fn = CaptionFeatureLoss(captioner, spaces=("language",), caption_length=3, cache=cache)
+    loss = loss_fn(x, y)
+    tokens = captioner.greedy_tokens(captioner.prefix(captioner.visual(y)), 3)
+    expected = ref.caption_feature_loss([captioner.features(x, tokens=tokens)["language"]],
+                                        [captioner.features(y, tokens=tokens)["language"]])
+    torch.testing.assert_close(loss, expected)
+    if cache:
+        torch.testing.assert_close(loss_fn(x, y), loss)  # tokens come back from the cache with the features
+        assert loss_fn.cache.hits == 2
+    with pytest.raises(ValueError, match="caption_length is for the 'language' space"):
+        CaptionFeatureLoss(captioner, spaces=("visual",), caption_length=2)
+    with pytest.raises(ValueError, match="caption_length must be a non-negative integer"):
+        CaptionFeatureLoss(captioner, caption_length=-1)

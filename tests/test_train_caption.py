@@ -80,10 +80,12 @@ def test_train_cli_with_the_caption_loss(tmp_path, captioner_dir, capsys):
     run_dir = str(tmp_path / "run")
     rc = cli_main(["train", "--data", "synthetic", "--out", run_dir, "--size", "16", "--n", "4", "--steps", "2",
                    "--batch-size", "2", "--width", "4", "--levels", "dec3", "--no-progress", "--device", "cpu",
-                   "--caption-loss", "0.1", "--captioner", captioner_dir, "--cache-dir", str(tmp_path / "cache")])
+                   "--caption-loss", "0.1", "--captioner", captioner_dir, "--cache-dir", str(tmp_path / "cache"),
+                   "--caption-tokens", "2"])
     assert rc == 0, capsys.readouterr().err
     hist = json.load(open(os.path.join(run_dir, "history.json")))
-    assert "0.1*caption(l1" in hist["loss"] and len(hist["loss_per_step"]) == 2
+    assert "0.1*caption(l1: visual+prefix+language, 2 caption tokens)" in hist["loss"]
+    assert len(hist["loss_per_step"]) == 2
     assert len(list((tmp_path / "cache" / "caption").glob("*/*/*.pt"))) == 4  # reference features on disk
 
 
@@ -93,7 +95,7 @@ def test_train_cli_caption_errors(tmp_path, captioner_dir, capsys):
     assert cli_main(base + ["--caption-loss", "0.1"]) == 2
     assert "--caption-loss needs --captioner" in capsys.readouterr().err
     assert cli_main(base + ["--captioner", captioner_dir]) == 2
-    assert "--captioner needs --caption-loss" in capsys.readouterr().err
+    assert "--captioner and --caption-tokens need --caption-loss" in capsys.readouterr().err
     assert cli_main(base + ["--caption-loss", "-1", "--captioner", captioner_dir]) == 2
     assert "must be a finite number >= 0" in capsys.readouterr().err
     (tmp_path / "empty").mkdir()

@@ -80,8 +80,30 @@ class Captioner(nn.Module):
             embeds = torch.cat((prefix, words.to(prefix.dtype)), dim=1)
         return self.language(inputs_embeds=embeds).last_hidden_state
 
-    def features(self, images: Tensor, spaces=SPACES, tokens: Tensor | None = None) -> dict:
-        """{space: features} for the requested spaces (computing only as far as the last one needs)."""
+    @torch.no_grad()
+    def greedy_tokens(self, prefix: Tensor, length: int) -> Tensor:
+        """`length` tokens (B, length) decoded greedily after the prefix, as ClipCap captions an image.
+
+        GPT-2's LM head is tied to its token embeddings (ClipCap's lm_head is wte), so the
+        logits are the last hidden state times wte. A fixed length, no stop token: every
+        caption of a batch has the same length.
+        """
+        wte = self.language.get_input_embeddings()
+        tokens = torch.zeros(prefix.shape[0], 0, dtype=torch.long, device=prefix.device)
+        embeds = prefix
+        for _ in range(int(length)):
+            h = self.language(inputs_embeds=embeds).last_hidden_state[:, -1]
+            nxt = (h @ wte.weight.to(h.dtype).T).argmax(dim=-1, keepdim=True)
+            tokens = torch.cat((tokens, nxt), dim=1)
+            embeds = torch.cat((embeds, wte(nxt).to(embeds.dtype)), dim=1)
+        return tokens
+
+    def features(self, images: Tensor, spaces=SPACES, tokens: Tensor | None = None, caption_length: int = 0) -> dict:
+        """{space: features} for the requested spaces (computing only as far as the last one needs).
+
+        caption_length > 0 without tokens: the language space runs over the prefix and the
+        image's own greedy caption of that many tokens (returned under "tokens").
+        """
         out = {}
         v = self.visual(images)
         out["visual"] = v
@@ -89,8 +111,10 @@ class Captioner(nn.Module):
             p = self.prefix(v)
             out["prefix"] = p
             if "language" in spaces:
+                if tokens is None and caption_length > 0:
+                    tokens = out["tokens"] = self.greedy_tokens(p.detach(), caption_length)
                 out["language"] = self.language_states(p, tokens)
-        return {s: out[s] for s in spaces}
+        return {s: out[s] for s in (*spaces, "tokens") if s in out}
 
 
 # --------------------------------------------------------------------------- loading and saving

@@ -31,6 +31,8 @@ class CaptionFeatureLoss(nn.Module):
 
     spaces: a subset of ("visual", "prefix", "language"), in any order; weights: one per space
     (default 1 each); distance: "l1", "l2" or "cosine" (docs/operations.md section 4).
+    caption_length: with T > 0 and no tokens passed, the language space also covers T
+    tokens of the reference image's own greedy caption, teacher-forced in both branches.
     cache: True for a reference-feature cache (in memory; on disk too with cache_dir), a
     FeatureCache of kind "caption-features" (ssattn.caption.cache.reference_cache), or
     None/False. amp_dtype: run the captioner under torch.autocast with this dtype (e.g.
@@ -38,7 +40,8 @@ class CaptionFeatureLoss(nn.Module):
     """
 
     def __init__(self, captioner: Captioner, spaces=SPACES, distance: str = "l1", weights=None, *,
-                 cache=True, cache_dir=None, amp_dtype: torch.dtype | None = None, backend: str = "auto"):
+                 caption_length: int = 0, cache=True, cache_dir=None, amp_dtype: torch.dtype | None = None,
+                 backend: str = "auto"):
         super().__init__()
         if not isinstance(captioner, Captioner):
             raise TypeError(f"captioner must be an ssattn.caption.Captioner, got {type(captioner).__name__}")
@@ -52,6 +55,11 @@ class CaptionFeatureLoss(nn.Module):
         if amp_dtype not in (None, torch.bfloat16, torch.float16):
             raise ValueError(f"amp_dtype must be None, torch.bfloat16 or torch.float16, got {amp_dtype!r}")
         self.amp_dtype = amp_dtype
+        if isinstance(caption_length, bool) or not isinstance(caption_length, int) or caption_length < 0:
+            raise ValueError(f"caption_length must be a non-negative integer, got {caption_length!r}")
+        if caption_length and "language" not in spaces:
+            raise ValueError("caption_length is for the 'language' space, which this loss does not have")
+        self.caption_length = caption_length
         captioner.requires_grad_(False).eval()
         self.__dict__["captioner"] = captioner  # outside the module tree: no parameters(), no state_dict()
         if cache is True:
@@ -66,7 +74,7 @@ class CaptionFeatureLoss(nn.Module):
     def cache_settings(self) -> dict:
         """What the reference features depend on: the captioner (settings and weights), spaces, autocast dtype."""
         return {"captioner": self.captioner.settings(), "weights": weights_fingerprint(self.captioner),
-                "spaces": list(self.spaces), "amp_dtype": str(self.amp_dtype)}
+                "spaces": list(self.spaces), "amp_dtype": str(self.amp_dtype), "caption_length": self.caption_length}
 
     # The captioner follows .to()/.cuda()/.half() and stays in eval mode.
     def _apply(self, fn, *args, **kwargs):
@@ -92,24 +100,37 @@ class CaptionFeatureLoss(nn.Module):
             f = self.captioner.features(images, self.spaces, tokens)
         return [f[s] for s in self.spaces]
 
+    def _reference_entries(self, reference: Tensor, tokens: Tensor | None) -> dict:
+        with self._autocast(reference.device):
+            return self.captioner.features(reference, self.spaces, tokens, caption_length=self.caption_length)
+
     @torch.no_grad()
-    def reference_features(self, reference: Tensor, tokens: Tensor | None = None) -> list[Tensor]:
-        """Features of the reference images, from the cache where it has them (no gradients)."""
+    def reference_features(self, reference: Tensor, tokens: Tensor | None = None):
+        """(features in self.spaces, caption tokens or None) of the reference images, from the cache where it has them.
+
+        Without `tokens` and with caption_length > 0, the tokens are each reference image's
+        greedy caption (computed once and cached with its features).
+        """
         if self.cache is None:
-            return self.features(reference, tokens)
+            f = self._reference_entries(reference, tokens)
+            return [f[s] for s in self.spaces], f.get("tokens", tokens)
         keys = [reference_key(reference[i], None if tokens is None else tokens[i]) for i in range(len(reference))]
         found = [self.cache.get(k) for k in keys]
         todo = [i for i, f in enumerate(found) if f is None]
         if todo:
             idx = torch.tensor(todo, device=reference.device)
-            computed = self.features(reference[idx], None if tokens is None else tokens[idx])
+            computed = self._reference_entries(reference[idx], None if tokens is None else tokens[idx])
             for j, i in enumerate(todo):
-                found[i] = self.cache.put(keys[i], {s: f[j:j + 1] for s, f in zip(self.spaces, computed)})
+                found[i] = self.cache.put(keys[i], {s: f[j:j + 1] for s, f in computed.items()})
         # stored on the CPU as float32: the loss promotes each pair to the wider dtype
-        return [torch.cat([f[s] for f in found]).to(reference.device, non_blocking=True) for s in self.spaces]
+        feats = [torch.cat([f[s] for f in found]).to(reference.device, non_blocking=True) for s in self.spaces]
+        if tokens is None and "tokens" in found[0]:
+            tokens = torch.cat([f["tokens"] for f in found]).to(reference.device)
+        return feats, tokens
 
     def forward(self, enhanced: Tensor, reference: Tensor, tokens: Tensor | None = None) -> Tensor:
-        """Scalar float32 loss for images (B, 3, H, W) in [0, 1]; tokens (B, T): teacher-forced caption tokens."""
+        """Scalar float32 loss for images (B, 3, H, W) in [0, 1]; tokens (B, T): teacher-forced caption tokens
+        (e.g. the reference's caption), which take the place of caption_length's greedy caption."""
         _checks.tensor("enhanced", enhanced, ndim=4)
         _checks.tensor("reference", reference, ndim=4)
         if enhanced.shape[0] != reference.shape[0]:
@@ -121,6 +142,6 @@ class CaptionFeatureLoss(nn.Module):
                 raise ValueError(f"tokens must be (B, T) with B = {enhanced.shape[0]}, got {tuple(tokens.shape)}")
             if "language" not in self.spaces:
                 raise ValueError("tokens are only used by the 'language' space, which this loss does not have")
-        ref = self.reference_features(reference, tokens)
+        ref, tokens = self.reference_features(reference, tokens)
         out = self.features(enhanced, tokens)
         return caption_feature_loss(out, ref, distance=self.distance, weights=self.weights, backend=self.backend)

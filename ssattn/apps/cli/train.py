@@ -104,6 +104,9 @@ def add_caption_args(p) -> None:
     g.add_argument("--captioner", default=None, metavar="ID_OR_DIR",
                    help="the captioner: a folder with captioner.json (ssattn.caption.save_captioner), a hub id "
                         "holding one, or a ClipCap checkpoint .pt (with CLIP openai/clip-vit-base-patch32)")
+    g.add_argument("--caption-tokens", type=nonnegative_int, default=0, metavar="T",
+                   help="the language space also covers T tokens of the reference's own greedy caption, "
+                        "teacher-forced in both branches (default 0: the prefix positions only)")
     g.add_argument("--caption-distance", choices=("l1", "l2", "cosine"), default="l1",
                    help="distance in each space (default %(default)s); reference features are cached under "
                         "--cache-dir/caption when --cache-dir is given")
@@ -114,8 +117,8 @@ def load_caption_term(args):
     import math
 
     if not args.caption_loss:
-        if args.captioner:
-            raise CLIError("--captioner needs --caption-loss WEIGHT (> 0)")
+        if args.captioner or args.caption_tokens:
+            raise CLIError("--captioner and --caption-tokens need --caption-loss WEIGHT (> 0)")
         return None
     if not math.isfinite(args.caption_loss) or args.caption_loss < 0:
         raise CLIError(f"--caption-loss must be a finite number >= 0, got {args.caption_loss}")
@@ -127,7 +130,7 @@ def load_caption_term(args):
     cache = None if args.cache_dir is None else f"{args.cache_dir}/caption"
     try:
         return caption_term(weight=args.caption_loss, captioner=args.captioner, distance=args.caption_distance,
-                            cache_dir=cache)
+                            cache_dir=cache, caption_length=args.caption_tokens)
     except (ModelNotAvailableError, ValueError) as exc:
         raise CLIError(f"--captioner: {exc}") from None
 

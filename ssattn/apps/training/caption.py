@@ -24,7 +24,8 @@ class CaptionTerm(nn.Module):
         self.loss, self.weight = loss, float(weight)
 
     def describe(self) -> str:
-        return f"{self.weight:g}*caption({self.loss.distance}: {'+'.join(self.loss.spaces)})"
+        words = f", {self.loss.caption_length} caption tokens" if self.loss.caption_length else ""
+        return f"{self.weight:g}*caption({self.loss.distance}: {'+'.join(self.loss.spaces)}{words})"
 
     def forward(self, output: Tensor, reference: Tensor) -> Tensor:
         return self.weight * self.loss(output, reference)
@@ -44,11 +45,13 @@ class WithCaption(nn.Module):
         return self.base(output, reference) + self.term(output, reference)
 
 
-def caption_term(*, weight: float, captioner, distance: str = "l1", cache_dir=None, spaces=None) -> CaptionTerm:
+def caption_term(*, weight: float, captioner, distance: str = "l1", cache_dir=None, spaces=None,
+                 caption_length: int = 0) -> CaptionTerm:
     """A CaptionTerm over the captioner at `captioner` (folder, hub id or ClipCap checkpoint, or a Captioner)."""
     cap = load_captioner(captioner) if isinstance(captioner, (str, os.PathLike)) else captioner
     kw = {} if spaces is None else {"spaces": spaces}
-    return CaptionTerm(CaptionFeatureLoss(cap, distance=distance, cache_dir=cache_dir, **kw), weight)
+    return CaptionTerm(CaptionFeatureLoss(cap, distance=distance, cache_dir=cache_dir, caption_length=caption_length,
+                                          **kw), weight)
 
 
 def caption_criterion(base: nn.Module, **kw) -> WithCaption:
