@@ -104,7 +104,11 @@ def test_clipcap_checkpoint_loads_by_name_and_reports_what_did_not_map(mapper):
     state = clipcap_state(source)
     state["clip_project.extra.weight"] = torch.zeros(3)  # an unknown key
     state["gpt.transformer.h.0.ln_1.weight"] = torch.zeros(7)  # a shape mismatch
+    state["gpt.transformer.h.0.attn.bias"] = torch.ones(1, 1, 8, 8)  # older transformers saved the causal mask
+    state["gpt.transformer.h.0.attn.masked_bias"] = torch.tensor(-1e4)
     report = load_clipcap(target, state)
+    assert "causal-mask buffer" in report.unused["gpt.transformer.h.0.attn.bias"]
+    assert "causal-mask buffer" in report.unused["gpt.transformer.h.0.attn.masked_bias"]
     assert "gpt.lm_head.weight" in report.unused and "clip_project.extra.weight" in report.unused
     assert any("shape (7,)" in why for why in report.unused.values())
     assert report.missing == ["language.h.0.ln_1.weight"]

@@ -28,7 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from ..guidance import hub
-from .clipcap import UNUSED, gpt2_config, infer_mapper, load_clipcap, strip_prefixes
+from .clipcap import expected_unused, gpt2_config, infer_mapper, load_clipcap, strip_prefixes
 from .mapper import build_mapper
 from .preprocess import ClipPreprocess
 
@@ -235,7 +235,7 @@ def captioner_from_checkpoint(path, *, vision, language=None, dtype=None, normal
     source = {"clipcap": hub.model_ref(path), "vision": hub.model_ref(vision), "revision": hub.revision_of(vision)}
     cap = Captioner(v, mapper, gpt, pre, normalize_prefix=normalize_prefix, source=source)
     report = load_clipcap(cap, state)
-    if report.missing or [k for k in report.unused if k not in UNUSED]:
+    if report.missing or [k for k in report.unused if not expected_unused(k)]:
         log.warning("%s", report)
     if dtype is not None:
         cap.mapper.to(dtype)

@@ -16,6 +16,7 @@ spaces do not use) and every module key the checkpoint did not fill.
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass, field
 
 import torch
@@ -27,6 +28,14 @@ log = logging.getLogger("ssattn.caption")
 PREFIXES = (("clip_project.", "mapper."), ("gpt.transformer.", "language."))
 # Keys that exist in every checkpoint but have no place in the feature spaces.
 UNUSED = {"gpt.lm_head.weight": "GPT-2's LM head (tied to wte; the caption loss uses hidden states only)"}
+# GPT-2's causal-mask buffers, saved by the transformers of ClipCap's time; current GPT2Model builds the mask itself.
+MASK_BUFFER = re.compile(r"^gpt\.transformer\.h\.\d+\.attn\.(masked_)?bias$")
+MASK_REASON = "GPT-2's causal-mask buffer, not a weight (transformers builds the mask itself)"
+
+
+def expected_unused(key: str) -> bool:
+    """Checkpoint keys every ClipCap checkpoint may hold that are rightly not loaded."""
+    return key in UNUSED or bool(MASK_BUFFER.match(key))
 
 
 @dataclass
@@ -63,8 +72,8 @@ def map_clipcap_state(state: dict) -> tuple[dict, dict]:
     """({captioner key: (checkpoint key, tensor)}, {checkpoint key: why not mapped}) by name only."""
     mapped, unused = {}, {}
     for key, value in strip_prefixes(state).items():
-        if key in UNUSED:
-            unused[key] = UNUSED[key]
+        if key in UNUSED or MASK_BUFFER.match(key):
+            unused[key] = UNUSED.get(key, MASK_REASON)
             continue
         for src, dst in PREFIXES:
             if key.startswith(src):

@@ -114,7 +114,9 @@ class CaptionFeatureLoss(nn.Module):
         if self.cache is None:
             f = self._reference_entries(reference, tokens)
             return [f[s] for s in self.spaces], f.get("tokens", tokens)
-        keys = [reference_key(reference[i], None if tokens is None else tokens[i]) for i in range(len(reference))]
+        # one device-to-host copy for the batch's keys
+        host, host_tokens = reference.detach().cpu(), None if tokens is None else tokens.detach().cpu()
+        keys = [reference_key(host[i], None if tokens is None else host_tokens[i]) for i in range(len(host))]
         found = [self.cache.get(k) for k in keys]
         todo = [i for i, f in enumerate(found) if f is None]
         if todo:
