@@ -308,3 +308,10 @@ def test_caption_length_teacher_forces_the_references_caption(captioner, cache):
         CaptionFeatureLoss(captioner, spaces=("visual",), caption_length=2)
     with pytest.raises(ValueError, match="caption_length must be a non-negative integer"):
         CaptionFeatureLoss(captioner, caption_length=-1)
+
+
+def test_memory_cache_is_bounded(captioner):
+    loss_fn = CaptionFeatureLoss(captioner, cache_memory=3)
+    for seed in range(3):
+        loss_fn(_images(seed=10 + seed), _images(seed=20 + seed))
+    assert len(loss_fn.cache) == 3 and loss_fn.cache.misses == 6

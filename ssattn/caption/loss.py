@@ -35,13 +35,15 @@ class CaptionFeatureLoss(nn.Module):
     tokens of the reference image's own greedy caption, teacher-forced in both branches.
     cache: True for a reference-feature cache (in memory; on disk too with cache_dir), a
     FeatureCache of kind "caption-features" (ssattn.caption.cache.reference_cache), or
-    None/False. amp_dtype: run the captioner under torch.autocast with this dtype (e.g.
+    None/False; cache_memory bounds the images it holds in memory (least recently used out
+    first: data with random crops never repeats a reference; ~64 KB an image at ClipCap's
+    sizes), None for no bound. amp_dtype: run the captioner under torch.autocast with this dtype (e.g.
     torch.bfloat16); None leaves the caller's autocast state as it is.
     """
 
     def __init__(self, captioner: Captioner, spaces=SPACES, distance: str = "l1", weights=None, *,
-                 caption_length: int = 0, cache=True, cache_dir=None, amp_dtype: torch.dtype | None = None,
-                 backend: str = "auto"):
+                 caption_length: int = 0, cache=True, cache_dir=None, cache_memory: int | None = 4096,
+                 amp_dtype: torch.dtype | None = None, backend: str = "auto"):
         super().__init__()
         if not isinstance(captioner, Captioner):
             raise TypeError(f"captioner must be an ssattn.caption.Captioner, got {type(captioner).__name__}")
@@ -63,7 +65,7 @@ class CaptionFeatureLoss(nn.Module):
         captioner.requires_grad_(False).eval()
         self.__dict__["captioner"] = captioner  # outside the module tree: no parameters(), no state_dict()
         if cache is True:
-            cache = reference_cache(self.cache_settings(), cache_dir)
+            cache = reference_cache(self.cache_settings(), cache_dir, memory=cache_memory)
         elif cache_dir is not None:
             raise ValueError("cache_dir is for the cache this loss builds (cache=True), not for cache=None/False "
                              "or a cache of your own")
