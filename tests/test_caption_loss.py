@@ -325,3 +325,11 @@ def test_cuda_takes_the_reference_and_native_says_why():
     assert _backends.resolve("caption_feature_loss", "auto", "cuda", torch.float32) == "reference"
     with pytest.raises(RuntimeError, match="cannot run on cuda"):
         _backends.resolve("caption_feature_loss", "native", "cuda", torch.float32)
+
+
+@needs_native
+def test_meta_tensors_give_shapes_through_the_fake_kernel():
+    xs = [torch.empty(4, 7, device="meta", requires_grad=True), torch.empty(2, 3, 5, device="meta", dtype=f64)]
+    ys = [torch.empty(4, 7, device="meta"), torch.empty(2, 3, 5, device="meta", dtype=f64)]
+    loss = ssattn.caption_feature_loss(xs, ys, backend="native")
+    assert loss.device.type == "meta" and loss.shape == () and loss.dtype == f64

@@ -26,7 +26,7 @@ def missing(device_type: str) -> str | None:
     """Why the compiled op cannot run on this device type, or None when it can."""
     if _backends.native_module() is None or not _ensure_registered():
         return "the extension ssattn._C is not built; reinstall with a C++ compiler: pip install --no-build-isolation -e ."
-    if device_type != "cpu":
+    if device_type not in ("cpu", "meta"):
         return "ssattn._C has no CUDA kernel for caption_loss_fused yet (CPU only)"
     return None
 
