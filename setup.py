@@ -21,7 +21,7 @@ PACKAGE_DIR = {"ssattn.kernels": "kernels"}
 HERE = os.path.dirname(os.path.abspath(__file__))
 CSRC = "csrc"
 CPU_SOURCES = ["module.cpp", "alignment_op.cpp", "alignment_cpu.cpp", "caption_loss_op.cpp", "caption_loss_cpu.cpp"]
-CUDA_SOURCES = ["alignment_cuda.cu"]
+CUDA_SOURCES = ["alignment_cuda.cu", "caption_loss_cuda.cu"]
 FALLBACK = "ssattn will warn once and use the reference implementation"
 
 

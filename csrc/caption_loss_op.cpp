@@ -1,6 +1,7 @@
 // ssattn::caption_loss_fused: schema, argument checks, output allocation and
-// the CPU registration. The kernel lives in caption_loss_cpu.cpp; the fake
-// kernel and autograd are registered from Python (ssattn/ops/caption_loss.py).
+// the CPU / CUDA registrations. The kernels live in caption_loss_cpu.cpp and
+// caption_loss_cuda.cu; the fake kernel and autograd are registered from
+// Python (ssattn/ops/caption_loss.py).
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
@@ -11,6 +12,9 @@
 namespace ssattn {
 
 double caption_loss_cpu(const CaptionProblem& prob);
+#ifdef SSATTN_WITH_CUDA
+void caption_loss_cuda(const CaptionProblem& prob, at::Tensor& loss);
+#endif
 
 namespace {
 
@@ -47,8 +51,9 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> caption_loss_fused(const std::ve
                 "] must be float16, bfloat16, float32 or float64, got ", x.scalar_type());
     TORCH_CHECK(y.scalar_type() == x.scalar_type(), "caption_loss_fused: reference[", i, "] has dtype ",
                 y.scalar_type(), " but enhanced[", i, "] has ", x.scalar_type());
-    TORCH_CHECK(x.device().is_cpu() && y.device().is_cpu(), "caption_loss_fused: enhanced[", i, "] and reference[",
-                i, "] must be CPU tensors, got ", x.device(), " and ", y.device());
+    TORCH_CHECK(x.device() == enhanced[0].device() && y.device() == enhanced[0].device(), "caption_loss_fused: enhanced[",
+                i, "] and reference[", i, "] must be on ", enhanced[0].device(), ", got ", x.device(), " and ",
+                y.device());
     wide = wide || x.scalar_type() == at::kDouble;
     keep.push_back(x.contiguous());
     keep.push_back(y.contiguous());
@@ -66,12 +71,21 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> caption_loss_fused(const std::ve
     }
     prob.pairs.push_back(p);
   }
-  const double total = caption_loss_cpu(prob);
   at::Tensor loss = at::empty({}, enhanced[0].options().dtype(wide ? at::kDouble : at::kFloat));
-  if (wide) {
-    *loss.data_ptr<double>() = total;
+  if (enhanced[0].device().is_cpu()) {
+    const double total = caption_loss_cpu(prob);
+    if (wide) {
+      *loss.data_ptr<double>() = total;
+    } else {
+      *loss.data_ptr<float>() = static_cast<float>(total);
+    }
   } else {
-    *loss.data_ptr<float>() = static_cast<float>(total);
+#ifdef SSATTN_WITH_CUDA
+    TORCH_CHECK(enhanced[0].device().is_cuda(), "caption_loss_fused: unsupported device ", enhanced[0].device());
+    caption_loss_cuda(prob, loss);
+#else
+    TORCH_CHECK(false, "caption_loss_fused: ssattn._C was built without CUDA kernels; device ", enhanced[0].device());
+#endif
   }
   return {loss, gx};
 }
@@ -86,3 +100,7 @@ TORCH_LIBRARY_FRAGMENT(ssattn, m) {
 }
 
 TORCH_LIBRARY_IMPL(ssattn, CPU, m) { m.impl("caption_loss_fused", &ssattn::caption_loss_fused); }
+
+#ifdef SSATTN_WITH_CUDA
+TORCH_LIBRARY_IMPL(ssattn, CUDA, m) { m.impl("caption_loss_fused", &ssattn::caption_loss_fused); }
+#endif

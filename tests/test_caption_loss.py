@@ -320,11 +320,57 @@ def test_missing_extension_warns_once_and_uses_reference(monkeypatch):
         ssattn.caption_feature_loss(xs, ys, backend="native")
 
 
-def test_cuda_takes_the_reference_and_native_says_why():
-    # No CUDA kernel yet: "auto" gives CUDA tensors the reference, backend="native" names the reason.
+def test_cuda_auto_takes_the_reference():
+    # "auto" never picks the CUDA kernel until it has been checked on a GPU (ssattn/ops/caption_loss.py).
     assert _backends.resolve("caption_feature_loss", "auto", "cuda", torch.float32) == "reference"
+
+
+@pytest.mark.skipif(NATIVE is None or getattr(NATIVE, "has_cuda", lambda: False)(), reason="_C has CUDA kernels")
+def test_cuda_native_without_cuda_kernels_says_why():
     with pytest.raises(RuntimeError, match="cannot run on cuda"):
         _backends.resolve("caption_feature_loss", "native", "cuda", torch.float32)
+
+
+# --------------------------------------------------------------------------- GPU (not yet run by this project)
+needs_cuda_native = pytest.mark.skipif(
+    NATIVE is None or not getattr(NATIVE, "has_cuda", lambda: False)() or not torch.cuda.is_available(),
+    reason="needs a CUDA device and ssattn._C with CUDA kernels")
+
+
+def _cuda_check(xs, ys, grad_out=1.0, **kw):
+    X = [x.detach().cuda().requires_grad_(True) for x in xs]
+    loss = ssattn.caption_feature_loss(X, [y.cuda() for y in ys], backend="native", **kw)
+    assert "caption_loss_fused" in type(loss.grad_fn).__name__
+    (loss * grad_out).backward()
+    rloss, rg = _run(ref.caption_feature_loss, xs, ys, grad_out, **kw)
+    tloss, tg = _run(ref.caption_feature_loss, [x.double() for x in xs], [y.double() for y in ys], grad_out, **kw)
+    assert_accurate(loss.cpu(), rloss, tloss, name="loss")
+    for i, (x, r, t) in enumerate(zip(X, rg, tg)):
+        if x.numel():
+            assert_accurate(x.grad.cpu(), r, t, name=f"dX[{i}]")
+    return loss
+
+
+@pytest.mark.gpu
+@needs_cuda_native
+@pytest.mark.parametrize("distance", DISTANCES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("noncontig", [False, True])
+def test_cuda_matches_reference(distance, dtype, noncontig):
+    xs, ys = _pairs(SHAPES + [(32, 18, 768)], dtype, noncontig=noncontig)
+    _cuda_check(xs, ys, grad_out=-1.5, distance=distance, weights=WEIGHTS + [1.0])
+
+
+@pytest.mark.gpu
+@needs_cuda_native
+@pytest.mark.parametrize("distance", DISTANCES)
+def test_cuda_deterministic_zero_vectors_and_empty_pairs(distance):
+    x, y = torch.randn(40, 9), torch.randn(40, 9)
+    x[1], y[2] = 0.0, 0.0
+    e = torch.empty(0, 5)
+    a = _cuda_check([x, e], [y, e], distance=distance, weights=[1.0, 3.0])
+    b = _cuda_check([x, e], [y, e], distance=distance, weights=[1.0, 3.0])
+    assert torch.equal(a, b)
 
 
 @needs_native

@@ -1,6 +1,6 @@
 """Registrations for the compiled caption-feature loss ssattn::caption_loss_fused (ssattn._C).
 
-The schema and the CPU kernel come from csrc/caption_loss_*.cpp (loading
+The schema and the CPU / CUDA kernels come from csrc/caption_loss_* (loading
 ssattn._C registers them); this module adds the fake kernel and the autograd
 formula. The op returns the loss and, in the same pass over the feature
 pairs, dL/dX for the enhanced features; the backward hands them back (scaled
@@ -22,12 +22,17 @@ OP_NAME = "ssattn::caption_loss_fused"
 DISTANCE_CODES = {name: i for i, name in enumerate(_reference.DISTANCES)}  # l1 0, l2 1, cosine 2; csrc/caption_loss.h
 
 
+def _has_cuda() -> bool:
+    mod = _backends.native_module()
+    return mod is not None and bool(getattr(mod, "has_cuda", lambda: False)())
+
+
 def missing(device_type: str) -> str | None:
     """Why the compiled op cannot run on this device type, or None when it can."""
     if _backends.native_module() is None or not _ensure_registered():
         return "the extension ssattn._C is not built; reinstall with a C++ compiler: pip install --no-build-isolation -e ."
-    if device_type not in ("cpu", "meta"):
-        return "ssattn._C has no CUDA kernel for caption_loss_fused yet (CPU only)"
+    if device_type == "cuda" and not _has_cuda():
+        return "ssattn._C was built without its CUDA kernels (torch was a CPU build or nvcc was not found)"
     return None
 
 
@@ -95,9 +100,12 @@ def _ensure_registered() -> bool:
     return _registered
 
 
+# "auto" picks it on CPU only: its CUDA kernel (csrc/caption_loss_cuda.cu) has not yet been run on a GPU by
+# this project; backend="native" runs it (tests/test_caption_loss.py's gpu cases check it against the reference).
 _backends.register("caption_feature_loss", "native", auto_devices=("cpu",),
-                   runs_on=lambda device_type: device_type in ("cpu", "meta"),
-                   devices_text="the compiled caption loss runs on CPU and meta tensors", missing=missing)
+                   runs_on=lambda device_type: device_type in ("cpu", "cuda", "meta"),
+                   devices_text="the compiled caption loss runs on CPU, CUDA (by name) and meta tensors",
+                   missing=missing)
 
 
 # --------------------------------------------------------------------------- entry point used by functional.py
