@@ -177,7 +177,6 @@ def short_bwd_kernel(
                 n_ok, dv_ok, True, MASK_DV)  # (BN, DV)
     w, key_ok = _key_factors(W, KPM, off_b, stride_wb, stride_wn, stride_pb, stride_pn, offs_n, Nk, k,
                              HAS_W, HAS_KPM, BLOCK_N)
-    c = w * qk_scale
     km = (k.to(tl.float32) * w[:, None]).to(k.dtype)  # m * k, rounded as the reference rounds it: dq = scale dS (m k)
 
     q_base = Q + off_b * stride_qb + off_h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd
@@ -197,8 +196,12 @@ def short_bwd_kernel(
         # Rows past Nq get +inf statistics, so their probabilities are exactly 0.
         row_max = tl.load(st_base + start * stride_sm, mask=m_ok, other=float("inf"))
         log2_sum = tl.load(st_base + start * stride_sm + 1, mask=m_ok, other=float("inf"))
+        # The per-key vectors are read again per block (from cache): kept from outside the loop, the compiler
+        # hoists their broadcasts to full (BM, BN) tiles held in registers through the loop, and spills.
+        w, key_ok = _key_factors(W, KPM, off_b, stride_wb, stride_wn, stride_pb, stride_pn, offs_n, Nk, k,
+                                 HAS_W, HAS_KPM, BLOCK_N)
         s = mm(q, tl.trans(k), PREC, INTERP_DOT)  # (BM, BN), unscaled
-        p = tl.math.exp2((s * c[None, :] - row_max[:, None]) - log2_sum[:, None])
+        p = tl.math.exp2((s * (w * qk_scale)[None, :] - row_max[:, None]) - log2_sum[:, None])
         if MASK_KEYS:
             p = tl.where(key_ok[None, :], p, 0.0)
         dp = mm(do, tl.trans(v), PREC, INTERP_DOT)  # <do_i, v_j>
@@ -222,14 +225,19 @@ def short_bwd_kernel(
 
 
 # --------------------------------------------------------------------------- launchers
-def _config(kind: str, block_n: int, block_d: int) -> dict:
-    """Block rows and warps per kernel (one fixed config; SSATTN_AUTOTUNE does not apply here)."""
+def _config(kind: str, block_n: int) -> dict:
+    """Block rows and warps per kernel: one fixed config (SSATTN_AUTOTUNE does not apply here).
+
+    Chosen from the sm_90 compile report (benchmarks/compile_report.py --kernels short-fwd,short-bwd):
+    the largest blocks that compile without spills in bf16 and fp32 (TF32) at d = 32 and 64, L = 16 and 77.
+    The backward holds dK and dV (BLOCK_N x d, float32) through its loop, so its query blocks shrink as
+    BLOCK_N grows (at BLOCK_N = 128, 32-row blocks already spill 20-700 B).
+    """
     if INTERPRET:  # big enough to be quick, small enough that the CPU tests cover a partial block
         return {"BLOCK_M": 64, "num_warps": 4, "num_stages": 1}
-    if kind == "fwd":
-        return {"BLOCK_M": 128 if block_n * block_d <= 64 * 64 else 64, "num_warps": 4 if block_n <= 64 else 8,
-                "num_stages": 1}
-    return {"BLOCK_M": 64, "num_warps": 4 if block_n * block_d <= 64 * 64 else 8, "num_stages": 1}
+    if kind == "fwd":  # 64-row blocks, 4 warps: ~130 registers, so 2-3 blocks per SM keep loads in flight
+        return {"BLOCK_M": 64, "num_warps": 4, "num_stages": 1}
+    return {"BLOCK_M": {16: 64, 32: 64, 64: 32}.get(block_n, 16), "num_warps": 8, "num_stages": 1}
 
 
 def _check_short(q, k, v, weight, kpm):
@@ -264,7 +272,7 @@ def forward(q, k, v, weight, key_padding_mask, scale, *, precision="ieee", deter
         stats.fill_(float("inf"))
         return out, stats
     w, pad, wstr, pstr, meta = _meta(q, k, v, weight, key_padding_mask, precision)
-    cfg = _config("fwd", meta["BLOCK_N"], max(meta["BLOCK_D"], meta["BLOCK_DV"]))
+    cfg = _config("fwd", meta["BLOCK_N"])
     short_fwd_kernel[(triton.cdiv(Nq, cfg["BLOCK_M"]), B * H)](
         q, k, v, w, pad, out, stats, *q.stride(), *k.stride(), *v.stride(), *wstr, *pstr, *out.stride(),
         *stats.stride()[:3], H, Nq, Nk, float(scale) * LOG2E, **meta, **cfg,
@@ -285,7 +293,7 @@ def backward(grad_out, q, k, v, weight, key_padding_mask, out, stats, scale, wei
         dw = weight.new_zeros(weight.shape) if weight_grad else q.new_empty(0)
         return dq, dk, dvv, dw
     w, pad, wstr, pstr, meta = _meta(q, k, v, weight, key_padding_mask, precision)
-    cfg = _config("bwd", meta["BLOCK_N"], max(meta["BLOCK_D"], meta["BLOCK_DV"]))
+    cfg = _config("bwd", meta["BLOCK_N"])
     splits = splits_for(B * H, Nq, cfg["BLOCK_M"])
     # The sums over queries in float32: one slot added into by atomics, or one slot per split.
     slots = 1 if not deterministic else splits
