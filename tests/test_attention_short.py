@@ -276,3 +276,51 @@ def test_the_choice_compiles_as_a_guard_on_the_key_count():
     for nk, factor in ((7, 1.0), (77, 1.0), (200, 2.0), (129, 2.0), (128, 1.0)):
         assert torch.equal(compiled(q, torch.ones(1, 1, nk, 4)), q * factor), nk
     torch._dynamo.reset()
+
+
+# --------------------------------------------------------------------------- the benchmark script
+def test_text_benchmark_script_runs_and_checks_before_timing(tmp_path):
+    """benchmarks/bench_text_attention.py end to end on a tiny grid: every row checked, then timed."""
+    import importlib.util
+    import pathlib
+
+    from ssattn import _checks
+
+    path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "bench_text_attention.py"
+    spec = importlib.util.spec_from_file_location("bench_text_attention", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    checks = _checks._VALUE_CHECKS
+    out = tmp_path / "text.md"
+    table = mod.main(["--quick", "--sides", "8", "--words", "7", "--head-dims", "16", "--dtypes", "fp32",
+                      "--batch", "2", "--heads", "1", "--out", str(out)] + (["--no-general"] if DEV == "cuda" else []))
+    for _, _, _, _, rows in table:
+        names = {name for name, ms, note in rows if ms is not None and note.startswith("check")}
+        assert {"sdpa-bool", "sdpa-float"} <= names and any(n.startswith("ssattn") for n in names), rows
+    assert "| N | L | d | dtype | mode | impl | ms |" in out.read_text()
+    assert _checks._VALUE_CHECKS == checks
+    assert mod.roofline_bytes(1, 1, 32, 1024, 16, torch.bfloat16, "fwd") == 2 * 1024 * 32 * 2 + 2 * 16 * 32 * 2
+
+
+# --------------------------------------------------------------------------- GPU sweep
+GPU_CLASSES = [(bf16, d) for d in (16, 24, 32, 64, 72, 128)] + [(f16, 64), (f32, 32), (f32, 64)]
+GPU_SIZES = [(1, 1), (7, 16), (97, 77), (113, 128), (4096, 77), (65535, 16), (1025, 7)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype,d", GPU_CLASSES, ids=[f"{str(t).split('.')[-1]}-d{d}" for t, d in GPU_CLASSES])
+def test_gpu_short_sweep(dtype, d):
+    """Every size, both backward modes, text views (q channels-last or NCHW) with padding and weights; fp32
+    with its default (TF32 off: ieee) dots. All failures reported together."""
+    failures = []
+    for i, (nq, nk) in enumerate(GPU_SIZES):
+        B, h = 2, 1 + i % 2
+        fmt = torch.channels_last if i % 2 else torch.contiguous_format
+        q, k, v = text_views(B, h, d, nq, 1, nk, dtype, fmt)
+        w, kpm = torch.rand(B, nk, device=DEV), padding(B, nk)
+        try:
+            check(q, k, v, w.to(dtype), kpm, torch.randn(B, h, nq, d, device=DEV).to(dtype), deterministic=i % 2 == 1,
+                  precision="ieee")
+        except AssertionError as exc:
+            failures.append(f"nq={nq} nk={nk} h={h}: {str(exc).splitlines()[0]}")
+    assert not failures, "\n".join(failures)
