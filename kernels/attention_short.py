@@ -16,14 +16,15 @@ padded gets out = 0 and +inf statistics.
 
 Forward: one program per (query block, batch * head).
 
-Backward: one program per (split, batch * head). Each loads K, V, the weight
-and the mask once and walks the query blocks split, split + SPLITS, ...: per
+Backward: one program per (split, batch * head). Each loads K and V once
+(the weight and mask vectors, 2 x BLOCK_N values, are re-read from cache per
+block; see the loop) and walks the query blocks split, split + SPLITS, ...: per
 block it computes delta = <dO, O>, recomputes P from the statistics, writes
 dq = scale * dS (m k) directly (each query block belongs to one program, so dq
 needs no atomics), and accumulates dV_m = P^T dO and dK_m = dS^T Q over its
 blocks in float32 registers. Those two sums over queries are the only
 reductions. SPLITS is chosen so that splits * B * h fills the GPU (about
-two programs per SM) while each program still walks many query blocks, so K
+two programs per SM of an H100) while each program still walks many query blocks, so K
 and V are read from memory once per program, not once per query block. At
 the end each program adds its partial sums:
   - default (deterministic=False): float32 atomic adds into one (B, h, Nk, d)
