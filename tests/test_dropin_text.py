@@ -238,3 +238,19 @@ def test_stage_module_is_the_tcm_block():
     ss = ssattn.text_guided(SmallUNet(), ["dec1"], text_channels=CT, intra_text=False, intra_image=True)
     blk = ss.text_blocks["dec1"]
     assert isinstance(blk, TextConditioning) and blk.word_attn is None and blk.image_attn is not None
+
+
+def test_text_stages_under_autocast_and_channels_last():
+    torch.manual_seed(5)
+    ss = _perturb(ssattn.text_guided(UNet(3, 3, 8), ["dec2"], text_channels=CT, heads=2))
+    torch.nn.init.normal_(ss.model.head.weight, std=0.3)  # the U-Net's zero head would hide every stage
+    x = torch.rand(2, 3, 16, 16)
+    words, mask = _text()
+    expect = ss(x, text=(words, mask))
+    assert (expect - ss(x, text=(torch.randn_like(words), mask))).abs().max() > 1e-3
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = ss(x, text=(words, mask))
+    torch.testing.assert_close(y.float(), expect, rtol=0.05, atol=0.05)
+    ss_cl = ss.to(memory_format=torch.channels_last)
+    y_cl = ss_cl(x.contiguous(memory_format=torch.channels_last), text=(words, mask))
+    torch.testing.assert_close(y_cl, expect, rtol=1e-5, atol=1e-5)
