@@ -254,3 +254,31 @@ def test_text_stages_under_autocast_and_channels_last():
     ss_cl = ss.to(memory_format=torch.channels_last)
     y_cl = ss_cl(x.contiguous(memory_format=torch.channels_last), text=(words, mask))
     torch.testing.assert_close(y_cl, expect, rtol=1e-5, atol=1e-5)
+
+
+def test_a_site_with_both_kinds_of_stage_is_refined_by_both_and_recomputed_right():
+    torch.manual_seed(6)
+
+    def build(use_checkpoint):
+        torch.manual_seed(6)
+        ss = ssattn.semantic_sensitive(SmallUNet(use_checkpoint), {"dec1": "enc1"}, text_stages=["dec1"],
+                                       text_channels=CT)
+        with torch.no_grad():
+            for p in ss.blocks.parameters():
+                p.normal_(0, 0.3)
+        return _perturb(ss, 0.3)
+
+    ck, plain = build(True), build(False)
+    x, g = torch.randn(2, 3, 8, 8), torch.rand(2, 1, 8, 8)
+    words, mask = _text()
+    net = plain.model
+    e1 = net.enc1(x)
+    d = net.dec1(torch.cat([net.up(net.enc2(e1)), e1], 1))
+    d = plain.text_blocks["dec1"](plain.blocks["dec1"](d, e1, g), words, mask)  # -SS first, then the text
+    torch.testing.assert_close(plain(x, guidance=g, text=(words, mask)), net.head(d), rtol=0, atol=0)
+    grads = []
+    for ss in (ck, plain):
+        (ss(x, guidance=g, text=(words, mask)).square().mean() + ss.alignment_loss()).backward()
+        grads.append({n: p.grad for n, p in ss.named_parameters()})
+    for n, grad in grads[1].items():
+        torch.testing.assert_close(grads[0][n], grad, rtol=1e-5, atol=1e-7, msg=n)
