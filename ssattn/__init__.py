@@ -2,12 +2,14 @@
 
 A guidance map from a vision-language model steers an encoder-decoder
 enhancement network through a mask-weighted cross-attention at each decoder
-stage and an alignment loss on decoder features. See README.md and SPEC.
+stage and an alignment loss on decoder features. Text guidance (ssattn.text,
+ssattn.text_guided) steers the same networks with the words of a caption.
+See README.md and docs/.
 """
 
-from . import models
+from . import models, text
 from ._checks import set_value_checks
-from .dropin import remove_semantic_sensitive, semantic_sensitive
+from .dropin import remove_semantic_sensitive, semantic_sensitive, text_guided
 from .functional import alignment_loss, guidance_pyramid, masked_cross_attention
 from .semantic import GuidancePyramid, SemanticAlignmentLoss, SemanticCrossAttention
 
@@ -24,4 +26,6 @@ __all__ = [
     "remove_semantic_sensitive",
     "semantic_sensitive",
     "set_value_checks",
+    "text",
+    "text_guided",
 ]

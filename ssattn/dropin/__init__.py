@@ -1,10 +1,12 @@
 """The drop-in mechanism: guided stages hooked into an existing network without editing its source.
 
-Every guided system (-SS today; text guidance next) adds its stages through
-this one mechanism: forward hooks pair decoder modules with encoder modules
-and refine the decoder outputs with a stage module.
+Every guided system adds its stages through this one mechanism (one wrapper,
+several stage kinds): forward hooks refine chosen module outputs with a
+stage module. -SS stages pair a decoder with an encoder and read a guidance
+map (semantic_sensitive); text stages read word features (text_guided). One
+wrapper can hold both.
 """
 
-from .wrapper import SemanticSensitive, remove_semantic_sensitive, semantic_sensitive
+from .wrapper import GuidedModel, SemanticSensitive, remove_semantic_sensitive, semantic_sensitive, text_guided
 
-__all__ = ["SemanticSensitive", "remove_semantic_sensitive", "semantic_sensitive"]
+__all__ = ["GuidedModel", "SemanticSensitive", "remove_semantic_sensitive", "semantic_sensitive", "text_guided"]

@@ -1,10 +1,18 @@
-"""Drop-in -SS for an existing encoder-decoder model (SPEC Public API: semantic_sensitive).
+"""The drop-in wrapper: -SS and text stages for an existing network (SPEC Public API: semantic_sensitive).
 
     ss = ssattn.semantic_sensitive(unet, {"dec2": "enc2", "dec1": "enc1"})
     y = ss(x, guidance=m)                 # m: (B, 1, H, W) map of the image size
     loss = l1(y, ref) + ss.alignment_loss()
     with ss.guidance(m):                  # or: existing training code, unchanged
         y = unet(x)
+    tg = ssattn.text_guided(unet, ["dec2"], text_channels=512)
+    y = tg(x, text=(words, mask))         # words (B, L, 512), mask (B, L) bool, True = padded
+
+One wrapper class (GuidedModel) holds every kind of stage: -SS stages (a
+decoder site paired with an encoder site, reading the guidance map) and text
+stages (one site, reading word features; ssattn.text.TextConditioning).
+Everything below holds for both kinds; a text stage has no encoder, and the
+alignment loss covers the -SS stages only.
 
 The model's source is not touched. Forward hooks capture each named encoder
 output e_l and replace each named decoder output d_l by
@@ -70,9 +78,11 @@ from torch import Tensor, nn
 from .. import _checks
 from ..reference.area import area_resize
 from ..semantic import SemanticAlignmentLoss, SemanticCrossAttention
+from ..text.features import TextFeatures, as_text_features
+from ..text.modules import TextConditioning, check_words
 from .sites import Site, declared_channels, parse_site, replace, select
 
-__all__ = ["SemanticSensitive", "semantic_sensitive", "remove_semantic_sensitive"]
+__all__ = ["GuidedModel", "SemanticSensitive", "semantic_sensitive", "text_guided", "remove_semantic_sensitive"]
 
 
 def _block_key(spec: str) -> str:
@@ -92,7 +102,7 @@ def _warn(message: str) -> None:
 class _Hook:
     """A forward hook of the wrapper: an object, not a closure, so copy.deepcopy rebinds it to the copy."""
 
-    def __init__(self, owner: "SemanticSensitive", kind: str, name: str = ""):
+    def __init__(self, owner: "GuidedModel", kind: str, name: str = ""):
         self.owner, self.kind, self.name = owner, kind, name
 
     def __call__(self, module, args, out_or_kwargs):
@@ -119,30 +129,33 @@ class _Captured:
 
 
 class _Call:
-    """The state of one forward pass: guidance, call counts, encoder captures, refined features."""
+    """The state of one forward pass: guidance map and text, call counts, encoder captures, refined features."""
 
-    def __init__(self, guidance: Tensor | None, probing: bool = False):
+    def __init__(self, guidance: Tensor | None, text: TextFeatures | None = None, probing: bool = False):
         self.guidance = guidance
+        self.text = text
         self.probing = probing
         self.counts: dict[str, int] = {}             # module name -> calls so far
         self.encoded: dict[str, _Captured] = {}      # encoder site -> latest (or pinned) capture
         self.features: dict[str, list[_Captured]] = {}   # decoder site -> one capture per refined call
-        self.used: dict[tuple[str, int], Tensor] = {}  # (decoder site, call) -> the encoder feature it used
+        self.text_refined: set[str] = set()          # text stage sites that refined a call
+        self.used: dict[tuple, Tensor | None] = {}   # (role, site, call) -> the encoder feature it used (text: None)
         self.prints: dict[str, list[Tensor]] = {}     # decoder module -> a few raw output values per call
         self.channels: dict[str, int] = {}           # probing: site -> measured channel count
 
 
-class SemanticSensitive(nn.Module):
-    """A model wrapped with -SS attention stages; see `semantic_sensitive`."""
+class GuidedModel(nn.Module):
+    """A model wrapped with guided stages (-SS and/or text); see `semantic_sensitive` and `text_guided`."""
 
-    def __init__(self, model: nn.Module, pairs: Mapping[str, str], *, heads: int = 1, head_dim: int | None = None,
-                 backend: str = "auto", scale: float | None = None, eta: float = 1.0, weight: float = 0.1,
-                 level_weights=None, reduction: str = "mean", form: str = "paper", channels: Mapping | None = None,
-                 example_inputs=None):
+    def __init__(self, model: nn.Module, pairs: Mapping[str, str] | None = None, *, text_stages=None,
+                 text_channels: int | None = None, intra_text: bool = True, intra_image: bool = False,
+                 heads: int = 1, head_dim: int | None = None, backend: str = "auto", scale: float | None = None,
+                 eta: float = 1.0, weight: float = 0.1, level_weights=None, reduction: str = "mean",
+                 form: str = "paper", channels: Mapping | None = None, example_inputs=None):
         super().__init__()
-        if isinstance(model, SemanticSensitive):
-            raise ValueError("model is already a semantic_sensitive wrapper; wrap the plain model once "
-                             "(ss.model is the plain model, ss.remove() takes the hooks off)")
+        if isinstance(model, GuidedModel):
+            raise ValueError("model is already a semantic_sensitive wrapper (or text_guided); wrap the plain model once "
+                             "with all its stages (ss.model is the plain model, ss.remove() takes the hooks off)")
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
         for name, m in model.named_modules():
@@ -151,29 +164,55 @@ class SemanticSensitive(nn.Module):
                     f"model is already wrapped by semantic_sensitive (module {name or '<root>'!r} has its hooks); "
                     "wrap a model once: call the existing wrapper, or ss.remove() it first"
                 )
-        if not isinstance(pairs, Mapping) or not pairs:
-            raise ValueError("pairs must be a non-empty mapping {decoder module name: encoder module name}")
+        pairs = {} if pairs is None else pairs
+        if not isinstance(pairs, Mapping):
+            raise ValueError("pairs must be a mapping {decoder module name: encoder module name}")
+        if isinstance(text_stages, str):
+            text_stages = [text_stages]
+        text_stages = list(text_stages or [])
+        if not pairs and not text_stages:
+            raise ValueError("pairs must be a non-empty mapping {decoder module name: encoder module name}"
+                             " (or give text_stages for text guidance)")
+        if len(set(text_stages)) != len(text_stages):
+            raise ValueError(f"text_stages must not repeat a site, got {text_stages}")
+        if text_stages and (not isinstance(text_channels, int) or isinstance(text_channels, bool)
+                            or text_channels < 1):
+            raise ValueError(f"text_channels must be the word features' size Ct (a positive integer) when "
+                             f"text_stages are given, got {text_channels!r}")
+        if text_channels is not None and not text_stages:
+            raise ValueError("text_channels was given but no text_stages: name the modules whose outputs the text "
+                             "refines, e.g. text_stages=['dec2', 'dec1']")
         modules = dict(model.named_modules())
         self._dec_sites = [parse_site("decoder", d) for d in pairs]
         self._enc_of = {d.spec: parse_site("encoder", e) for d, e in zip(self._dec_sites, pairs.values())}
-        for role, site in [("decoder", d) for d in self._dec_sites] + [("encoder", e) for e in self._enc_of.values()]:
+        self._text_sites = [parse_site("text stage", t) for t in text_stages]
+        roles = ([("decoder", d) for d in self._dec_sites] + [("encoder", e) for e in self._enc_of.values()]
+                 + [("text stage", t) for t in self._text_sites])
+        for role, site in roles:
             if site.module not in modules or site.module == "":
                 close = difflib.get_close_matches(site.module, [n for n in modules if n], n=5, cutoff=0.5)
                 hint = f"; close matches: {close}" if close else f"; module names: {[n for n in modules if n][:20]}"
-                raise ValueError(f"pairs: {role} module {site.module!r} is not in the model{hint}")
+                where = "text_stages" if role == "text stage" else "pairs"
+                raise ValueError(f"{where}: {role} module {site.module!r} is not in the model{hint}")
         if level_weights is not None and len(level_weights) != len(pairs):
             raise ValueError(f"level_weights must have one value per pair ({len(pairs)}), got {len(level_weights)}")
         self.model = model
         self.pairs = dict(pairs)
-        self.blocks = nn.ModuleDict()
+        self.text_stages = [t.spec for t in self._text_sites]
+        self.text_channels = text_channels
+        self.blocks = nn.ModuleDict()       # -SS stages, by decoder site
+        self.text_blocks = nn.ModuleDict()  # text stages, by site
         # The guidance is range-checked once per forward (_check_map); the stages' and the loss's maps are
         # area averages of it, so their own checks (a host sync each) are off.
         self.align = SemanticAlignmentLoss(eta=eta, weight=weight, level_weights=level_weights, reduction=reduction,
                                            form=form, backend=backend, check_values=False)
         self._attn_options = dict(heads=heads, head_dim=head_dim, backend=backend, scale=scale, check_values=False)
+        self._text_options = dict(intra_text=bool(intra_text), intra_image=bool(intra_image))
         self._sites_at: dict[str, list[tuple[str, Site]]] = {}
         for d in self._dec_sites:
             self._sites_at.setdefault(d.module, []).append(("decoder", d))
+        for t in self._text_sites:
+            self._sites_at.setdefault(t.module, []).append(("text", t))
         for e in {e.spec: e for e in self._enc_of.values()}.values():
             self._sites_at.setdefault(e.module, []).append(("encoder", e))
         # Per-call state (dropped by copies and pickles, see __getstate__).
@@ -181,6 +220,7 @@ class SemanticSensitive(nn.Module):
         self._last: _Call | None = None      # the last finished forward (alignment loss, checkpoint recompute)
         self._direct = False                 # inside ss.forward (else the model was called directly)
         self._ambient: Tensor | None = None  # the map of `with ss.guidance(m)`
+        self._ambient_text: TextFeatures | None = None  # the text of `with ss.guidance(text=...)`
         self._removed = False
         # Which sites keep a copy of their output (found by the version counter), and which were looked at.
         self._copying: set[str] = set()
@@ -194,60 +234,88 @@ class SemanticSensitive(nn.Module):
         self._handles.append(model.register_forward_pre_hook(_Hook(self, "enter"), with_kwargs=True))
         self._handles.append(model.register_forward_hook(_Hook(self, "exit")))
 
+    @property
+    def takes_map(self) -> bool:
+        """Whether a forward needs a guidance map (the wrapper has -SS stages)."""
+        return bool(self.pairs)
+
+    @property
+    def takes_text(self) -> bool:
+        """Whether a forward needs text (the wrapper has text stages)."""
+        return bool(self.text_stages)
+
     # ------------------------------------------------------------------ stages
-    def _make_blocks(self, modules, channels, example_inputs) -> None:
+    def _read_channels(self, channels) -> dict[str, tuple]:
+        """channels= checked: {-SS decoder site: (dec_channels, enc_channels), text site: channels}."""
         channels = dict(channels or {})
-        unknown = [k for k in channels if k not in self.pairs]
+        unknown = [k for k in channels if k not in self.pairs and k not in self.text_stages]
         if unknown:
-            raise ValueError(f"channels: {unknown} are not decoder sites of pairs; use keys from {list(self.pairs)}")
-        known: dict[str, tuple[int, int]] = {}
-        for dec in self._dec_sites:
-            if dec.spec in channels:
-                value = channels[dec.spec]
-                if (not isinstance(value, (tuple, list)) or len(value) != 2
-                        or not all(isinstance(c, int) and c > 0 for c in value)):
-                    raise ValueError(f"channels[{dec.spec!r}] must be (dec_channels, enc_channels), two positive "
+            raise ValueError(f"channels: {unknown} are not decoder sites of pairs or text stages; use keys from "
+                             f"{list(self.pairs) + self.text_stages}")
+        for site, value in channels.items():
+            if site in self.pairs:
+                ok = (isinstance(value, (tuple, list)) and len(value) == 2
+                      and all(isinstance(c, int) and c > 0 for c in value))
+                if not ok:
+                    raise ValueError(f"channels[{site!r}] must be (dec_channels, enc_channels), two positive "
                                      f"integers, got {value!r}")
-                known[dec.spec] = (value[0], value[1])
-                self._channel_source[dec.spec] = "from channels="
+            elif not (isinstance(value, int) and not isinstance(value, bool) and value > 0):
+                raise ValueError(f"channels[{site!r}] (a text stage) must be its output's channel count, a positive "
+                                 f"integer, got {value!r}")
+        return channels
+
+    def _make_blocks(self, modules, channels, example_inputs) -> None:
+        channels = self._read_channels(channels)
+        # Each stage's sites: a -SS stage reads its decoder's and encoder's channels, a text stage its site's.
+        stages = {("ss", d.spec): (d, self._enc_of[d.spec]) for d in self._dec_sites}
+        stages.update({("text", t.spec): (t,) for t in self._text_sites})
+        known: dict[tuple, tuple] = {}
+        for (kind, spec), sites in stages.items():
+            if spec in channels:
+                value = channels[spec]
+                known[(kind, spec)] = tuple(value) if kind == "ss" else (value[0] if isinstance(value, (tuple, list))
+                                                                         else value,)
+                self._channel_source[spec] = "from channels="
                 continue
-            enc = self._enc_of[dec.spec]
-            counts = [None if s.path else declared_channels(modules[s.module]) for s in (dec, enc)]
+            counts = [None if s.path else declared_channels(modules[s.module]) for s in sites]
             if None not in counts:
-                known[dec.spec] = tuple(counts)
-                self._channel_source[dec.spec] = "read from the module definitions"
-        missing = [d for d in self._dec_sites if d.spec not in known]
+                known[(kind, spec)] = tuple(counts)
+                self._channel_source[spec] = "read from the module definitions"
+        missing = [key for key in stages if key not in known]
         if missing and example_inputs is not None:
             measured = self._probe(example_inputs)
-            for dec in missing:
-                enc = self._enc_of[dec.spec]
-                if dec.spec in measured and enc.spec in measured:
-                    known[dec.spec] = (measured[dec.spec], measured[enc.spec])
-                    self._channel_source[dec.spec] = "measured on example_inputs"
-            missing = [d for d in missing if d.spec not in known]
+            for key in missing:
+                if all(s.spec in measured for s in stages[key]):
+                    known[key] = tuple(measured[s.spec] for s in stages[key])
+                    self._channel_source[key[1]] = "measured on example_inputs"
+            missing = [key for key in missing if key not in known]
             if missing:
-                names = [s.spec for d in missing for s in (d, self._enc_of[d.spec]) if s.spec not in measured]
+                names = sorted({s.spec for key in missing for s in stages[key] if s.spec not in measured})
                 raise RuntimeError(f"semantic_sensitive: site(s) {names} did not run in the example_inputs forward "
                                    f"pass (a direct .forward() call bypasses hooks; call the module instead)")
         if missing:
-            dec = missing[0]
-            enc = self._enc_of[dec.spec]
-            which = [s for s in (dec, enc) if s.path or declared_channels(modules[s.module]) is None]
-            site = which[0] if which else dec
+            kind, spec = missing[0]
+            sites = stages[missing[0]]
+            which = [s for s in sites if s.path or declared_channels(modules[s.module]) is None]
+            site = which[0] if which else sites[0]
+            shape = "(dec_channels, enc_channels)" if kind == "ss" else "channels"
             raise ValueError(
                 f"semantic_sensitive: the output channels of {site.describe()} "
                 f"({type(modules[site.module]).__name__}) cannot be read from its definition"
                 f"{' (an element of a structured output)' if site.path else ''}; pass "
-                f"channels={{{dec.spec!r}: (dec_channels, enc_channels)}}, or example_inputs=(x,) for a dry forward "
+                f"channels={{{spec!r}: {shape}}}, or example_inputs=(x,) for a dry forward "
                 f"pass that measures them"
             )
         like = self._param_like()
-        for dec in self._dec_sites:
-            dc, ec = known[dec.spec]
-            block = SemanticCrossAttention(int(dc), int(ec), **self._attn_options)
+        for (kind, spec), counts in known.items():
+            if kind == "ss":
+                block = SemanticCrossAttention(int(counts[0]), int(counts[1]), **self._attn_options)
+            else:
+                block = TextConditioning(int(counts[0]), self.text_channels, **self._attn_options,
+                                         **self._text_options)
             if like is not None:
                 block = block.to(device=like.device, dtype=like.dtype)
-            self.blocks[_block_key(dec.spec)] = block
+            (self.blocks if kind == "ss" else self.text_blocks)[_block_key(spec)] = block
 
     def _param_like(self) -> Tensor | None:
         for p in self.model.parameters():
@@ -285,7 +353,8 @@ class SemanticSensitive(nn.Module):
     @property
     def materialized(self) -> bool:
         """True: every attention stage exists from construction on."""
-        return all(_block_key(d) in self.blocks for d in self.pairs)
+        return (all(_block_key(d) in self.blocks for d in self.pairs)
+                and all(_block_key(t) in self.text_blocks for t in self.text_stages))
 
     # ------------------------------------------------------------------ hooks
     def _check_live(self):
@@ -295,10 +364,10 @@ class SemanticSensitive(nn.Module):
     def _on_model_enter(self, args, kwargs):
         if self._direct:
             return None  # ss.forward started this call
-        guidance = self._ambient
-        if guidance is not None:
-            self._check_matches_input(args, kwargs, guidance)
-            self._begin(guidance)
+        guidance, text = self._ambient, self._ambient_text
+        if guidance is not None or text is not None:
+            self._check_matches_input(args, kwargs, guidance, text)
+            self._begin(guidance, text)
         else:
             self._call = None  # a plain call of the bare model (or one after a failed call)
         return None
@@ -314,15 +383,17 @@ class SemanticSensitive(nn.Module):
             return self._on_recompute(name, out) if self._recomputing() else None
         k = call.counts.get(name, 0)  # this call's index
         call.counts[name] = k + 1
-        decoders = [site for role, site in self._sites_at[name] if role == "decoder"]
-        if decoders and not call.probing and torch.is_grad_enabled():
-            call.prints.setdefault(name, []).append(_fingerprint(select(decoders[0], "decoder", out)))
+        refined = [site for role, site in self._sites_at[name] if role != "encoder"]
+        if refined and not call.probing and torch.is_grad_enabled():
+            call.prints.setdefault(name, []).append(_fingerprint(select(refined[0], "decoder", out)))
         new = out
         for role, site in self._sites_at[name]:
             if site.call is not None and site.call != k:
                 continue
             if role == "decoder":
                 new = self._refine(call, site, new, k)
+            elif role == "text":
+                new = self._refine_text(call, site, new, k)
             else:
                 feat = select(site, "encoder", new)
                 if call.probing:
@@ -373,8 +444,31 @@ class SemanticSensitive(nn.Module):
         refined = block(d, e, call.guidance.to(d.device))
         call.features.setdefault(dec.spec, []).append(_Captured(refined, backup=self._keeps_copy(dec.spec)))
         if torch.is_grad_enabled():
-            call.used[(dec.spec, k)] = e
+            call.used[("decoder", dec.spec, k)] = e
         return replace(out, dec.path, refined)
+
+    def _refine_text(self, call: _Call, site: Site, out, k: int):
+        d = select(site, "decoder", out)
+        if call.probing:
+            call.channels[site.spec] = d.shape[1]
+            return out
+        block = self.text_blocks[_block_key(site.spec)]
+        if d.shape[1] != block.img_channels:
+            raise ValueError(
+                f"text_guided: {site.describe()} gives {d.shape[1]} channels, but its text stage was built for "
+                f"{block.img_channels} ({self._channel_source.get(site.spec, '')}); pass "
+                f"channels={{{site.spec!r}: {d.shape[1]}}}"
+            )
+        refined = self._text_stage(block, d, call.text)
+        call.text_refined.add(site.spec)
+        if torch.is_grad_enabled():
+            call.used[("text", site.spec, k)] = None  # its inputs are the call's text
+        return replace(out, site.path, refined)
+
+    @staticmethod
+    def _text_stage(block: TextConditioning, d: Tensor, text: TextFeatures) -> Tensor:
+        words, mask, weight = text.to(d.device)
+        return block(d, words, mask, weight)
 
     def _check_channels(self, dec: Site, block: SemanticCrossAttention, d: Tensor, e: Tensor) -> None:
         if d.shape[1] != block.dec_channels or e.shape[1] != block.enc_channels:
@@ -396,15 +490,18 @@ class SemanticSensitive(nn.Module):
         n = 0 if last is None else len(last.prints.get(name, ()))
         if n == 0:
             return None  # not a refined module of the last forward with grad: plain
-        decoders = [site for role, site in self._sites_at[name] if role == "decoder"]
-        k = 0 if n == 1 else self._which_call(last, name, select(decoders[0], "decoder", out))
+        refined_sites = [(role, site) for role, site in self._sites_at[name] if role != "encoder"]
+        k = 0 if n == 1 else self._which_call(last, name, select(refined_sites[0][1], "decoder", out))
         new = out
-        for site in decoders:
-            e = last.used.get((site.spec, k))
-            if e is None:
+        for role, site in refined_sites:
+            if (role, site.spec, k) not in last.used:
                 continue  # a call this site does not refine (e.g. "dec#1" and this is call 0)
+            e = last.used[(role, site.spec, k)]
             d = select(site, "decoder", new)
-            refined = self.blocks[_block_key(site.spec)](d, e, last.guidance.to(d.device))
+            if role == "text":
+                refined = self._text_stage(self.text_blocks[_block_key(site.spec)], d, last.text)
+            else:
+                refined = self.blocks[_block_key(site.spec)](d, e, last.guidance.to(d.device))
             new = replace(new, site.path, refined)
         return None if new is out else new
 
@@ -431,18 +528,34 @@ class SemanticSensitive(nn.Module):
         _checks.unit_interval("guidance", guidance)
         return guidance
 
+    def _check_text(self, text) -> TextFeatures:
+        text = as_text_features(text)
+        check_words(text.words, text.mask, text.weight, batch=None, channels=self.text_channels)
+        return text
+
+    def _needs(self, guidance, text) -> None:
+        """Errors for guidance the stages do not take, or stages left without their guidance."""
+        if guidance is not None and not self.takes_map:
+            raise ValueError("this wrapper has no -SS stages (pairs), so it takes no guidance map; call it with "
+                             "text=(words, mask)")
+        if text is not None and not self.takes_text:
+            raise ValueError("this wrapper has no text stages, so it takes no text; build it with "
+                             "text_stages=[...] and text_channels=Ct to add them")
+
     @staticmethod
-    def _check_matches_input(args, kwargs, guidance: Tensor) -> None:
+    def _check_matches_input(args, kwargs, guidance: Tensor | None, text: TextFeatures | None = None) -> None:
         x = next((t for t in (*args, *kwargs.values()) if isinstance(t, Tensor)), None)
         if isinstance(x, Tensor) and x.dim() == 4:
             expected = (x.shape[0], 1, x.shape[-2], x.shape[-1])
-            if tuple(guidance.shape) != expected:
+            if guidance is not None and tuple(guidance.shape) != expected:
                 raise ValueError(
                     f"guidance must have the input image's batch and size {expected}, got {tuple(guidance.shape)}"
                 )
+            if text is not None and text.words.shape[0] != x.shape[0]:
+                raise ValueError(f"text has batch {text.words.shape[0]} but the input image has batch {x.shape[0]}")
 
-    def _begin(self, guidance: Tensor) -> None:
-        self._call = _Call(guidance)
+    def _begin(self, guidance: Tensor | None, text: TextFeatures | None = None) -> None:
+        self._call = _Call(guidance, text)
 
     def _finish(self) -> None:
         call, self._call = self._call, None
@@ -460,35 +573,44 @@ class SemanticSensitive(nn.Module):
         self._last = call
 
     def _warn_reuse(self, call: _Call) -> None:
-        for dec in self._dec_sites:
-            if dec.spec not in call.features and ("missing", dec.spec) not in self._warned:
+        for dec in [*self._dec_sites, *self._text_sites]:
+            refined = call.features if dec.spec in self._enc_of else call.text_refined
+            if dec.spec not in refined and ("missing", dec.spec) not in self._warned:
                 self._warned.add(("missing", dec.spec))
                 ran = call.counts.get(dec.module, 0)
                 _warn(f"decoder {dec.describe()} was not refined in this forward pass ("
                       + (f"it ran {ran} time(s), not call #{dec.call})" if ran else
                          "it did not run: if the network calls it as .forward(...) directly, hooks cannot see the "
                          "call; call the module itself)"))
-            for role, site in (("decoder", dec), ("encoder", self._enc_of[dec.spec])):
+            enc = self._enc_of.get(dec.spec)
+            for role, site in (("decoder", dec), ("encoder", enc)) if enc is not None else (("text stage", dec),):
                 n = call.counts.get(site.module, 0)
                 if n > 1 and site.call is None and ("reused", site.spec) not in self._warned:
                     self._warned.add(("reused", site.spec))
                     rule = (f"each of its calls is refined by the one stage of {dec.spec!r} and the alignment loss "
                             f"averages over them" if role == "decoder" else
-                            f"each call of decoder {dec.spec!r} takes the most recent call of it before that call")
+                            f"each call of decoder {dec.spec!r} takes the most recent call of it before that call"
+                            if role == "encoder" else f"each of its calls is refined by the one text stage")
                     _warn(f"{role} module {site.module!r} ran {n} times in one forward pass: {rule}. Pick one call "
                           f"with '{site.module}#k' (k from 0) if that is not what the network means")
 
-    def forward(self, *inputs, guidance: Tensor | None = None, **kwargs):
+    def forward(self, *inputs, guidance: Tensor | None = None, text=None, **kwargs):
+        """The model's output with every stage refined: guidance (B, 1, H, W) for -SS stages, text for text stages.
+
+        text: word features (B, L, Ct), a tuple (words, mask[, weight]) or ssattn.text.TextFeatures.
+        """
         self._check_live()
-        if guidance is None:
-            guidance = self._ambient
-            if guidance is None:
-                raise TypeError("semantic_sensitive model needs a guidance map: call ss(*inputs, guidance=map "
-                                "(B, 1, H, W)), or call it inside `with ss.guidance(map):`")
-        else:
-            guidance = self._check_map(guidance)
-        self._check_matches_input(inputs, kwargs, guidance)
-        self._begin(guidance)
+        self._needs(guidance, text)
+        guidance = self._ambient if guidance is None else self._check_map(guidance)
+        text = self._ambient_text if text is None else self._check_text(text)
+        if self.takes_map and guidance is None:
+            raise TypeError("semantic_sensitive model needs a guidance map: call ss(*inputs, guidance=map "
+                            "(B, 1, H, W)), or call it inside `with ss.guidance(map):`")
+        if self.takes_text and text is None:
+            raise TypeError("text_guided model needs text: call ss(*inputs, text=(words, mask)) with word features "
+                            "(B, L, Ct) and their padding mask (B, L), or call it inside `with ss.guidance(text=...):`")
+        self._check_matches_input(inputs, kwargs, guidance, text)
+        self._begin(guidance, text)
         self._direct = True
         try:
             out = self.model(*inputs, **kwargs)
@@ -499,18 +621,30 @@ class SemanticSensitive(nn.Module):
             self._call = None
 
     @contextlib.contextmanager
-    def guidance(self, guidance: Tensor):
-        """`with ss.guidance(m): ...`: every call of ss or of the bare model inside uses the map m."""
+    def guidance(self, guidance: Tensor | None = None, *, text=None):
+        """`with ss.guidance(m, text=(words, mask)): ...`: every call of ss or of the bare model inside uses them.
+
+        Give what the stages take: the map m for -SS stages, the text for text stages.
+        """
         self._check_live()
-        previous, self._ambient = self._ambient, self._check_map(guidance)
+        self._needs(guidance, text)
+        if (self.takes_map and guidance is None) or (self.takes_text and text is None):
+            need = " and ".join(n for n, t in (("a map", self.takes_map), ("text=...", self.takes_text)) if t)
+            raise TypeError(f"ss.guidance(...) needs {need} for this wrapper's stages")
+        new_map = None if guidance is None else self._check_map(guidance)
+        new_text = None if text is None else self._check_text(text)
+        previous = self._ambient, self._ambient_text
+        self._ambient, self._ambient_text = new_map, new_text
         try:
             yield self
         finally:
-            self._ambient = previous
+            self._ambient, self._ambient_text = previous
 
     def alignment_loss(self) -> Tensor:
         """lambda_align * SPEC-3 loss over the refined decoder outputs of the last call (pairs' order)."""
         self._check_live()
+        if not self.takes_map:
+            raise RuntimeError("alignment_loss() is the -SS term: this wrapper has no -SS stages (pairs)")
         last = self._last
         if last is None:
             raise RuntimeError("alignment_loss() needs a forward call first: ss(*inputs, guidance=map)")
@@ -559,14 +693,18 @@ class SemanticSensitive(nn.Module):
     def __getstate__(self):
         # Copies (EMA, teacher) and pickles start with no per-call state: it holds non-leaf tensors.
         state = super().__getstate__()
-        state.update(_call=None, _last=None, _direct=False, _ambient=None)
+        state.update(_call=None, _last=None, _direct=False, _ambient=None, _ambient_text=None)
         return state
 
     def extra_repr(self) -> str:
-        return f"pairs={self.pairs}"
+        text = f", text_stages={self.text_stages}, text_channels={self.text_channels}" if self.text_stages else ""
+        return f"pairs={self.pairs}{text}"
 
 
-def semantic_sensitive(model: nn.Module, pairs: Mapping[str, str], **options) -> SemanticSensitive:
+SemanticSensitive = GuidedModel  # the name of the -SS wrapper since before text stages existed
+
+
+def semantic_sensitive(model: nn.Module, pairs: Mapping[str, str], **options) -> GuidedModel:
     """Wrap `model` with -SS attention stages; see the module docstring.
 
     pairs: {decoder site: encoder site}, sites as in model.named_modules(),
@@ -575,13 +713,37 @@ def semantic_sensitive(model: nn.Module, pairs: Mapping[str, str], **options) ->
     eta (1.0), weight (lambda_align, 0.1), level_weights, reduction ("mean"),
     form ("paper" or "normalized")
     (alignment loss); channels {decoder site: (dec_channels, enc_channels)},
-    example_inputs (how the stages are sized when the modules do not say).
+    example_inputs (how the stages are sized when the modules do not say);
+    text_stages, text_channels, intra_text, intra_image (text stages in the
+    same wrapper, see text_guided).
     """
-    return SemanticSensitive(model, pairs, **options)
+    if not isinstance(pairs, Mapping) or not pairs:
+        raise ValueError("pairs must be a non-empty mapping {decoder module name: encoder module name}")
+    return GuidedModel(model, pairs, **options)
 
 
-def remove_semantic_sensitive(ss: SemanticSensitive) -> nn.Module:
+def text_guided(model: nn.Module, stages, text_channels: int, **options) -> GuidedModel:
+    """Wrap `model` with text stages (NaLSuper's TCM, ssattn.text.TextConditioning) at `stages`.
+
+    stages: sites as for semantic_sensitive ("name", "name[0]", "name#k"):
+    each one's output y becomes TextConditioning(y, words, mask, weight).
+    Call ss(x, text=(words, mask)) with word features (B, L, text_channels)
+    (e.g. ssattn.text.TextEncoder) and their padding mask (True = padded).
+    options: heads (1), head_dim, backend, scale, intra_text (True: word
+    self-attention first), intra_image (False: image self-attention first,
+    quadratic in H*W), channels {site: channels}, example_inputs; and pairs
+    to add -SS stages to the same wrapper.
+    """
+    pairs = options.pop("pairs", None)
+    if isinstance(stages, str):
+        stages = [stages]
+    if not stages:
+        raise ValueError("stages must name at least one module whose output the text refines")
+    return GuidedModel(model, pairs, text_stages=stages, text_channels=text_channels, **options)
+
+
+def remove_semantic_sensitive(ss: GuidedModel) -> nn.Module:
     """Remove the hooks of `ss` and return the original model."""
-    if not isinstance(ss, SemanticSensitive):
-        raise TypeError(f"ss must be a SemanticSensitive wrapper, got {type(ss).__name__}")
+    if not isinstance(ss, GuidedModel):
+        raise TypeError(f"ss must be a semantic_sensitive / text_guided wrapper, got {type(ss).__name__}")
     return ss.remove()

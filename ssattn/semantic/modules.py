@@ -8,6 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import _checks, functional
+from .._heads import image_heads, project_image_out, residual_add
 from ..reference.area import area_resize
 
 
@@ -51,11 +52,6 @@ class SemanticCrossAttention(nn.Module):
         return (f"dec_channels={self.dec_channels}, enc_channels={self.enc_channels}, "
                 f"heads={self.heads}, head_dim={self.head_dim}, backend={self.backend!r}")
 
-    def _heads(self, x: Tensor) -> Tensor:
-        """(B, h*d, H, W) -> (B, h, H*W, d) as a view (NCHW and channels-last alike)."""
-        B, _, H, W = x.shape
-        return x.view(B, self.heads, self.head_dim, H * W).transpose(-1, -2)
-
     def _check_dtypes(self, dec: Tensor, enc: Tensor) -> None:
         """dec and enc in the parameters' dtype (autocast converts them itself): else conv fails deep inside."""
         if torch.is_autocast_enabled(dec.device.type):
@@ -67,18 +63,6 @@ class SemanticCrossAttention(nn.Module):
                     f"{name} has dtype {x.dtype} but the module's parameters are {param}: convert one "
                     f"(module.to({x.dtype}) or {name}.to({param})), or run under torch.autocast"
                 )
-
-    def _project_out(self, out: Tensor, B: int, H: int, W: int) -> Tensor:
-        """W_o applied to the attention output (B, h, H*W, d): (B, Cd, H, W)."""
-        inner = self.heads * self.head_dim
-        flat = out.transpose(-1, -2).reshape(B, inner, H * W)
-        if not torch.compiler.is_compiling():
-            # out has q's layout, so this is a view in dec's memory format (no copy).
-            return self.out_proj(flat.view(B, inner, H, W))
-        # Inductor with dynamic shapes fails on a 4-D conv input saved for backward (it cannot
-        # order its symbolic channels-last strides, e.g. 8*H*W against 8): the same 1x1 conv as a matmul.
-        w = self.out_proj.weight.view(self.dec_channels, inner)
-        return (torch.matmul(w, flat) + self.out_proj.bias[:, None]).view(B, self.dec_channels, H, W)
 
     def forward(self, dec: Tensor, enc: Tensor, guidance: Tensor) -> Tensor:
         _checks.tensor("dec", dec, ndim=4)
@@ -102,15 +86,14 @@ class SemanticCrossAttention(nn.Module):
         if self.check_values:
             _checks.unit_interval("guidance", guidance)
         He, We = enc.shape[-2:]
-        q, k, v = self._heads(self.q_proj(dec)), self._heads(self.k_proj(enc)), self._heads(self.v_proj(enc))
+        h, d = self.heads, self.head_dim
+        q = image_heads(self.q_proj(dec), h, d)
+        k, v = image_heads(self.k_proj(enc), h, d), image_heads(self.v_proj(enc), h, d)
         m = area_resize(guidance, (He, We)).reshape(B, He * We).to(k.dtype)
         scale = self.scale if self.scale is not None else self.head_dim ** -0.5
         functional._check_attention_args(q, k, v, m, None, scale, check_values=False)
         out = functional._attention(q, k, v, m, None, float(scale), self.backend)
-        update = self._project_out(out, B, H, W)
-        if torch.promote_types(dec.dtype, update.dtype) == dec.dtype:
-            return dec + update  # e.g. a bf16 update under autocast: the add converts it in passing
-        return dec + update.to(dec.dtype)
+        return residual_add(dec, project_image_out(self.out_proj, out, B, H, W))
 
 
 class GuidancePyramid(nn.Module):

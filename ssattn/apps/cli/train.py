@@ -43,6 +43,59 @@ def load_data(args, split: str):
     return PairedGuidanceDataset(args.data, cache_dir=args.cache_dir, size=args.size), f"folder {args.data}"
 
 
+DEFAULT_TEXT_LEVELS = ("dec3", "dec2")
+
+
+def add_text_args(p, *, training: bool) -> None:
+    g = p.add_argument_group("text guidance (seed 003)")
+    g.add_argument("--text", default=None, metavar="FILE_OR_DIR",
+                   help="captions of the images: a folder of <name>.txt, a .json {name: caption}, a name<TAB>caption "
+                        "table, or one text for every image (names: the degraded files' stems; synthetic items: "
+                        "their index); or 'vlm': ask the captioner (--text-captioner) about each degraded image" + ("; adds text stages to the model" if training else
+                                          "; needed for a model trained with --text"))
+    g.add_argument("--text-encoder", default=None, metavar="ID_OR_DIR",
+                   help="CLIP text encoder (hub id or local folder; default openai/clip-vit-base-patch32"
+                        + (")" if training else ", or the one the model was trained with)"))
+    g.add_argument("--text-captioner", default=None, metavar="ID_OR_DIR",
+                   help="with --text vlm: the LLaVA-family captioner (default llava-hf/llava-1.5-7b-hf); its answers "
+                        "are cached under --cache-dir")
+    if training:
+        g.add_argument("--text-levels", default=None,
+                       help=f"stages whose outputs the text refines, comma-separated (default "
+                            f"{','.join(DEFAULT_TEXT_LEVELS)})")
+
+
+def load_text(args, data, encoder_id: str, device):
+    """The items' word features (ItemText) for --text, encoded by `encoder_id` (cached under --cache-dir)."""
+    from ssattn.apps.training.text import ItemText, load_item_text
+    from ssattn.text import TextEncoder
+
+    cache = (lambda sub: None) if args.cache_dir is None else (lambda sub: f"{args.cache_dir}/{sub}")
+    encoder = TextEncoder(encoder_id, device=device, cache_dir=cache("text"))
+    if args.text_captioner and args.text != "vlm":
+        raise CLIError("--text-captioner is for --text vlm (captions from the captioner)")
+    try:
+        if args.text == "vlm":
+            return ItemText.from_captions(vlm_captions(data, args.text_captioner, cache("captions")), encoder)
+        return load_item_text(data, args.text, encoder)
+    except (ValueError, FileNotFoundError) as exc:
+        raise CLIError(f"--text: {exc}") from None
+
+
+def vlm_captions(data, captioner_id, cache_dir) -> list[str]:
+    """The captioner's answer about each degraded image of `data` (an empty answer is an error naming the item)."""
+    from ssattn.guidance.hub import DEFAULT_CAPTIONER
+    from ssattn.guidance.llava import LlavaCaptioner
+    from ssattn.text import caption_images
+
+    captioner = LlavaCaptioner(captioner_id or DEFAULT_CAPTIONER)
+    captions = caption_images((data[i][0] for i in range(len(data))), captioner, cache_dir)
+    empty = [i for i, c in enumerate(captions) if not c.strip()]
+    if empty:
+        raise ValueError(f"the captioner gave an empty answer for item(s) {empty[:5]}; give the captions as a file")
+    return captions
+
+
 def resolve_device(name: str):
     """--device as a torch.device that can run here (CLIError otherwise)."""
     import torch
@@ -93,6 +146,7 @@ def register(sub) -> None:
                    help="log a line of metrics every N steps; 0: off (default %(default)s)")
     p.add_argument("--no-resume", action="store_true", help="start over even if RUN_DIR/checkpoint.pt exists")
     p.add_argument("--no-progress", action="store_true")
+    add_text_args(p, training=True)
     p.set_defaults(func=run)
 
 
@@ -119,6 +173,17 @@ def run(args) -> int:
         spec["align_weight"] = args.align_weight
         if args.levels:
             spec["levels"] = [v.strip() for v in args.levels.split(",") if v.strip()]
+    text = None
+    if args.text is not None:
+        from ssattn.text import DEFAULT_TEXT_ENCODER
+
+        encoder_id = args.text_encoder or DEFAULT_TEXT_ENCODER
+        text = load_text(args, data, encoder_id, "cpu")
+        stages = ([v.strip() for v in args.text_levels.split(",") if v.strip()] if args.text_levels
+                  else list(DEFAULT_TEXT_LEVELS))
+        spec["text"] = {"channels": text.channels, "stages": stages, "encoder": encoder_id}
+    elif args.text_encoder or args.text_levels or args.text_captioner:
+        raise CLIError("--text-encoder, --text-levels and --text-captioner need --text (the captions)")
     torch.manual_seed(args.seed)
     model = build_model(spec)
     cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
@@ -128,9 +193,12 @@ def run(args) -> int:
                       progress=not args.no_progress, desc=f"train {args.model}")
     if ctx.is_main:
         ranks = f", {ctx.world_size} processes (DDP)" if ctx.distributed else ""
-        print(f"ssattn train: {args.model} (width {args.width}) on {desc}, {args.steps} steps, device {ctx.device}{ranks}")
+        guided = f", text stages {spec['text']['stages']}" if text is not None else ""
+        print(f"ssattn train: {args.model} (width {args.width}{guided}) on {desc}, {args.steps} steps, "
+              f"device {ctx.device}{ranks}")
     try:
-        hist = train(model, data, cfg, args.out, spec=spec, resume=not args.no_resume, unsafe=args.unsafe_checkpoint)
+        hist = train(model, data, cfg, args.out, spec=spec, resume=not args.no_resume, unsafe=args.unsafe_checkpoint,
+                     text=text)
     except (RankFailure, CheckpointMismatch) as exc:  # the same on every rank: rank 0 prints it once
         if ctx.is_main:
             print(f"{who}: {exc}", file=sys.stderr)

@@ -66,31 +66,54 @@ class RankFailure(RuntimeError):
 
 # --------------------------------------------------------------------------- models
 def build_model(spec: dict) -> nn.Module:
-    """Rebuild a model from its spec: {"arch": "unet" | "unet-ss", "width": 16, "levels": None, ...}."""
+    """Rebuild a model from its spec: {"arch": "unet" | "unet-ss", "width": 16, "levels": None, ...}.
+
+    spec["text"] = {"channels": Ct, "stages": [...]} adds text stages (ssattn.text_guided) to either arch.
+    """
+    from ssattn import text_guided
     from ssattn.models import UNet, unet_ss
 
     arch = spec.get("arch", "unet")
     width = int(spec.get("width", 16))
+    text = spec.get("text")
+    text_opts = {} if not text else {"text_stages": list(text["stages"]), "text_channels": int(text["channels"])}
     if arch == "unet":
-        return UNet(3, 3, width)
+        net = UNet(3, 3, width)
+        return text_guided(net, text_opts["text_stages"], text_opts["text_channels"]) if text else net
     if arch == "unet-ss":
         opts = {k: spec[k] for k in ("heads", "backend", "eta") if k in spec}
         if "align_weight" in spec:
             opts["weight"] = spec["align_weight"]
-        return unet_ss(3, 3, width, levels=spec.get("levels"), **opts)
+        return unet_ss(3, 3, width, levels=spec.get("levels"), **opts, **text_opts)
     raise ValueError(f"model arch must be 'unet' or 'unet-ss', got {arch!r}")
 
 
+def guidance_kinds(model: nn.Module) -> tuple[bool, bool]:
+    """(takes a guidance map, takes text): what a drop-in wrapper's stages read; (False, False) for a plain net."""
+    from ssattn.dropin import GuidedModel
+
+    if isinstance(model, GuidedModel):
+        return model.takes_map, model.takes_text
+    return False, False
+
+
 def is_ss(model: nn.Module) -> bool:
-    from ssattn.dropin import SemanticSensitive
+    """Whether the model has -SS stages (takes a guidance map and has an alignment loss)."""
+    return guidance_kinds(model)[0]
 
-    return isinstance(model, SemanticSensitive)
 
-
-def run_model(model: nn.Module, x: Tensor, guidance: Tensor, ss: bool | None = None) -> Tensor:
-    """Call a plain network or a -SS one (ss: whether it takes guidance; given when `model` is a DDP wrapper)."""
-    ss = is_ss(model) if ss is None else ss
-    return model(x, guidance=guidance) if ss else model(x)
+def run_model(model: nn.Module, x: Tensor, guidance: Tensor, kinds: tuple[bool, bool] | None = None,
+              text=None) -> Tensor:
+    """Call a plain network or a guided one (kinds: guidance_kinds(model), given when `model` is a DDP wrapper)."""
+    takes_map, takes_text = guidance_kinds(model) if kinds is None else kinds
+    kwargs = {}
+    if takes_map:
+        kwargs["guidance"] = guidance
+    if takes_text:
+        if text is None:
+            raise ValueError("this model has text stages: it needs the items' captions (ssattn train/eval --text)")
+        kwargs["text"] = text
+    return model(x, **kwargs)
 
 
 # --------------------------------------------------------------------------- data
@@ -380,8 +403,10 @@ def _unused_parameters(model: nn.Module) -> list[str]:
 
 
 def train(model: nn.Module, data, config: TrainConfig, out_dir: str | None = None, *, spec: dict | None = None,
-          resume: bool = True, stop_at: int | None = None, unsafe: bool = False) -> dict:
-    """Train `model` (a plain network, or a semantic_sensitive wrapper) on (degraded, reference, guidance).
+          resume: bool = True, stop_at: int | None = None, unsafe: bool = False, text=None) -> dict:
+    """Train `model` (a plain network, or a drop-in wrapper) on (degraded, reference, guidance).
+
+    text: the items' word features (ssattn.apps.training.text.ItemText) for a model with text stages.
 
     Loss: ReconstructionLoss (L1 [+ VGG-19 perceptual]) + ss.alignment_loss()
     for -SS models. With out_dir, checkpoints go to out_dir/checkpoint.pt and
@@ -413,7 +438,11 @@ def train(model: nn.Module, data, config: TrainConfig, out_dir: str | None = Non
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: config.lr_at(s) / config.lr)
     scaler = torch.amp.GradScaler(device.type) if config.amp == "fp16" else None
-    ss = is_ss(model)
+    kinds = guidance_kinds(model)
+    ss = kinds[0]
+    if kinds[1] and (text is None or len(text) != len(source)):
+        raise ValueError(f"this model has text stages: text must give the word features of each of the "
+                         f"{len(source)} items, got {'none' if text is None else len(text)}")
     step, epoch, offset = 0, 0, 0
     history = {"loss": [], "psnr": [], "step_times": []}
     ckpt_path = os.path.join(out_dir, CHECKPOINT) if out_dir else None
@@ -491,9 +520,10 @@ def train(model: nn.Module, data, config: TrainConfig, out_dir: str | None = Non
 
             def forward():
                 x, ref, g = batch
+                words = None if not kinds[1] else text.batch(idx).to(device)
                 with no_sync(micro):
                     with _autocast(config, device):
-                        out = run_model(net, x, g, ss)
+                        out = run_model(net, x, g, kinds, text=words)
                         loss = criterion(out, ref)
                         if ss:
                             loss = loss + model.alignment_loss()
@@ -571,8 +601,11 @@ def save_checkpoint(path: str, model: nn.Module, optimizer, step: int, config: T
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, data, *, batch_size: int = 16, device="cpu") -> dict:
-    """PSNR / SSIM of the model's outputs (clamped to [0, 1]) and of the degraded inputs, per image and mean."""
+def evaluate(model: nn.Module, data, *, batch_size: int = 16, device="cpu", text=None) -> dict:
+    """PSNR / SSIM of the model's outputs (clamped to [0, 1]) and of the degraded inputs, per image and mean.
+
+    text: the items' word features (ItemText) for a model with text stages.
+    """
     device = torch.device(device)
     source = Source(data)
     model.to(device).eval()
@@ -580,7 +613,8 @@ def evaluate(model: nn.Module, data, *, batch_size: int = 16, device="cpu") -> d
     for start in range(0, len(source), batch_size):
         idx = torch.arange(start, min(len(source), start + batch_size))
         x, ref, g = (t.to(device) for t in source.batch(idx))
-        y = run_model(model, x, g).float().clamp(0, 1)
+        words = None if text is None else text.batch(idx).to(device)
+        y = run_model(model, x, g, text=words).float().clamp(0, 1)
         out_psnr += psnr(y, ref).tolist()
         out_ssim += ssim(y, ref).tolist()
         in_psnr += psnr(x, ref).tolist()
