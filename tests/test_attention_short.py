@@ -197,6 +197,45 @@ def test_text_module_path_makes_no_copies(monkeypatch, fmt):
     assert all(t.grad is not None for t in (x, words, weight))
 
 
+@pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last], ids=["nchw", "channels_last"])
+def test_text_guided_cross_attention_module_on_the_short_kernels(monkeypatch, fmt):
+    """ssattn.text's TextGuidedCrossAttention with backend="triton-short": no copies in fwd + bwd, and the
+    output and every gradient as with the reference backend."""
+    from ssattn.text.modules import TextGuidedCrossAttention
+
+    recorder = _CopyRecorder()
+
+    def paused(fn):
+        def run(*args, **kwargs):
+            recorder.paused = True
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                recorder.paused = False
+        return run
+
+    monkeypatch.setattr(short, "forward", paused(short.forward))
+    monkeypatch.setattr(short, "backward", paused(short.backward))
+    block = TextGuidedCrossAttention(8, 12, heads=2, backend=SHORT).to(DEV, memory_format=fmt)
+    torch.nn.init.normal_(block.out_proj.weight, std=0.3)
+    x = torch.randn(2, 8, 9, 7, device=DEV).contiguous(memory_format=fmt).requires_grad_()
+    words = torch.randn(2, 7, 12, device=DEV, requires_grad=True)
+    weight = torch.rand(2, 7, device=DEV, requires_grad=True)
+    mask = padding(2, 7)
+    go = torch.randn(2, 8, 9, 7, device=DEV).contiguous(memory_format=fmt)
+    with recorder:
+        y = block(x, words, mask, weight)
+        grads = torch.autograd.grad(y, (x, words, weight, *block.parameters()), go)
+    assert recorder.copies == []
+    assert y.is_contiguous(memory_format=fmt)
+    block.backend = "reference"
+    y_ref = block(x, words, mask, weight)
+    grads_ref = torch.autograd.grad(y_ref, (x, words, weight, *block.parameters()), go)
+    torch.testing.assert_close(y, y_ref)
+    for a, b in zip(grads, grads_ref):
+        torch.testing.assert_close(a, b)
+
+
 # --------------------------------------------------------------------------- registration and choice
 def test_auto_picks_the_short_kernels_for_few_keys_on_cuda():
     for dtype in (f16, bf16, f32):
