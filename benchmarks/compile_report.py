@@ -63,6 +63,7 @@ from triton.compiler import ASTSource, make_backend  # noqa: E402
 from triton.runtime.jit import create_function_from_signature  # noqa: E402
 
 from ssattn.kernels import attention as attn  # noqa: E402
+from ssattn.kernels import attention_short as short  # noqa: E402
 from ssattn.kernels import pyramid as pyr  # noqa: E402
 from ssattn.reference.pyramid import NORM_EPS  # noqa: E402
 
@@ -76,7 +77,9 @@ MAX_WARPS_PER_SM = 64
 MAX_BLOCKS_PER_SM = 32
 
 ATTN_KINDS = ("fwd", "dkdv", "dq", "fused", "delta")  # fused: the single-pass backward (dkdv + dq by atomics)
-KINDS = ATTN_KINDS + ("pyramid",)
+SHORT_KINDS = ("short-fwd", "short-bwd")  # kernels/attention_short.py (Nk <= 128), text keys
+KINDS = ATTN_KINDS + SHORT_KINDS + ("pyramid",)
+SHORT_L = 77  # text keys of the short-key cases: CLIP's 77 tokens (BLOCK_N 128)
 DTYPES = {"bf16": (torch.bfloat16, ""), "fp16": (torch.float16, ""), "fp32-tf32": (torch.float32, "tf32"),
           "fp32-ieee": (torch.float32, "ieee"), "fp32-tf32x3": (torch.float32, "tf32x3"),
           "bf16-fexp2": (torch.bfloat16, ""), "fp16-fexp2": (torch.float16, "")}
@@ -216,6 +219,37 @@ def _attention_configs(kind, fn, args, meta, dtype, quick):
     return [{**c.kwargs, "num_warps": c.num_warps, "num_stages": c.num_stages} for c in kept]
 
 
+def short_launches(dtype, prec, d, L=SHORT_L):
+    """{kind: (JITFunction, args, kwargs)} of the short-key forward and (atomic) backward, from the real host
+    code, on the text module's views: q from an NCHW 64x64 image projection, k and v Linear head views of
+    (B, L, h*d) word features, a weight and a padding mask over the words."""
+    B, h, N = ATTN_B, ATTN_H, ATTN_N
+    q = torch.empty(B, h * d, 64, 64, dtype=dtype, device="meta").view(B, h, d, N).transpose(-1, -2)
+    k, v = (torch.empty(B, L, h * d, dtype=dtype, device="meta").view(B, L, h, d).transpose(1, 2) for _ in range(2))
+    w = torch.empty(B, L, dtype=dtype, device="meta")
+    kpm = torch.empty(B, L, dtype=torch.bool, device="meta")
+    calls = []
+    with _patched(short, _check_short=lambda *a: None, short_fwd_kernel=_Recorder(calls, "short-fwd"),
+                  short_bwd_kernel=_Recorder(calls, "short-bwd")):
+        out, stats = short.forward(q, k, v, w, kpm, d ** -0.5, precision=prec or "ieee")
+        short.backward(torch.empty_like(out), q, k, v, w, kpm, out, stats, d ** -0.5, True, precision=prec or "ieee")
+    raw = {"short-fwd": short.short_fwd_kernel, "short-bwd": short.short_bwd_kernel}
+    return {kind: (raw[kind], args, kwargs) for kind, _, args, kwargs in calls}
+
+
+def short_jobs(kinds, dtypes, head_dims):
+    """One job per short-key kernel, dtype and head dim (the launcher's one config), at L = SHORT_L."""
+    jobs = []
+    for name in dtypes:
+        if name in FAST_EXP2_DTYPES:
+            continue
+        dtype, prec = DTYPES[name]
+        for d in head_dims:
+            launches = short_launches(dtype, prec, d)
+            jobs += [Job(kind, f"{name} d={d} L={SHORT_L}", *launches[kind]) for kind in kinds]
+    return jobs
+
+
 def pyramid_jobs(quick):
     """The pyramid kernel as the GPU path launches it (SPEC benchmark: B=16, 24x24 grid, 512..64)."""
     sizes = [(512, 512), (256, 256), (128, 128), (64, 64)]
@@ -271,6 +305,10 @@ class Result:
     ex2_f32: int = 0  # PTX: ex2.approx(.ftz).f32 instructions
     ex2_packed: int = 0  # PTX: ex2.approx(.ftz).f16x2 / bf16x2 instructions (two exponentials each)
     ex2_per_score: float | None = None  # TTGIR: exponential instructions per score in the 2-D exp2 sites
+    exp2_sites: int = 0  # TTGIR: 2-D exponential sites (score tiles exponentiated)
+    loops: int = 0  # TTGIR: scf.for loops
+    loads_outside: int = 0  # TTGIR: 2-D tile loads from global memory outside any loop (tt.load / async copy)
+    loads_inside: int = 0  # TTGIR: the same inside a loop
 
     def blocks_per_sm(self) -> int | None:
         """Resident CTAs per SM allowed by registers, shared memory, warps (H100 limits)."""
@@ -337,8 +375,28 @@ def exp2_per_score(ttgir: str) -> float | None:
     return sum(costs) / len(costs) if costs else None
 
 
+def tile_loads(ttgir: str) -> dict:
+    """Loops and the 2-D tile loads from global memory outside and inside them (the short-key kernels load
+    K and V once, outside any loop). Counts tt.load of a 2-D pointer tensor and async copies into shared
+    memory; loops are not nested in these kernels."""
+    counts = {"loops": 0, "loads_outside": 0, "loads_inside": 0, "exp2_sites": 0}
+    loop_indent = None
+    for ln in ttgir.splitlines():
+        indent = len(ln) - len(ln.lstrip())
+        if loop_indent is not None and indent == loop_indent and ln.strip().startswith("}"):
+            loop_indent = None
+        if "scf.for" in ln:
+            counts["loops"] += 1
+            loop_indent = indent if loop_indent is None else loop_indent
+        if re.search(r"(= tt\.load |ttg\.async_copy_global_to_local ).*tensor<\d+x\d+x!tt\.ptr", ln):
+            counts["loads_inside" if loop_indent is not None else "loads_outside"] += 1
+        if re.search(r"math\.exp2 %\S+ : " + _TENSOR_2D, ln):
+            counts["exp2_sites"] += 1
+    return counts
+
+
 def _parse_ttgir(ttgir: str, res: "Result") -> None:
-    for key, value in pipeline_counts(ttgir).items():
+    for key, value in {**pipeline_counts(ttgir), **tile_loads(ttgir)}.items():
         setattr(res, key, value)
     res.ex2_per_score = exp2_per_score(ttgir)
 
@@ -400,12 +458,12 @@ def header(cmd: str, versions: dict) -> str:
 
 def markdown_table(results) -> str:
     rows = ["| kernel | case | config | regs | spill st/ld B | stack B | smem KB | CTAs/SM | wgmma | mma.sync | wgmma ser. "
-            "| tile ld/alloc | waits(0) | ex2/score | note |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+            "| tile ld/alloc | waits(0) | ex2/score | loops; global tile loads out/in | note |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         j = r.job
         if not r.ok:
-            rows.append(f"| {j.kernel} | {j.case} | {j.config()} | | | | | | | | | | | | FAILED: {r.error} |")
+            rows.append(f"| {j.kernel} | {j.case} | {j.config()} | | | | | | | | | | | | | FAILED: {r.error} |")
             continue
         spill = f"{r.spill_stores}/{r.spill_loads}" if r.spill_stores is not None else "?"
         spill = f"**{spill}**" if (r.spill_stores or r.spill_loads) else spill
@@ -413,7 +471,7 @@ def markdown_table(results) -> str:
         rows.append(
             f"| {j.kernel} | {j.case} | {j.config()} | {r.regs} | {spill} | {r.stack} | {r.smem / 1024:.1f} | "
             f"{r.blocks_per_sm()} | {r.wgmma} | {r.mma_sync} | {r.serialized[:60]} | {r.tile_loads}/{r.tile_allocs} | "
-            f"{r.drained_waits} | {_ex2_text(r)} | {note} |"
+            f"{r.drained_waits} | {_ex2_text(r)} | {r.loops}; {r.loads_outside}/{r.loads_inside} | {note} |"
         )
     return "\n".join(rows)
 
@@ -486,7 +544,8 @@ def to_json(results) -> list:
                  stack=r.stack, smem=r.smem, blocks_per_sm=r.blocks_per_sm() if r.ok else None,
                  wgmma=r.wgmma, mma_sync=r.mma_sync, serialized=r.serialized, tile_loads=r.tile_loads,
                  tile_allocs=r.tile_allocs, drained_waits=r.drained_waits, ex2_f32=r.ex2_f32,
-                 ex2_packed=r.ex2_packed, ex2_per_score=r.ex2_per_score) for r in results]
+                 ex2_packed=r.ex2_packed, ex2_per_score=r.ex2_per_score, exp2_sites=r.exp2_sites, loops=r.loops,
+                 loads_outside=r.loads_outside, loads_inside=r.loads_inside) for r in results]
 
 
 # --------------------------------------------------------------------------- main
@@ -525,6 +584,9 @@ def main(argv=None) -> int:
     a = parse_args(argv)
     attn_kinds = [k for k in a.kernels if k in ATTN_KINDS]
     jobs = attention_jobs(attn_kinds, a.dtypes, a.head_dims, a.quick, a.configs, a.pipeline) if a.dtypes else []
+    short_kinds = [k for k in a.kernels if k in SHORT_KINDS]
+    if short_kinds and a.dtypes:
+        jobs += short_jobs(short_kinds, a.dtypes, a.head_dims)
     if "pyramid" in a.kernels:
         jobs += pyramid_jobs(a.quick)
     results = []

@@ -11,7 +11,11 @@
 #   3. the rest of the GPU tests, under what the budget leaves after stages 4-5
 #   4. the headline attention benchmark (benchmarks/headline_attention.py: SPEC's four stages, bf16
 #      fwd+bwd and fp32 TF32, vs the SDPA chain and SDPA's kernel alone; checks the backward first)
-#   5. the pyramid and alignment-loss benches (pytest-benchmark)
+#   5. the image-word (short-key) attention benchmark (benchmarks/bench_text_attention.py: N = 65536 and
+#      4096, L = 77, d = 32 and 64, bf16 and fp32, fwd and fwd+bwd, against SDPA with boolean and float
+#      masks, with the memory roofline; FlexAttention and the general kernels left out: they compile
+#      for ~1 min per shape and ~30 s in all)
+#   6. the pyramid and alignment-loss benches (pytest-benchmark)
 # GPU_CHECK_BUDGET (seconds, default 470) is the whole budget; the caps below are per stage.
 set -uo pipefail
 DRY=0
@@ -23,7 +27,7 @@ for arg in "$@"; do
 done
 OUT=${OUT:-./out}
 BUDGET=${GPU_CHECK_BUDGET:-470}
-CAP_BUILD=160; CAP_SMOKE=100; CAP_HEADLINE=120; CAP_BENCH=50; RESERVE=10
+CAP_BUILD=160; CAP_SMOKE=100; CAP_HEADLINE=120; CAP_TEXT=60; CAP_BENCH=50; RESERVE=10
 SMOKE="test_gpu_padding_and_zero_weights or test_gpu_deterministic or bf16-d32 or fp32-tf32-d32 or test_gpu_grid_cases or test_cuda_deterministic"
 BENCH_K="(grid-B16-512 and (triton or eager or compile)) or (test_alignment_cuda_fwd_bwd and not compile)"
 export PYTHONUNBUFFERED=1 SSATTN_VALUE_CHECKS=0 TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=${MAX_JOBS:-16}
@@ -63,18 +67,22 @@ else
 fi
 stage build "$CAP_BUILD" build.log bash -c "pip install --no-build-isolation --no-deps -q -e . && python -m ssattn info"
 stage smoke "$CAP_SMOKE" smoke.log python -m pytest tests -m gpu -x -q -p no:cacheprovider -k "$SMOKE"
-rest_cap=$(( $(left) - CAP_HEADLINE - CAP_BENCH - RESERVE ))
-(( DRY )) && rest_cap="budget-left-minus-$(( CAP_HEADLINE + CAP_BENCH + RESERVE ))"
+rest_cap=$(( $(left) - CAP_HEADLINE - CAP_TEXT - CAP_BENCH - RESERVE ))
+(( DRY )) && rest_cap="budget-left-minus-$(( CAP_HEADLINE + CAP_TEXT + CAP_BENCH + RESERVE ))"
 stage tests "$rest_cap" tests.log python -m pytest tests -m gpu -v -p no:cacheprovider -k "not ($SMOKE)" --durations=10
-headline_cap=$(( $(left) - CAP_BENCH - RESERVE )); (( headline_cap > CAP_HEADLINE )) && headline_cap=$CAP_HEADLINE
+headline_cap=$(( $(left) - CAP_TEXT - CAP_BENCH - RESERVE )); (( headline_cap > CAP_HEADLINE )) && headline_cap=$CAP_HEADLINE
 (( DRY )) && headline_cap=$CAP_HEADLINE
 stage headline "$headline_cap" headline.log python benchmarks/headline_attention.py --out "$OUT/headline.md"
+text_cap=$(( $(left) - CAP_BENCH - RESERVE )); (( text_cap > CAP_TEXT )) && text_cap=$CAP_TEXT
+(( DRY )) && text_cap=$CAP_TEXT
+stage text "$text_cap" text.log python benchmarks/bench_text_attention.py --sides 256,64 --words 77 --head-dims 32,64 \
+  --dtypes bf16,fp32 --peers sdpa --no-general --out "$OUT/text_attention.md"
 bench_cap=$(( $(left) - RESERVE )); (( bench_cap > CAP_BENCH )) && bench_cap=$CAP_BENCH
 (( DRY )) && bench_cap=$CAP_BENCH
 stage benches "$bench_cap" benches.log python -m pytest benchmarks/bench_pyramid.py benchmarks/bench_alignment.py -m gpu \
   -q -p no:cacheprovider -k "$BENCH_K" --benchmark-columns=min,median,rounds --benchmark-json="$OUT/benches.json"
 if (( DRY )); then
-  echo "report: $OUT/gpu_check.md (stage table, headline table, bench table)"
+  echo "report: $OUT/gpu_check.md (stage table, headline table, text attention table, bench table)"
   exit 0
 fi
 
@@ -88,6 +96,8 @@ fi
   printf '%s\n' "${ROWS[@]}"
   echo
   [[ -f "$OUT/headline.md" ]] && cat "$OUT/headline.md"
+  echo
+  [[ -f "$OUT/text_attention.md" ]] && cat "$OUT/text_attention.md"
   echo
   python - "$OUT/benches.json" <<'EOF' 2>/dev/null || echo "(no bench results)"
 import json, sys

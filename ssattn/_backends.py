@@ -96,10 +96,10 @@ def kernel_missing(name: str) -> str | None:
     return None
 
 
-def triton_kernels(op: str, backend: str, name: str):
-    """ssattn.kernels.<name> for an op called with backend="triton", or a clear error."""
-    if backend != "triton":
-        raise ValueError(f"{op}: unknown backend {backend!r}; expected 'triton'")
+def triton_kernels(op: str, backend: str, name: str, backends: tuple[str, ...] = ("triton",)):
+    """ssattn.kernels.<name> for an op called with one of its Triton backends, or a clear error."""
+    if backend not in backends:
+        raise ValueError(f"{op}: unknown backend {backend!r}; expected one of {list(backends)}")
     mod = kernel_module(name)
     if mod is None:
         raise RuntimeError(f"ssattn: the Triton kernels '{name}' are not available")

@@ -129,7 +129,7 @@ def masked_cross_attention(
 
 def _attention(q, k, v, weight, key_padding_mask, scale: float, backend: str) -> Tensor:
     """masked_cross_attention after validation (the modules validate their own map)."""
-    chosen = _backends.resolve("masked_cross_attention", backend, q.device.type, q.dtype)
+    chosen = _attention_ops.choose(backend, q.device.type, q.dtype, k.shape[-2])
     if chosen == _attention_cpu.BACKEND and (backend != "auto" or _attention_cpu.worth_it(q, k)):
         return _attention_cpu.masked_attention_cpu(q, k, v, weight, key_padding_mask, scale)
     if chosen in ("reference", _attention_cpu.BACKEND):  # small CPU problems: the reference (see worth_it)

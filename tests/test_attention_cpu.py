@@ -121,6 +121,16 @@ def test_auto_on_cpu_takes_the_linear_path_above_the_threshold(monkeypatch):
     torch.testing.assert_close(large, small)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_auto_on_cpu_takes_the_linear_path_for_half_precision_at_any_size(monkeypatch, dtype):
+    q, k, v = (torch.randn(2, 2, 9, 4, dtype=dtype) for _ in range(3))
+    calls = []
+    real = attention_cpu.masked_attention_cpu
+    monkeypatch.setattr(attention_cpu, "masked_attention_cpu", lambda *a: (calls.append(1), real(*a))[1])
+    out = ssattn.masked_cross_attention(q, k, v, torch.rand(2, 9))  # far below the fp32 threshold
+    assert len(calls) == 1 and out.dtype == dtype
+
+
 def test_module_and_compile_use_the_cpu_path(monkeypatch):
     monkeypatch.setattr(attention_cpu, "AUTO_MIN_SCORE_BYTES", 0)
     torch._dynamo.reset()

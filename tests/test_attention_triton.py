@@ -91,9 +91,9 @@ def same_strides(src):
     return out.copy_(src.detach())
 
 
-def fast_fn(precision="ieee", deterministic=False):
+def fast_fn(precision="ieee", deterministic=False, backend="triton"):
     def fn(q, k, v, w, kpm, scale):
-        return FAST_OP(q, k, v, w, kpm, scale, "triton", precision, deterministic)[0]
+        return FAST_OP(q, k, v, w, kpm, scale, backend, precision, deterministic)[0]
 
     return fn
 
@@ -107,11 +107,12 @@ def to(x, dtype):
 
 
 def check_against_reference(q, k, v, w, kpm, do, scale=None, precision=None, *, ref_dtype=None,
-                            ref_precision="highest", floor_scale=1.0, weight_grad=True, deterministic=False):
+                            ref_precision="highest", floor_scale=1.0, weight_grad=True, deterministic=False,
+                            backend="triton"):
     """Fast path (float32 dot precision) vs the reference in the same dtype vs the float64 truth, output and every gradient."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     precision = precision or attn_ops.default_precision()
-    fast = fast_fn(precision, deterministic)
+    fast = fast_fn(precision, deterministic, backend)
     fast_out, fast_grads = run_attention(fast, q, k, v, w, kpm, do, scale, weight_grad=weight_grad)
     ref_dtype = ref_dtype or q.dtype
     base = [to(t.contiguous(), ref_dtype) if t is not None else None for t in (q, k, v, w)]

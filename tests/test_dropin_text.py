@@ -238,3 +238,47 @@ def test_stage_module_is_the_tcm_block():
     ss = ssattn.text_guided(SmallUNet(), ["dec1"], text_channels=CT, intra_text=False, intra_image=True)
     blk = ss.text_blocks["dec1"]
     assert isinstance(blk, TextConditioning) and blk.word_attn is None and blk.image_attn is not None
+
+
+def test_text_stages_under_autocast_and_channels_last():
+    torch.manual_seed(5)
+    ss = _perturb(ssattn.text_guided(UNet(3, 3, 8), ["dec2"], text_channels=CT, heads=2))
+    torch.nn.init.normal_(ss.model.head.weight, std=0.3)  # the U-Net's zero head would hide every stage
+    x = torch.rand(2, 3, 16, 16)
+    words, mask = _text()
+    expect = ss(x, text=(words, mask))
+    assert (expect - ss(x, text=(torch.randn_like(words), mask))).abs().max() > 1e-3
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = ss(x, text=(words, mask))
+    torch.testing.assert_close(y.float(), expect, rtol=0.05, atol=0.05)
+    ss_cl = ss.to(memory_format=torch.channels_last)
+    y_cl = ss_cl(x.contiguous(memory_format=torch.channels_last), text=(words, mask))
+    torch.testing.assert_close(y_cl, expect, rtol=1e-5, atol=1e-5)
+
+
+def test_a_site_with_both_kinds_of_stage_is_refined_by_both_and_recomputed_right():
+    torch.manual_seed(6)
+
+    def build(use_checkpoint):
+        torch.manual_seed(6)
+        ss = ssattn.semantic_sensitive(SmallUNet(use_checkpoint), {"dec1": "enc1"}, text_stages=["dec1"],
+                                       text_channels=CT)
+        with torch.no_grad():
+            for p in ss.blocks.parameters():
+                p.normal_(0, 0.3)
+        return _perturb(ss, 0.3)
+
+    ck, plain = build(True), build(False)
+    x, g = torch.randn(2, 3, 8, 8), torch.rand(2, 1, 8, 8)
+    words, mask = _text()
+    net = plain.model
+    e1 = net.enc1(x)
+    d = net.dec1(torch.cat([net.up(net.enc2(e1)), e1], 1))
+    d = plain.text_blocks["dec1"](plain.blocks["dec1"](d, e1, g), words, mask)  # -SS first, then the text
+    torch.testing.assert_close(plain(x, guidance=g, text=(words, mask)), net.head(d), rtol=0, atol=0)
+    grads = []
+    for ss in (ck, plain):
+        (ss(x, guidance=g, text=(words, mask)).square().mean() + ss.alignment_loss()).backward()
+        grads.append({n: p.grad for n, p in ss.named_parameters()})
+    for n, grad in grads[1].items():
+        torch.testing.assert_close(grads[0][n], grad, rtol=1e-5, atol=1e-7, msg=n)

@@ -15,7 +15,7 @@ import pytest
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "benchmarks" / "gpu_check.sh"
-STAGES = ("build", "smoke", "tests", "headline", "benches")
+STAGES = ("build", "smoke", "tests", "headline", "text", "benches")
 
 
 def test_dry_run_prints_the_plan_and_runs_nothing(tmp_path):
@@ -37,6 +37,7 @@ def test_dry_run_prints_the_plan_and_runs_nothing(tmp_path):
     assert "TORCH_CUDA_ARCH_LIST=9.0" in proc.stdout  # sm_90 only
     assert " -x " in next(ln for ln in lines if ln.startswith("smoke"))
     assert "headline_attention.py" in proc.stdout
+    assert "bench_text_attention.py" in next(ln for ln in lines if ln.startswith("text"))
 
 
 def test_unknown_argument_is_refused():

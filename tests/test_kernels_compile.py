@@ -7,6 +7,10 @@ dots), and the pyramid kernel on a 24x24 grid. Catches a Triton API change
 bf16 fwd and dq without the per-key weight and checks, in the TTGIR, that
 the weight costs the Hopper pipeline nothing (issue 12): no more 2-D tile
 round trips through shared memory and no more fully drained wgmma waits.
+The short-key kernels (kernels/attention_short.py, issue 17) at d=64 and
+L=77 text keys: no spills, and in the TTGIR a single pass (the forward has
+no loop and loads each of Q, K, V once; the backward loads K and V once,
+outside its loop over query blocks) with one exponential per score.
 float32 with IEEE dots is left to benchmarks/compile_report.py: its FMA
 kernels take ~10-30 s each.
 
@@ -26,7 +30,7 @@ import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(REPO, "benchmarks", "compile_report.py")
-KERNELS = ("fwd", "dkdv", "dq", "fused", "delta", "pyramid")
+KERNELS = ("fwd", "dkdv", "dq", "fused", "delta", "short-fwd", "short-bwd", "pyramid")
 DTYPES = ("bf16", "fp32-tf32")
 # The heuristic configs (kernels/_attention_configs.py, first of each class) do not spill with
 # Triton 3.6, 3.8 and 3.9, except fp32-tf32 dkdv at d=64: its wgmma config (32x64, 4 warps) spills
@@ -42,7 +46,8 @@ try:
         SPILL_EXEMPT.add(("fused", "bf16"))
 except ImportError:  # the report fixture skips then
     pass
-MMA_KERNELS = ("fwd", "dkdv", "dq", "fused")
+# short-bwd is left out: its 16-row query blocks (no spills at 128 keys) take mma.sync for the (16, 128) dots.
+MMA_KERNELS = ("fwd", "dkdv", "dq", "fused", "short-fwd")
 
 
 def _cuda_backend_problem():
@@ -112,3 +117,16 @@ def test_weight_costs_the_pipeline_nothing(report, kernel):
     assert p["ok"], f"{kernel} {p['case']} {p['config']}: with the weight {p['weighted']}, without {p['unweighted']}"
     # The comparison counts something real: every MMA kernel waits for its wgmma at least once.
     assert p["unweighted"]["drained_waits"] > 0
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_short_key_kernels_keep_the_keys_on_chip(report, dtype):
+    """short-fwd: no loop at all (no key loop, no online rescaling), three tile loads (Q, K, V: K exactly once),
+    one exp2 site, one exponential per score. short-bwd: one loop (over query blocks), K and V loaded once
+    before it, Q, dO and O inside it, P recomputed by one exp2 site."""
+    fwd, bwd = _pick(report["results"], "short-fwd", dtype), _pick(report["results"], "short-bwd", dtype)
+    assert fwd["ok"] and bwd["ok"], (fwd, bwd)
+    assert (fwd["loops"], fwd["loads_outside"], fwd["loads_inside"]) == (0, 3, 0), fwd
+    assert fwd["exp2_sites"] == 1 and fwd["ex2_per_score"] == 1.0, fwd
+    assert (bwd["loops"], bwd["loads_outside"], bwd["loads_inside"]) == (1, 2, 3), bwd
+    assert bwd["exp2_sites"] == 1 and bwd["wgmma"] > 0, bwd

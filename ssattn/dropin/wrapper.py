@@ -84,8 +84,6 @@ from .sites import Site, declared_channels, parse_site, replace, select
 
 __all__ = ["GuidedModel", "SemanticSensitive", "semantic_sensitive", "text_guided", "remove_semantic_sensitive"]
 
-TEXT_USED = "text"  # call.used's mark of a text stage's call (its inputs are the call's text)
-
 
 def _block_key(spec: str) -> str:
     # ModuleDict keys cannot contain dots.
@@ -141,7 +139,7 @@ class _Call:
         self.encoded: dict[str, _Captured] = {}      # encoder site -> latest (or pinned) capture
         self.features: dict[str, list[_Captured]] = {}   # decoder site -> one capture per refined call
         self.text_refined: set[str] = set()          # text stage sites that refined a call
-        self.used: dict[tuple[str, int], Tensor | str] = {}  # (site, call) -> the encoder feature it used / TEXT_USED
+        self.used: dict[tuple, Tensor | None] = {}   # (role, site, call) -> the encoder feature it used (text: None)
         self.prints: dict[str, list[Tensor]] = {}     # decoder module -> a few raw output values per call
         self.channels: dict[str, int] = {}           # probing: site -> measured channel count
 
@@ -446,7 +444,7 @@ class GuidedModel(nn.Module):
         refined = block(d, e, call.guidance.to(d.device))
         call.features.setdefault(dec.spec, []).append(_Captured(refined, backup=self._keeps_copy(dec.spec)))
         if torch.is_grad_enabled():
-            call.used[(dec.spec, k)] = e
+            call.used[("decoder", dec.spec, k)] = e
         return replace(out, dec.path, refined)
 
     def _refine_text(self, call: _Call, site: Site, out, k: int):
@@ -464,7 +462,7 @@ class GuidedModel(nn.Module):
         refined = self._text_stage(block, d, call.text)
         call.text_refined.add(site.spec)
         if torch.is_grad_enabled():
-            call.used[(site.spec, k)] = TEXT_USED
+            call.used[("text", site.spec, k)] = None  # its inputs are the call's text
         return replace(out, site.path, refined)
 
     @staticmethod
@@ -496,9 +494,9 @@ class GuidedModel(nn.Module):
         k = 0 if n == 1 else self._which_call(last, name, select(refined_sites[0][1], "decoder", out))
         new = out
         for role, site in refined_sites:
-            e = last.used.get((site.spec, k))
-            if e is None:
+            if (role, site.spec, k) not in last.used:
                 continue  # a call this site does not refine (e.g. "dec#1" and this is call 0)
+            e = last.used[(role, site.spec, k)]
             d = select(site, "decoder", new)
             if role == "text":
                 refined = self._text_stage(self.text_blocks[_block_key(site.spec)], d, last.text)

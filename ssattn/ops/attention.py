@@ -1,7 +1,9 @@
 """ssattn::masked_attention_fwd / _bwd: the registered op behind masked_cross_attention's fast paths.
 
 The op runs a fast backend named by its `backend` argument ("triton": the
-kernels of ssattn.kernels.attention); the reference (ssattn.reference) is the
+kernels of ssattn.kernels.attention; "triton-short": those of
+ssattn.kernels.attention_short, for Nk <= 128 keys, which `choose` gives
+"auto" in place of "triton" when the keys are that few); the reference (ssattn.reference) is the
 only PyTorch formulation of SPEC 2 and is called directly by the functional
 API, never through this op. Contract of every backend: forward returns
 (out, stats), stats (B, h, Nq, 2) float32 the softmax statistics in base 2:
@@ -39,6 +41,16 @@ _backends.register(
     OP, "triton", auto_devices=("cuda",), runs_on=_backends.triton_runs_on, devices_text=_backends.TRITON_DEVICES,
     dtypes=(torch.float16, torch.bfloat16, torch.float32), missing=lambda _: _backends.kernel_missing("attention"),
 )
+# The short-key kernels (Nk <= SHORT_MAX_KEYS, e.g. image-word attention over L <= 77 text keys): registered
+# after "triton", so the registry's "auto" never reaches them; `choose` picks them by the key count.
+SHORT = "triton-short"
+SHORT_MAX_KEYS = 128
+_backends.register(
+    OP, SHORT, auto_devices=("cuda",), runs_on=_backends.triton_runs_on, devices_text=_backends.TRITON_DEVICES,
+    dtypes=(torch.float16, torch.bfloat16, torch.float32),
+    missing=lambda _: _backends.kernel_missing("attention_short"),
+)
+_KERNEL_MODULES = {"triton": "attention", SHORT: "attention_short"}
 
 
 def stats_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -138,7 +150,33 @@ def _check_backward_inputs(grad_out, q, k, v, weight, key_padding_mask, out, sta
 
 
 def _kernels(backend: str):
-    return _backends.triton_kernels("masked_attention", backend, "attention")
+    return _backends.triton_kernels("masked_attention", backend, _KERNEL_MODULES.get(backend, "attention"),
+                                    tuple(_KERNEL_MODULES))
+
+
+@_backends.constant_for_compile
+def _short_available(device_type: str, dtype: torch.dtype) -> bool:
+    """Whether "auto" may take the short-key kernels on this device type and dtype (constants only)."""
+    return _backends.available(OP, SHORT, device_type) and _backends.resolve(OP, SHORT, device_type, dtype) == SHORT
+
+
+def choose(backend: str, device_type: str, dtype: torch.dtype, nk: int) -> str:
+    """The backend a masked_cross_attention call with nk keys uses: the registry's choice, and for
+    "auto" the short-key kernels in place of "triton" when nk <= SHORT_MAX_KEYS.
+
+    nk may be a symbolic size under torch.compile(dynamic=True): the comparison becomes a guard.
+    """
+    chosen = _backends.resolve(OP, backend, device_type, dtype)
+    if chosen == SHORT:
+        if nk <= SHORT_MAX_KEYS:
+            return chosen
+        if backend == SHORT:
+            raise ValueError(f"masked_cross_attention: backend {SHORT!r} takes at most {SHORT_MAX_KEYS} keys, "
+                             f"got k with Nk = {nk}; use backend='triton' or 'auto'")
+        return "reference"  # "auto" reached it only because the general kernels are missing
+    if backend == "auto" and chosen == "triton" and nk <= SHORT_MAX_KEYS and _short_available(device_type, dtype):
+        return SHORT
+    return chosen
 
 
 def _check_precision(precision: str) -> None:

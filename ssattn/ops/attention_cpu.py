@@ -39,7 +39,13 @@ _backends.register(
 
 
 def worth_it(q: Tensor, k: Tensor) -> bool:
-    """Whether "auto" should prefer this path to the reference for these sizes (see AUTO_MIN_SCORE_BYTES)."""
+    """Whether "auto" should prefer this path to the reference for these sizes (see AUTO_MIN_SCORE_BYTES).
+
+    Half precision always: the reference's bf16/fp16 matmuls on CPU were 3-18x slower than this kernel at every
+    size measured (benchmarks/RESULTS.md, image-word cross-attention on CPU), and it sums in half precision.
+    """
+    if q.dtype in (torch.float16, torch.bfloat16):
+        return True
     B, h, nq, _ = q.shape
     return B * h * nq * k.shape[-2] * 4 > AUTO_MIN_SCORE_BYTES
 

@@ -22,7 +22,7 @@ def run(args) -> int:
         import triton
 
         print(f"triton {triton.__version__} (interpreter: {_backends.triton_interpreting()})")
-        for name in ("attention", "pyramid"):
+        for name in ("attention", "attention_short", "pyramid"):
             mod = _backends.kernel_module(name)
             print(f"  kernels.{name}: {'ok' if mod is not None else 'not importable'}")
     else:
