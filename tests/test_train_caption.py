@@ -87,6 +87,10 @@ def test_train_cli_with_the_caption_loss(tmp_path, captioner_dir, capsys):
     assert "0.1*caption(l1: visual+prefix+language, 2 caption tokens)" in hist["loss"]
     assert len(hist["loss_per_step"]) == 2
     assert len(list((tmp_path / "cache" / "caption").glob("*/*/*.pt"))) == 4  # reference features on disk
+    # The caption term is part of the run: resuming it without (or with another) is a clear error, not a silent change.
+    rc = cli_main(["train", "--data", "synthetic", "--out", run_dir, "--size", "16", "--n", "4", "--steps", "3",
+                   "--batch-size", "2", "--width", "4", "--levels", "dec3", "--no-progress", "--device", "cpu"])
+    assert rc == 2 and "another model or objective" in capsys.readouterr().err
 
 
 def test_train_cli_caption_errors(tmp_path, captioner_dir, capsys):

@@ -205,7 +205,7 @@ def test_resume_with_another_model_is_a_clear_error(tiny_data, tmp_path, capsys)
     rc = cli_main(common + ["--model", "unet-ss", "--levels", "dec3"])
     err = capsys.readouterr().err
     assert rc == 2
-    assert re.search(r"checkpoint\.pt holds a run of another model \(\{'arch': 'unet'.*--no-resume", err)
+    assert re.search(r"checkpoint\.pt holds a run of another model or objective \(\{'arch': 'unet'.*--no-resume", err)
     assert "Traceback" not in err and "state_dict" not in err
     # Through the API without a spec: the tensors that do not fit are summarised, not listed by the hundred.
     train(UNet(width=4), tiny_data, TrainConfig(steps=1, batch_size=2, progress=False), str(tmp_path / "api"))

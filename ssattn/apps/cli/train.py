@@ -225,6 +225,9 @@ def run(args) -> int:
     elif args.text_encoder or args.text_levels or args.text_captioner:
         raise CLIError("--text-encoder, --text-levels and --text-captioner need --text (the captions)")
     caption = load_caption_term(args)
+    if caption is not None:  # part of the run's objective: resuming the run with another one is an error
+        spec["caption_loss"] = {"weight": args.caption_loss, "captioner": args.captioner,
+                                "distance": args.caption_distance, "tokens": args.caption_tokens}
     torch.manual_seed(args.seed)
     model = build_model(spec)
     cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,

@@ -363,8 +363,9 @@ def check_resumable(ckpt: dict, model: nn.Module, spec: dict | None, path: str) 
     saved = ckpt.get("spec")
     if spec is not None and saved and saved != spec:
         raise CheckpointMismatch(
-            f"{path} holds a run of another model ({saved}) than this one ({spec}): choose another run folder, "
-            f"or start over in this one with --no-resume (resume=False), which overwrites its checkpoint"
+            f"{path} holds a run of another model or objective ({saved}) than this one ({spec}): give the run's own "
+            f"settings again, choose another run folder, or start over in this one with --no-resume (resume=False), "
+            f"which overwrites its checkpoint"
         )
     own, theirs = model.state_dict(), ckpt["model"]
     missing = [k for k in own if k not in theirs]
