@@ -57,6 +57,12 @@ _INTERPRET_BLOCKS = {"BLOCK_M": 64, "BLOCK_N": 64}
 
 
 # --------------------------------------------------------------------------- configs
+def zero_gradients(q, k, v, weight, weight_grad: bool):
+    """(dq, dk, dv, dweight) of an empty problem (no query or no key): zeros in the gradients' layouts."""
+    dw = weight.new_zeros(weight.shape) if weight_grad else q.new_empty(0)
+    return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v), dw
+
+
 def _bucket(n: int) -> int:
     """Autotune key for a length: its power-of-two class (capped), so results are cached per class."""
     return min(triton.next_power_of_2(max(int(n), 1)), 1 << 16)
@@ -216,9 +222,7 @@ def backward(grad_out, q, k, v, weight, key_padding_mask, out, stats, scale, wei
     dq, dk, dvv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     weight_grad = bool(weight_grad) and weight is not None
     if dq.numel() == 0 or dk.numel() == 0:
-        dq.zero_(), dk.zero_(), dvv.zero_()
-        dw = weight.new_zeros(weight.shape) if weight_grad else q.new_empty(0)
-        return dq, dk, dvv, dw
+        return zero_gradients(q, k, v, weight, weight_grad)
     w, pad, wstr, pstr, meta, fp32 = _common(q, k, v, weight, key_padding_mask, precision)
     bdv = meta["BLOCK_DV"]
 

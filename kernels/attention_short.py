@@ -47,7 +47,7 @@ import triton.language as tl
 
 from ._attention_bwd import softmax_grad
 from ._attention_fwd import key_weight, load_2d, mm
-from .attention import INTERPRET, LOG2E, _check, _common
+from .attention import INTERPRET, LOG2E, _check, _common, zero_gradients
 
 MAX_KEYS = 128
 # Backward programs aimed at per launch: about two per SM of an H100 (132 SMs). A constant, not the
@@ -290,9 +290,7 @@ def backward(grad_out, q, k, v, weight, key_padding_mask, out, stats, scale, wei
     dq, dk, dvv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     weight_grad = bool(weight_grad) and weight is not None
     if dq.numel() == 0 or dk.numel() == 0:
-        dq.zero_(), dk.zero_(), dvv.zero_()
-        dw = weight.new_zeros(weight.shape) if weight_grad else q.new_empty(0)
-        return dq, dk, dvv, dw
+        return zero_gradients(q, k, v, weight, weight_grad)
     w, pad, wstr, pstr, meta = _meta(q, k, v, weight, key_padding_mask, precision)
     cfg = _config("bwd", meta["BLOCK_N"])
     splits = splits_for(B * H, Nq, cfg["BLOCK_M"])
