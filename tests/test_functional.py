@@ -254,9 +254,10 @@ def test_missing_triton_falls_back_with_one_warning(monkeypatch):
     try:
         assert _backends.kernel_module("attention") is None
         # "auto" on a CUDA device would prefer Triton: emulate the resolution for cuda
-        with pytest.warns(RuntimeWarning, match=r"triton backend is not available on cuda .*No module named 'triton'"):
+        with pytest.warns(RuntimeWarning, match=r"triton backend is not available on cuda .*No module named 'triton'") as seen:
             chosen = _backends.resolve("masked_cross_attention", "auto", "cuda")
         assert chosen == "reference"
+        assert len(seen) == 1, [str(w.message) for w in seen]  # one missing component, one warning
         q, k, v = _qkv()
         with pytest.raises(RuntimeError, match=r"backend 'triton' cannot run on cpu .*not importable"):
             ssattn.masked_cross_attention(q, k, v, backend="triton")

@@ -41,12 +41,13 @@ _backends.register(
     OP, "triton", auto_devices=("cuda",), runs_on=_backends.triton_runs_on, devices_text=_backends.TRITON_DEVICES,
     dtypes=(torch.float16, torch.bfloat16, torch.float32), missing=lambda _: _backends.kernel_missing("attention"),
 )
-# The short-key kernels (Nk <= SHORT_MAX_KEYS, e.g. image-word attention over L <= 77 text keys): registered
-# after "triton", so the registry's "auto" never reaches them; `choose` picks them by the key count.
+# The short-key kernels (Nk <= SHORT_MAX_KEYS, e.g. image-word attention over L <= 77 text keys): no auto
+# devices, so the registry's "auto" never takes them (nor warns twice when Triton is missing); `choose` gives
+# them to "auto" by the key count, where the general Triton kernels would run.
 SHORT = "triton-short"
 SHORT_MAX_KEYS = 128
 _backends.register(
-    OP, SHORT, auto_devices=("cuda",), runs_on=_backends.triton_runs_on, devices_text=_backends.TRITON_DEVICES,
+    OP, SHORT, auto_devices=(), runs_on=_backends.triton_runs_on, devices_text=_backends.TRITON_DEVICES,
     dtypes=(torch.float16, torch.bfloat16, torch.float32),
     missing=lambda _: _backends.kernel_missing("attention_short"),
 )
@@ -167,13 +168,9 @@ def choose(backend: str, device_type: str, dtype: torch.dtype, nk: int) -> str:
     nk may be a symbolic size under torch.compile(dynamic=True): the comparison becomes a guard.
     """
     chosen = _backends.resolve(OP, backend, device_type, dtype)
-    if chosen == SHORT:
-        if nk <= SHORT_MAX_KEYS:
-            return chosen
-        if backend == SHORT:
-            raise ValueError(f"masked_cross_attention: backend {SHORT!r} takes at most {SHORT_MAX_KEYS} keys, "
-                             f"got k with Nk = {nk}; use backend='triton' or 'auto'")
-        return "reference"  # "auto" reached it only because the general kernels are missing
+    if chosen == SHORT and nk > SHORT_MAX_KEYS:  # asked for by name
+        raise ValueError(f"masked_cross_attention: backend {SHORT!r} takes at most {SHORT_MAX_KEYS} keys, "
+                         f"got k with Nk = {nk}; use backend='triton' or 'auto'")
     if backend == "auto" and chosen == "triton" and nk <= SHORT_MAX_KEYS and _short_available(device_type, dtype):
         return SHORT
     return chosen
