@@ -165,18 +165,7 @@ def test_text_module_path_makes_no_copies(monkeypatch, fmt):
     """A text cross-attention built as the module builds it (1x1-conv q, Linear k/v over words, the output seen
     as (B, h*d, H, W) for a 1x1-conv W_o): fwd + bwd copy none of q, k, v, out or their gradients."""
     recorder = _CopyRecorder()
-
-    def paused(fn):
-        def run(*args, **kwargs):
-            recorder.paused = True
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                recorder.paused = False
-        return run
-
-    monkeypatch.setattr(short, "forward", paused(short.forward))
-    monkeypatch.setattr(short, "backward", paused(short.backward))
+    recorder.ignore_inside(monkeypatch, short, "forward", "backward")
     B, C, Ct, h, H, W, L = 2, 8, 12, 2, 9, 7, 7
     q_proj = torch.nn.Conv2d(C, C, 1, bias=False).to(DEV, memory_format=fmt)
     k_proj, v_proj = torch.nn.Linear(Ct, C, bias=False).to(DEV), torch.nn.Linear(Ct, C, bias=False).to(DEV)
@@ -204,18 +193,7 @@ def test_text_guided_cross_attention_module_on_the_short_kernels(monkeypatch, fm
     from ssattn.text.modules import TextGuidedCrossAttention
 
     recorder = _CopyRecorder()
-
-    def paused(fn):
-        def run(*args, **kwargs):
-            recorder.paused = True
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                recorder.paused = False
-        return run
-
-    monkeypatch.setattr(short, "forward", paused(short.forward))
-    monkeypatch.setattr(short, "backward", paused(short.backward))
+    recorder.ignore_inside(monkeypatch, short, "forward", "backward")
     block = TextGuidedCrossAttention(8, 12, heads=2, backend=SHORT).to(DEV, memory_format=fmt)
     torch.nn.init.normal_(block.out_proj.weight, std=0.3)
     x = torch.randn(2, 8, 9, 7, device=DEV).contiguous(memory_format=fmt).requires_grad_()

@@ -184,6 +184,19 @@ class _CopyRecorder(TorchDispatchMode):
         super().__init__()
         self.copies, self.paused = [], False
 
+    def ignore_inside(self, monkeypatch, module, *names) -> None:
+        """Record nothing while module.<name> runs (the launchers: the interpreter copies for itself)."""
+        for name in names:
+            fn = getattr(module, name)
+
+            def run(*args, _fn=fn, **kwargs):
+                self.paused = True
+                try:
+                    return _fn(*args, **kwargs)
+                finally:
+                    self.paused = False
+            monkeypatch.setattr(module, name, run)
+
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         if not self.paused and func._schema.name in self.COPIES:
@@ -195,18 +208,7 @@ class _CopyRecorder(TorchDispatchMode):
 def test_module_path_makes_no_copies(monkeypatch, fmt):
     """SemanticCrossAttention fwd + bwd: no permute/contiguous/weighted copy of q, k, v, out or their gradients."""
     recorder = _CopyRecorder()
-
-    def paused(fn):
-        def run(*args, **kwargs):
-            recorder.paused = True
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                recorder.paused = False
-        return run
-
-    monkeypatch.setattr(kern, "forward", paused(kern.forward))
-    monkeypatch.setattr(kern, "backward", paused(kern.backward))
+    recorder.ignore_inside(monkeypatch, kern, "forward", "backward")
     block = ssattn.SemanticCrossAttention(8, 6, heads=2, backend="triton").to(DEV, memory_format=fmt)
     torch.nn.init.normal_(block.out_proj.weight, std=0.3)
     dec = torch.randn(2, 8, 9, 7, device=DEV).contiguous(memory_format=fmt).requires_grad_()
