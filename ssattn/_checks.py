@@ -46,6 +46,19 @@ def tensor(name: str, x, *, ndim: int | None = None, floating: bool = True) -> N
         raise TypeError(f"{name} must have a floating dtype, got {x.dtype}")
 
 
+def parameter_dtype(param: torch.dtype, **inputs: torch.Tensor) -> None:
+    """Inputs in a module's parameter dtype (autocast converts them itself): else a projection fails deep inside."""
+    first = next(iter(inputs.values()))
+    if torch.is_autocast_enabled(first.device.type):
+        return
+    for name, x in inputs.items():
+        if x.dtype != param:
+            raise TypeError(
+                f"{name} has dtype {x.dtype} but the module's parameters are {param}: convert one "
+                f"(module.to({x.dtype}) or {name}.to({param})), or run under torch.autocast"
+            )
+
+
 def same_device(**tensors) -> None:
     items = [(n, t) for n, t in tensors.items() if t is not None]
     if not items:

@@ -52,18 +52,6 @@ class SemanticCrossAttention(nn.Module):
         return (f"dec_channels={self.dec_channels}, enc_channels={self.enc_channels}, "
                 f"heads={self.heads}, head_dim={self.head_dim}, backend={self.backend!r}")
 
-    def _check_dtypes(self, dec: Tensor, enc: Tensor) -> None:
-        """dec and enc in the parameters' dtype (autocast converts them itself): else conv fails deep inside."""
-        if torch.is_autocast_enabled(dec.device.type):
-            return
-        param = self.q_proj.weight.dtype
-        for name, x in (("dec", dec), ("enc", enc)):
-            if x.dtype != param:
-                raise TypeError(
-                    f"{name} has dtype {x.dtype} but the module's parameters are {param}: convert one "
-                    f"(module.to({x.dtype}) or {name}.to({param})), or run under torch.autocast"
-                )
-
     def forward(self, dec: Tensor, enc: Tensor, guidance: Tensor) -> Tensor:
         _checks.tensor("dec", dec, ndim=4)
         _checks.tensor("enc", enc, ndim=4)
@@ -71,7 +59,7 @@ class SemanticCrossAttention(nn.Module):
         _checks.same_device(dec=dec, enc=enc, guidance=guidance)
         for name, x in (("dec", dec), ("enc", enc), ("guidance", guidance)):
             _checks.nonempty_spatial(name, x)
-        self._check_dtypes(dec, enc)
+        _checks.parameter_dtype(self.q_proj.weight.dtype, dec=dec, enc=enc)
         B, Cd, H, W = dec.shape
         if Cd != self.dec_channels:
             raise ValueError(f"dec must have {self.dec_channels} channels, got shape {tuple(dec.shape)}")

@@ -53,16 +53,6 @@ def check_words(words: Tensor, mask: Tensor | None, weight: Tensor | None, *, ba
     _checks.same_device(words=words, mask=mask, weight=weight)
 
 
-def _check_param_dtype(module: nn.Module, param: Tensor, **inputs: Tensor) -> None:
-    """Inputs in the parameters' dtype (autocast converts them itself): else a projection fails deep inside."""
-    for name, x in inputs.items():
-        if torch.is_autocast_enabled(x.device.type):
-            return
-        if x.dtype != param.dtype:
-            raise TypeError(f"{name} has dtype {x.dtype} but the {type(module).__name__}'s parameters are "
-                            f"{param.dtype}: convert one, or run under torch.autocast")
-
-
 class TextGuidedCrossAttention(nn.Module):
     """Image-word cross-attention (TCM, cross-modal): y = x + W_o(attention(W_q x, W_k words, W_v words)).
 
@@ -101,7 +91,7 @@ class TextGuidedCrossAttention(nn.Module):
             raise ValueError(f"x must have {self.img_channels} channels, got shape {tuple(x.shape)}")
         check_words(words, mask, weight, batch=B, channels=self.text_channels, check_values=self.check_values)
         _checks.same_device(x=x, words=words)
-        _check_param_dtype(self, self.q_proj.weight, x=x, words=words)
+        _checks.parameter_dtype(self.q_proj.weight.dtype, x=x, words=words)
         h, d = self.heads, self.head_dim
         q = image_heads(self.q_proj(x), h, d)
         k, v = token_heads(self.k_proj(words), h, d), token_heads(self.v_proj(words), h, d)
@@ -143,7 +133,7 @@ class IntraModalAttention(nn.Module):
         B, C, H, W = x.shape
         if C != self.channels:
             raise ValueError(f"x must have {self.channels} channels, got shape {tuple(x.shape)}")
-        _check_param_dtype(self, self.q_proj.weight, x=x)
+        _checks.parameter_dtype(self.q_proj.weight.dtype, x=x)
         h, d = self.heads, self.head_dim
         q, k, v = (image_heads(p(x), h, d) for p in (self.q_proj, self.k_proj, self.v_proj))
         scale = self.scale if self.scale is not None else d ** -0.5
@@ -172,7 +162,7 @@ class WordSelfAttention(nn.Module):
 
     def forward(self, words: Tensor, mask: Tensor | None = None) -> Tensor:
         check_words(words, mask, None, batch=None, channels=self.text_channels)
-        _check_param_dtype(self, self.qkv.weight, words=words)
+        _checks.parameter_dtype(self.qkv.weight.dtype, words=words)
         B, L, Ct = words.shape
         q, k, v = (token_heads(t, self.heads, self.head_dim) for t in self.qkv(words).chunk(3, dim=-1))
         out = functional.masked_cross_attention(q, k, v, key_padding_mask=mask, backend="reference")
