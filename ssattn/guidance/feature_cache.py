@@ -40,7 +40,7 @@ def content_key(*parts) -> str:
         if isinstance(p, torch.Tensor):
             t = p.detach().to("cpu").contiguous()
             h.update(f"{tuple(t.shape)}{t.dtype}".encode())
-            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+            h.update(t.reshape(-1).view(torch.uint8).numpy())  # the buffer itself: no copy of a large tensor
         elif isinstance(p, bytes):
             h.update(p)
         else:

@@ -74,8 +74,9 @@ def caption_images(images, captioner, cache_dir=None) -> list[str]:
     images = list(images)
     cache = FeatureCache("captions", dict(captioner.settings), cache_dir)
     keys = [content_key(im.detach().float().cpu()) for im in images]
-    todo = [i for i, k in enumerate(keys) if cache.get(k) is None]
+    found = {i: cache.get(k) for i, k in enumerate(keys)}
+    todo = [i for i, entry in found.items() if entry is None]
     if todo:
         for i, caption in zip(todo, captioner([images[i] for i in todo])):
-            cache.put(keys[i], {"utf8": torch.tensor(list(caption.encode("utf-8")), dtype=torch.uint8)})
-    return [bytes(cache.get(k)["utf8"].tolist()).decode("utf-8") for k in keys]
+            found[i] = cache.put(keys[i], {"utf8": torch.tensor(list(caption.encode("utf-8")), dtype=torch.uint8)})
+    return [bytes(found[i]["utf8"].tolist()).decode("utf-8") for i in range(len(images))]

@@ -136,13 +136,12 @@ class TextEncoder:
     def features(self, captions) -> list[Tensor]:
         """Per-caption features (L_i, Ct), float32 on the CPU, from the cache where it has them."""
         captions = self._check_captions(captions)
-        keys = [content_key(c) for c in captions]
-        found = {k: self.cache.get(k) for k in dict.fromkeys(keys)}
-        todo = [c for c, k in zip(captions, keys) if found[k] is None]
-        todo = list(dict.fromkeys(todo))
+        key_of = {c: content_key(c) for c in captions}  # each distinct caption once
+        found = {c: self.cache.get(k) for c, k in key_of.items()}
+        todo = [c for c, entry in found.items() if entry is None]
         for c, row in zip(todo, self._encode(todo) if todo else []):
-            found[content_key(c)] = self.cache.put(content_key(c), {"words": row})
-        return [found[k]["words"] for k in keys]
+            found[c] = self.cache.put(key_of[c], {"words": row})
+        return [found[c]["words"] for c in captions]
 
     def __call__(self, captions, *, device=None, dtype=None) -> TextFeatures:
         """TextFeatures of a batch of captions (padded to the longest), on `device` (default the CPU)."""
