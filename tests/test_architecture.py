@@ -134,6 +134,7 @@ def _inside(dep: str, *prefixes: str) -> bool:
     ("ssattn._backends", lambda n, d: False),
     ("ssattn._checks", lambda n, d: False),
     ("ssattn._heads", lambda n, d: False),
+    ("ssattn._progress", lambda n, d: False),
     # kernels hold kernels and their launchers: nothing from the library
     ("ssattn.kernels", lambda n, d: _inside(d, "ssattn.kernels")),
     # references are the ground truth: only each other

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from .._progress import progress_bar
 from ..images import ImageLoadError, file_sha256, list_images, load_image, resize_image
 from .cache import Entry, GuidanceCache
 
@@ -146,8 +147,6 @@ def precompute(images_dir, cache_dir, guide, *, batch_size: int = 16, workers: i
                overlay_dir=None, gamma: float = 2.0, delta: float = 0.2, combine: str = "max",
                rank: int = 0, world_size: int = 1, progress: bool = True, limit: int | None = None) -> Stats:
     """Fill cache_dir with the guide's grids for every image under images_dir (this rank's share)."""
-    from tqdm.auto import tqdm
-
     t_start = time.perf_counter()
     root = Path(images_dir)
     files = list_images(root, recursive=recursive)
@@ -173,7 +172,7 @@ def precompute(images_dir, cache_dir, guide, *, batch_size: int = 16, workers: i
     # Entries are written by one background thread while the next batch runs on the model.
     writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ssattn-cache-writer")
     pending: list = []
-    bar = tqdm(total=len(mine), disable=not progress or rank != 0, unit="img", desc=f"guide {cache.id}")
+    bar = progress_bar(len(mine), disable=not progress or rank != 0, unit="img", desc=f"guide {cache.id}")
     try:
         for batch in loader:
             items = batch["items"]

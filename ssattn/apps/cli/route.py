@@ -121,8 +121,8 @@ def run(args) -> int:
     from pathlib import Path
 
     import torch
-    from tqdm.auto import tqdm
 
+    from ssattn._progress import progress_bar
     from ssattn.guidance import GuidanceCache, ModelNotAvailableError
     from ssattn.guidance.cache import atomic_write_bytes
     from ssattn.images import ImageLoadError, file_sha256, list_images, load_image
@@ -167,7 +167,7 @@ def run(args) -> int:
         labels, routes, conf = router.routes_for(scores[None])
         rows[path] = (labels[0], float(conf[0]), routes[0])
 
-    bar = tqdm(total=len(files), disable=args.no_progress, unit="img", desc=f"route {cache.id}")
+    bar = progress_bar(len(files), disable=args.no_progress, unit="img", desc=f"route {cache.id}")
     try:
         for start in range(0, len(files), args.batch_size):
             chunk = files[start:start + args.batch_size]

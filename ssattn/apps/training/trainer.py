@@ -48,6 +48,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from ssattn._progress import progress_bar
 from ssattn.apps import distributed
 from ssattn.apps.data.sampler import ResumableDistributedSampler
 
@@ -421,8 +422,6 @@ def train(model: nn.Module, data, config: TrainConfig, out_dir: str | None = Non
     (seconds per step, after 2 warm-up steps; NaN when none ran), images_per_s (all
     ranks), world_size, loss_description.
     """
-    from tqdm.auto import tqdm
-
     config.check()
     device = torch.device(config.device)
     ctx = distributed.current(device)
@@ -501,8 +500,8 @@ def train(model: nn.Module, data, config: TrainConfig, out_dir: str | None = Non
     say("%s: loss = %s%s; %d rank(s) x batch %d x accum %d = %d images per step", config.desc, criterion.describe(),
         " + alignment" if ss else "", w, b, k, per_step)
 
-    bar = tqdm(total=config.steps, initial=step, desc=config.desc, disable=not (config.progress and ctx.is_main),
-               leave=False, dynamic_ncols=True)
+    bar = progress_bar(config.steps, initial=step, desc=config.desc, unit="step",
+                       disable=not (config.progress and ctx.is_main))
     end = config.steps if stop_at is None else min(config.steps, int(stop_at))
     first, first_step = True, step
     order = None
