@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from ssattn.apps.training.guidance_quality import best_iou, guidance_quality, roc_auc
-from ssattn.apps.training.metrics import masked_psnr, masked_ssim, miou, psnr, ssim
+from ssattn.metrics import masked_psnr, masked_ssim, miou, psnr, ssim
 
 
 def _mask(b, h, w, box):

@@ -1,9 +1,11 @@
-"""Image quality metrics on (B, C, H, W) tensors in [0, data_range]: PSNR and SSIM, whole-image and inside a
-mask (foreground), per image; and the mean IoU of label maps."""
+"""Full-reference metrics on (B, C, H, W) images in [0, data_range]: PSNR and SSIM per image, over the whole image
+and inside a mask (foreground).
+
+Computed in float64; the result is float64 for float64 images and float32 otherwise. Definitions and
+conventions: docs/metrics.md.
+"""
 
 from __future__ import annotations
-
-import math
 
 import torch
 import torch.nn.functional as F
@@ -19,18 +21,9 @@ def _check_pair(x: Tensor, y: Tensor) -> None:
         raise ValueError(f"x and y must have the same shape, got {tuple(x.shape)} and {tuple(y.shape)}")
 
 
-def psnr(x: Tensor, y: Tensor, data_range: float = 1.0) -> Tensor:
-    """Peak signal-to-noise ratio per image (B,) in dB; identical images give +inf."""
-    _check_pair(x, y)
-    mse = (x.double() - y.double()).square().flatten(1).mean(1)
-    return (10 * torch.log10(data_range ** 2 / mse)).float()
-
-
-def _gaussian_window(sigma: float, truncate: float, dtype, device) -> Tensor:
-    radius = int(truncate * sigma + 0.5)  # as scipy.ndimage / skimage
-    t = torch.arange(-radius, radius + 1, dtype=dtype, device=device)
-    g = torch.exp(-0.5 * (t / sigma) ** 2)
-    return g / g.sum()
+def _out_dtype(x: Tensor) -> torch.dtype:
+    """float64 stays float64 (so a test can compare to 1e-7 with another float64 implementation); else float32."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
 def _check_mask(mask: Tensor, x: Tensor) -> None:
@@ -38,6 +31,13 @@ def _check_mask(mask: Tensor, x: Tensor) -> None:
             or mask.shape[-2:] != x.shape[-2:]:
         raise ValueError(f"mask must have shape {(x.shape[0], 1, *x.shape[-2:])} (one channel, the images' size), got "
                          f"{tuple(mask.shape) if isinstance(mask, Tensor) else type(mask).__name__}")
+
+
+def psnr(x: Tensor, y: Tensor, data_range: float = 1.0) -> Tensor:
+    """Peak signal-to-noise ratio per image (B,) in dB, over all channels; identical images give +inf."""
+    _check_pair(x, y)
+    mse = (x.double() - y.double()).square().flatten(1).mean(1)
+    return (10 * torch.log10(data_range ** 2 / mse)).to(_out_dtype(x))
 
 
 def masked_psnr(x: Tensor, y: Tensor, mask: Tensor, data_range: float = 1.0) -> Tensor:
@@ -49,7 +49,14 @@ def masked_psnr(x: Tensor, y: Tensor, mask: Tensor, data_range: float = 1.0) -> 
     se = ((x.double() - y.double()).square() * m).flatten(1).sum(1)
     count = m.flatten(1).sum(1) * x.shape[1]
     mse = torch.where(count > 0, se / count.clamp_min(1), torch.full_like(se, float("nan")))
-    return (10 * torch.log10(data_range ** 2 / mse)).float()
+    return (10 * torch.log10(data_range ** 2 / mse)).to(_out_dtype(x))
+
+
+def _gaussian_window(sigma: float, truncate: float, dtype, device) -> Tensor:
+    radius = int(truncate * sigma + 0.5)  # as scipy.ndimage / skimage
+    t = torch.arange(-radius, radius + 1, dtype=dtype, device=device)
+    g = torch.exp(-0.5 * (t / sigma) ** 2)
+    return g / g.sum()
 
 
 def ssim(x: Tensor, y: Tensor, data_range: float = 1.0, sigma: float = 1.5, truncate: float = 3.5,
@@ -61,7 +68,7 @@ def ssim(x: Tensor, y: Tensor, data_range: float = 1.0, sigma: float = 1.5, trun
     statistics on the valid region only (no padding), mean over channels and
     pixels. Images must be at least 11 pixels on each side.
     """
-    return ssim_map(x, y, data_range, sigma, truncate, k1, k2).flatten(1).mean(1).float()
+    return ssim_map(x, y, data_range, sigma, truncate, k1, k2).flatten(1).mean(1).to(_out_dtype(x))
 
 
 def ssim_map(x: Tensor, y: Tensor, data_range: float = 1.0, sigma: float = 1.5, truncate: float = 3.5,
@@ -90,33 +97,11 @@ def ssim_map(x: Tensor, y: Tensor, data_range: float = 1.0, sigma: float = 1.5, 
 
 def masked_ssim(x: Tensor, y: Tensor, mask: Tensor, data_range: float = 1.0) -> Tensor:
     """SSIM per image (B,) averaged over the windows centred on mask pixels (mask > 0.5); NaN when none is."""
+    _check_pair(x, y)
     _check_mask(mask, x)
     s = ssim_map(x, y, data_range)
     r = (mask.shape[-1] - s.shape[-1]) // 2
     m = (mask[..., r:mask.shape[-2] - r, r:mask.shape[-1] - r] > 0.5).double()
     count = m.flatten(1).sum(1) * s.shape[1]
     total = (s * m).flatten(1).sum(1)
-    return torch.where(count > 0, total / count.clamp_min(1), torch.full_like(total, float("nan"))).float()
-
-
-def miou(pred: Tensor, target: Tensor, num_classes: int = 2) -> float:
-    """Mean over classes of |pred = c and target = c| / |pred = c or target = c|, over all pixels of all images.
-
-    pred, target: integer label maps of the same shape. Classes absent from both are left out of the mean.
-    """
-    if not isinstance(pred, Tensor) or not isinstance(target, Tensor) or pred.shape != target.shape:
-        raise ValueError("pred and target must be label tensors of the same shape")
-    if pred.is_floating_point() or target.is_floating_point():
-        raise ValueError("pred and target must be integer label maps (threshold or argmax scores first)")
-    ious = []
-    for c in range(num_classes):
-        p, t = pred == c, target == c
-        union = int((p | t).sum())
-        if union:
-            ious.append(int((p & t).sum()) / union)
-    return sum(ious) / len(ious) if ious else float("nan")
-
-
-def mean_finite(values) -> float:
-    vals = [float(v) for v in values if math.isfinite(float(v))]
-    return sum(vals) / len(vals) if vals else float("nan")
+    return torch.where(count > 0, total / count.clamp_min(1), torch.full_like(total, float("nan"))).to(_out_dtype(x))

@@ -121,7 +121,7 @@ def run(args) -> int:
 
     from ssattn.apps.demo import experiment, figures, results as res
     from ssattn.apps.training.guidance_quality import guidance_quality
-    from ssattn.apps.training.metrics import masked_psnr
+    from ssattn.metrics import masked_psnr
     from ssattn.apps.training.segmentation import train_segmenter
     from ssattn.guidance.embedded import DEFAULT_METHOD
     from ssattn.guidance.saliency import saliency_guidance

@@ -49,7 +49,7 @@ def _nanmean(values) -> float:
 
 def score_images(images: Tensor, test: dict, segmenter: nn.Module) -> dict:
     """Whole-image and foreground PSNR / SSIM (means over images) and the segmenter's mIoU, of images vs test."""
-    from ssattn.apps.training.metrics import masked_psnr, masked_ssim, psnr, ssim
+    from ssattn.metrics import masked_psnr, masked_ssim, psnr, ssim
     from ssattn.apps.training.segmentation import segmentation_miou
 
     ref, mask = test["reference"], test["mask"]

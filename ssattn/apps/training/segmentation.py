@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .metrics import miou
+from ssattn.metrics import miou
 
 # Object pixels are rare (a few % of a scene): weigh them up, but not without bound.
 MAX_POS_WEIGHT = 10.0

@@ -51,9 +51,9 @@ from torch import Tensor, nn
 from ssattn._progress import progress_bar
 from ssattn.apps import distributed
 from ssattn.apps.data.sampler import ResumableDistributedSampler
+from ssattn.metrics import psnr, ssim
 
 from .losses import ReconstructionLoss
-from .metrics import psnr, ssim
 
 log = logging.getLogger("ssattn.apps.training")
 
