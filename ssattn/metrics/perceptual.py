@@ -23,10 +23,11 @@ class MissingWeightsError(FileNotFoundError):
     """The backbone's weight file is neither given nor in torch hub's cache."""
 
     def __init__(self, net: str, filename: str, folder: str, url: str):
-        self.net, self.filename, self.folder, self.url = net, filename, folder, url
         super().__init__(f"LPIPS ({net}) needs torchvision's ImageNet weights for its backbone, {filename}, which is "
                          f"not in torch hub's cache ({folder}): download {url} into that folder, or give the "
                          f"file's path as weights=")
+        # not OSError's filename: that attribute rewrites the message
+        self.net, self.weights_file, self.cache_folder, self.url = net, filename, folder, url
 
 
 def _import_lpips():

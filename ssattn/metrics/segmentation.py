@@ -23,17 +23,17 @@ def _check_labels(pred: Tensor, target: Tensor, num_classes: int) -> None:
 def confusion_matrix(pred: Tensor, target: Tensor, num_classes: int) -> Tensor:
     """Per-image confusion matrices (B, K, K) int64: [b, t, p] counts pixels of image b with target t and
     prediction p. pred, target: (B, ...) integer label maps. Pixels whose target is outside 0..K-1 are left out;
-    a prediction outside 0..K-1 counts as wrong for its target (it is no class)."""
+    predictions must be in 0..K-1."""
     _check_labels(pred, target, num_classes)
     K = num_classes
     B = pred.shape[0] if pred.dim() else 1  # a 0-d label map is one image of one pixel
     p, t = pred.reshape(B, -1).long(), target.reshape(B, -1).long()
+    if p.numel() and (int(p.min()) < 0 or int(p.max()) >= K):
+        raise ValueError(f"pred has labels outside 0..{K - 1} (min {int(p.min())}, max {int(p.max())}): "
+                         f"num_classes is {K}")
     keep = (t >= 0) & (t < K)
-    # A prediction outside the classes goes to an extra column K, dropped below.
-    p = torch.where((p >= 0) & (p < K), p, torch.full_like(p, K))
-    index = (torch.arange(B, device=p.device).view(B, 1) * K + t) * (K + 1) + p
-    counts = torch.bincount(index[keep], minlength=B * K * (K + 1))
-    return counts.view(B, K, K + 1)[..., :K]
+    index = (torch.arange(B, device=p.device).view(B, 1) * K + t) * K + p
+    return torch.bincount(index[keep], minlength=B * K * K).view(B, K, K)
 
 
 def iou_per_class(confusion: Tensor) -> Tensor:

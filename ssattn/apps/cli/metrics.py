@@ -73,8 +73,8 @@ def _lpips(args, device):
     try:
         return LPIPS(args.lpips_net, args.lpips_weights).to(device)
     except MissingWeightsError as exc:
-        raise CLIError(f"LPIPS needs {exc.filename} ({args.lpips_net} backbone weights), not found in torch hub's "
-                       f"cache {exc.folder}: pass --lpips-weights FILE (downloaded from {exc.url}), or --no-lpips"
+        raise CLIError(f"LPIPS needs {exc.weights_file} ({args.lpips_net} backbone weights), not found in torch hub's "
+                       f"cache {exc.cache_folder}: pass --lpips-weights FILE (downloaded from {exc.url}), or --no-lpips"
                        ) from None
     except ImportError as exc:
         raise CLIError(f"{exc}; or pass --no-lpips") from None
