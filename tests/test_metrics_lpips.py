@@ -47,6 +47,20 @@ def test_matches_the_package_on_a_random_backbone(tmp_path, net):
     assert not torch.allclose(other(x, y), want)
 
 
+@pytest.mark.parametrize("net", ["alex", "squeeze"])
+def test_smallest_image_each_backbone_takes(tmp_path, net):
+    from ssattn.metrics.perceptual import MIN_SIDE
+
+    ours = LPIPS(net, _save_backbone(_package_model(net, 0), tmp_path / "w.pth"))
+    side = MIN_SIDE[net]
+    x = torch.rand(1, 3, side, side + 3)
+    assert ours(x, x.flip(-1)).shape == (1,)
+    with pytest.raises(ValueError, match=f"at least {side}x{side}"):
+        ours(x[..., 1:, :], x[..., 1:, :])
+    with pytest.raises(RuntimeError):   # the package itself fails one pixel below
+        ours.model(x[..., 1:, :], x[..., 1:, :])
+
+
 def test_linear_layers_are_the_packages_calibrated_ones(tmp_path):
     ours = LPIPS("alex", _save_backbone(_package_model("alex", 0), tmp_path / "a.pth"))
     shipped = os.path.join(os.path.dirname(lpips_pkg.__file__), "weights", "v0.1", "alex.pth")

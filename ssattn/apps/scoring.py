@@ -319,7 +319,13 @@ class Scorer:
                 problems.append(self._problem(method, chunk[i], chunk[i].output,
                                               f"no SSIM: {_hw(outs[i])} is smaller than its 11x11 window"))
         if self.s.lpips is not None:
-            self._put(rows, idx, {"lpips": self.s.lpips(x, y)})
+            if min(x.shape[-2:]) >= self.s.lpips.min_side:
+                self._put(rows, idx, {"lpips": self.s.lpips(x, y)})
+            else:
+                side = self.s.lpips.min_side
+                for i in idx:
+                    problems.append(self._problem(method, chunk[i], chunk[i].output, f"no LPIPS: {_hw(outs[i])} is "
+                                                  f"smaller than its backbone's {side}x{side}"))
         fg_idx = [k for k, i in enumerate(idx) if masks[i] is not None]
         if fg_idx:
             sel = [idx[k] for k in fg_idx]

@@ -14,6 +14,8 @@ import warnings
 import torch
 from torch import Tensor, nn
 
+# The smallest height and width each backbone takes (its pooling leaves nothing below): measured, and tested.
+MIN_SIDE = {"alex": 31, "vgg": 16, "squeeze": 17}
 # lpips' name for the backbone -> (torchvision's model, its weights enum, whose IMAGENET1K_V1 weights lpips uses).
 BACKBONES = {"alex": ("AlexNet", "AlexNet_Weights"), "vgg": ("VGG-16", "VGG16_Weights"),
              "squeeze": ("SqueezeNet 1.1", "SqueezeNet1_1_Weights")}
@@ -109,7 +111,7 @@ class LPIPS(nn.Module):
             warnings.simplefilter("ignore", UserWarning)  # torchvision's "pretrained is deprecated", from lpips
             model = lpips.LPIPS(net=net, pretrained=True, pnet_rand=True, verbose=False)
         _load_backbone(model.net, state, path, net)
-        self.net_name, self.weights_path = net, path
+        self.net_name, self.weights_path, self.min_side = net, path, MIN_SIDE[net]
         self.model = model.eval().requires_grad_(False)
 
     def forward(self, x: Tensor, y: Tensor) -> Tensor:
@@ -119,6 +121,9 @@ class LPIPS(nn.Module):
                                  f"{tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__}")
         if x.shape != y.shape:
             raise ValueError(f"x and y must have the same shape, got {tuple(x.shape)} and {tuple(y.shape)}")
+        if min(x.shape[-2:]) < self.min_side:
+            raise ValueError(f"LPIPS ({self.net_name}) needs images of at least {self.min_side}x{self.min_side} "
+                             f"pixels, got {tuple(x.shape[-2:])}")
         dtype = next(self.model.parameters()).dtype
         with torch.no_grad():
             return self.model(x.to(dtype), y.to(dtype), normalize=True).flatten()
