@@ -265,3 +265,14 @@ def test_bad_inputs_are_named():
         uiqm(torch.rand(1, 3, 9, 16))
     with pytest.raises(ValueError, match="at least 2 pixels"):
         uicm(torch.rand(1, 3, 1, 1))
+
+
+@pytest.mark.parametrize("K", [1, 2, 3, 7, 100, 101, 257])
+def test_percentiles_are_numpys(K):
+    from ssattn.metrics.underwater import _percentile
+
+    g = torch.Generator().manual_seed(K)
+    v = torch.randint(0, 9, (2, K), generator=g).double()     # ties, as luminance on the 8-bit grid has
+    for q in (0.01, 0.99, 0.5):
+        np.testing.assert_allclose(_percentile(v, q).numpy(), np.percentile(v.numpy(), 100 * q, axis=1),
+                                   rtol=0, atol=1e-12)

@@ -8,7 +8,6 @@ conventions: docs/metrics.md.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 
@@ -79,20 +78,26 @@ def ssim_map(x: Tensor, y: Tensor, data_range: float = 1.0, sigma: float = 1.5, 
     win = g.numel()
     if x.shape[-1] < win or x.shape[-2] < win:
         raise ValueError(f"ssim needs images of at least {win}x{win} pixels, got {tuple(x.shape[-2:])}")
-    B, C, H, W = x.shape
-    xs, ys = x.double().reshape(B * C, 1, H, W), y.double().reshape(B * C, 1, H, W)
-    gh, gv = g.view(1, 1, 1, -1), g.view(1, 1, -1, 1)
+    xs, ys = x.double(), y.double()
+    taps = g.tolist()
 
     def filt(t):
-        return F.conv2d(F.conv2d(t, gh), gv)
+        # The separable Gaussian as shifted multiply-adds over the valid region: in float64 on a CPU this is
+        # about five times faster than conv2d (which has no fast float64 kernel), the same sums to rounding.
+        for dim in (-1, -2):
+            n = t.shape[dim] - win + 1
+            out = t.narrow(dim, 0, n) * taps[0]
+            for k in range(1, win):
+                out.add_(t.narrow(dim, k, n), alpha=taps[k])
+            t = out
+        return t
 
     mx, my = filt(xs), filt(ys)
     sxx = filt(xs * xs) - mx * mx
     syy = filt(ys * ys) - my * my
     sxy = filt(xs * ys) - mx * my
     c1, c2 = (k1 * data_range) ** 2, (k2 * data_range) ** 2
-    s = ((2 * mx * my + c1) * (2 * sxy + c2)) / ((mx * mx + my * my + c1) * (sxx + syy + c2))
-    return s.reshape(B, C, s.shape[-2], s.shape[-1])
+    return ((2 * mx * my + c1) * (2 * sxy + c2)) / ((mx * mx + my * my + c1) * (sxx + syy + c2))
 
 
 def masked_ssim(x: Tensor, y: Tensor, mask: Tensor, data_range: float = 1.0) -> Tensor:
