@@ -164,10 +164,12 @@ def test_lpips_column_with_a_weight_file(folders, capsys, tmp_path):
 
 @pytest.mark.parametrize("kind", ["torchscript", "whole"])
 def test_segmenter_adds_per_class_iou(folders, capsys, tmp_path, kind):
-    from ssattn.models import UNet
+    from ssattn.apps.training.segmentation import train_segmenter
 
-    torch.manual_seed(0)
-    net = UNet(3, 1, 4, residual=False).eval()   # the demo's segmenter: one binary logit per pixel
+    # The demo's segmenter (one binary logit per pixel), briefly trained on the references and their masks.
+    refs = _load(*[folders / "ref" / f"{s}.png" for s in "abc"]).float()
+    masks = (_load(*[folders / "masks" / f"{s}.png" for s in "abc"])[:, :1] > 0.5).float()
+    net = train_segmenter(refs, masks, steps=3, batch_size=3, width=4, seed=0)
     path = tmp_path / f"seg-{kind}.pt"
     if kind == "torchscript":
         with warnings.catch_warnings():
