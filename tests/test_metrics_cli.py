@@ -200,6 +200,39 @@ def test_segmenter_adds_per_class_iou(folders, capsys, tmp_path, kind):
     assert "mIoU (pooled)" in stdout
 
 
+class _ColourSegmenter(torch.nn.Module):
+    """Three classes by dominant colour, at half resolution (the command resizes the logits)."""
+
+    def forward(self, x):
+        return torch.nn.functional.avg_pool2d(x, 2) * 10
+
+
+def test_multiclass_segmenter_with_low_resolution_logits(folders, capsys, tmp_path):
+    rng = np.random.default_rng(2)
+    for s in "abc":
+        _save(folders / "labels" / f"{s}.png", rng.integers(0, 3, (H, W)))   # label maps 0, 1, 2 (mode L)
+    path = tmp_path / "colour.pt"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.jit.script(_ColourSegmenter()).save(str(path))
+    out = folders / "out"
+    rc, _, stderr = _run(capsys, folders / "m1", "--masks", folders / "labels", "--segmenter", path, "--classes", 3,
+                         "--out", out)
+    assert rc == 0, stderr
+    x = _load(*[folders / "m1" / f"{s}.png" for s in "abc"]).float()
+    logits = torch.nn.functional.interpolate(_ColourSegmenter()(x), size=(H, W), mode="bilinear",
+                                             align_corners=False)
+    target = torch.stack([torch.from_numpy(np.array(Image.open(folders / "labels" / f"{s}.png"))).long()
+                          for s in "abc"])
+    conf = confusion_matrix(logits.argmax(1), target, 3)
+    rows = _csv(out / "metrics.csv")
+    for i, s in enumerate("abc"):
+        np.testing.assert_allclose([float(rows[("m1", s)][f"iou_{c}"]) for c in range(3)],
+                                   iou_per_class(conf[i]).tolist(), atol=1e-12)
+    # the masked PSNR/SSIM columns need --ref; without it there are none
+    assert "psnr_fg" not in next(iter(rows.values()))
+
+
 def test_argument_errors_are_one_line(folders, capsys, tmp_path):
     for argv, needle in (
         ([tmp_path / "nope"], "OUTPUTS"),
