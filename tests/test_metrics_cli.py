@@ -89,10 +89,14 @@ def test_two_methods_one_reference_give_the_table(folders, capsys):
 
 
 def test_unmatched_and_missing_files_are_reported(folders, capsys):
+    Image.open(folders / "m1" / "a.png").save(folders / "m1" / "twice.png")
+    Image.open(folders / "m1" / "a.png").save(folders / "m1" / "twice.jpg")   # one stem, two files: ambiguous
     out = folders / "out"
     rc, _, stderr = _run(capsys, folders / "m1", folders / "m2", "--ref", folders / "ref", "--out", out, "--no-lpips")
     assert rc == 0
     summary = json.loads((out / "summary.json").read_text())
+    assert ("m1", "twice") not in _csv(out / "metrics.csv")
+    assert [p["problem"] for p in summary["problems"]] == ["several files named twice.* (left out)"]
     assert summary["methods"]["m1"]["no_reference"] == ["extra"] and summary["methods"]["m1"]["missing"] == []
     assert summary["methods"]["m2"]["missing"] == ["c"] and summary["methods"]["m2"]["no_reference"] == []
     assert "1 outputs without a reference: extra" in stderr and "1 references without an output: c" in stderr

@@ -49,6 +49,7 @@ class Method:
     no_reference: list[str] = field(default_factory=list)    # outputs without a reference (when --ref is given)
     missing: list[str] = field(default_factory=list)         # references without an output
     no_mask: list[str] = field(default_factory=list)         # outputs without a mask (when --masks is given)
+    duplicates: list[str] = field(default_factory=list)      # stems of several outputs (left out)
 
 
 def index_folder(folder) -> tuple[dict[str, Path], list[str]]:
@@ -66,10 +67,10 @@ def method_names(folders) -> list[str]:
 
 
 def pair(name: str, folder, refs: dict[str, Path] | None, masks: dict[str, Path] | None) -> Method:
-    outputs, _ = index_folder(folder)
+    outputs, duplicates = index_folder(folder)
     items = [Item(s, outputs[s], refs.get(s) if refs is not None else None, masks.get(s) if masks is not None else None)
              for s in sorted(outputs)]
-    m = Method(name, Path(folder), items)
+    m = Method(name, Path(folder), items, duplicates=duplicates)
     if refs is not None:
         m.no_reference = [it.stem for it in items if it.ref is None]
         m.missing = sorted(set(refs) - set(outputs))
@@ -361,6 +362,18 @@ def summarise(rows: list[dict], columns: list[str]) -> dict:
         std = math.sqrt(sum((v - mean) ** 2 for v in finite) / len(finite)) if finite else None
         out[col] = {"mean": mean, "std": std, "count": len(finite), "nonfinite": len(values) - len(finite)}
     return out
+
+
+def method_summary(method: Method, rows: list[dict], columns: list[str], pooled: torch.Tensor | None) -> dict:
+    """summary.json's entry of a method: counts, per-metric statistics, unmatched files and, with a segmenter,
+    the IoU of the confusion matrix pooled over its images."""
+    entry = {"folder": str(method.folder), "images": len(method.items), "scored": len(rows),
+             "metrics": summarise(rows, columns), "no_reference": method.no_reference, "missing": method.missing,
+             "no_mask": method.no_mask}
+    if pooled is not None:
+        entry["iou_pooled"] = [None if math.isnan(v) else v for v in metrics.iou_per_class(pooled).tolist()]
+        entry["miou_pooled"] = None if pooled.sum() == 0 else float(metrics.mean_iou(pooled))
+    return entry
 
 
 def _cell(stats: dict | None, digits: int) -> str:

@@ -124,9 +124,8 @@ def run(args) -> int:
     methods = []
     for name, folder in zip(scoring.method_names(args.outputs), args.outputs):
         m = scoring.pair(name, folder, refs, masks)
-        _, dupes = scoring.index_folder(folder)
         problems += [{"method": name, "image": s, "file": str(folder),
-                      "problem": f"several files named {s}.* (left out)"} for s in dupes]
+                      "problem": f"several files named {s}.* (left out)"} for s in m.duplicates]
         methods.append(m)
     total = sum(len(m.items) for m in methods)
     if total == 0:
@@ -144,16 +143,7 @@ def run(args) -> int:
             rows, found, pooled = scorer.score(m, bar)
             problems += found
             all_rows += rows
-            entry = {"folder": str(m.folder), "images": len(m.items), "scored": len(rows),
-                     "metrics": scoring.summarise(rows, columns),
-                     "no_reference": m.no_reference, "missing": m.missing, "no_mask": m.no_mask}
-            if pooled is not None:
-                import ssattn.metrics as sm
-
-                iou = sm.iou_per_class(pooled)
-                entry["iou_pooled"] = [None if v != v else v for v in iou.tolist()]
-                entry["miou_pooled"] = None if pooled.sum() == 0 else float(sm.mean_iou(pooled))
-            summary["methods"][m.name] = entry
+            summary["methods"][m.name] = scoring.method_summary(m, rows, columns, pooled)
     finally:
         bar.close()
 
