@@ -1,0 +1,238 @@
+"""A shape-only dry run of a network: its modules' output shapes at construction, with no real compute.
+
+The drop-in sizes its stages by measuring the paired modules' outputs, not by
+reading their definitions. `shape_pass` calls the network with every
+parameter and buffer swapped for a storage-less copy
+(torch.func.functional_call) on a storage-less input: meta tensors first
+(shape functions only, fast), and torch's FakeTensorMode when that fails
+(it also fakes the tensors a network makes itself, on the model's device).
+Nothing real is read or written: no parameter, buffer or norm statistic
+changes, and no activation-sized memory is allocated (fake mode runs without
+fallback kernels, which would compute on real zeros). The random number
+generators (torch CPU and CUDA, Python's, NumPy's) and every module's
+training flag are restored afterwards.
+
+The input is inferred: batch 2 (training-mode norms refuse a batch of one),
+channels from the first convolution that takes the input (else 3), and the
+first spatial size among SIZES the network accepts (some accept only one, e.g.
+fixed positional embeddings). A network with several required inputs gets the
+same image for each; optional arguments keep their defaults.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import random
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from torch.func import functional_call
+
+__all__ = ["SIZES", "BATCH", "DryRun", "preserved_state", "shape_pass"]
+
+SIZES = (256, 128, 64, 512)  # square sizes tried in order: most networks' downsampling divides 256
+BATCH = 2
+
+
+@dataclass
+class DryRun:
+    """What a dry run found: the sites' channel counts, the input that worked, and each failed attempt."""
+
+    channels: dict = field(default_factory=dict)   # site -> channel count, from the attempt that ran
+    calls: dict = field(default_factory=dict)      # module name -> its calls in that attempt
+    shape: tuple | None = None                     # the input shape of that attempt
+    failures: list = field(default_factory=list)   # (input shape, error text) of attempts that raised
+
+    @property
+    def ran(self) -> bool:
+        return self.shape is not None
+
+    def describe_failures(self, limit: int = 2) -> str:
+        """'tried inputs (2, 3, 256, 256), ...: <error>' in words, the distinct errors only."""
+        shapes = ", ".join(str(s) for s, _ in self.failures)
+        errors = list(dict.fromkeys(e for _, e in self.failures))
+        more = f" (and {len(errors) - limit} other error(s))" if len(errors) > limit else ""
+        return f"a dry run on fake inputs {shapes} failed: {'; '.join(errors[:limit])}{more}"
+
+
+def _first_conv_channels(model: nn.Module) -> int | None:
+    for m in model.modules():
+        if isinstance(m, nn.modules.conv._ConvNd) and len(m.kernel_size) == 2:
+            return int(m.in_channels)
+    return None
+
+
+def _like(model: nn.Module) -> tuple[torch.dtype, torch.device]:
+    for t in (*model.parameters(), *model.buffers()):
+        if t.is_floating_point():
+            return t.dtype, t.device
+    return torch.get_default_dtype(), torch.device("cpu")
+
+
+def _arity(model: nn.Module) -> tuple[int, list[str]]:
+    """(required positional inputs, at least 1 where positional inputs are taken; required keyword-only names)."""
+    try:
+        params = list(inspect.signature(model.forward).parameters.values())
+    except (TypeError, ValueError):
+        return 1, []
+    empty = inspect.Parameter.empty
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    required = sum(p.default is empty for p in positional)
+    takes_positional = bool(positional) or any(p.kind == p.VAR_POSITIONAL for p in params)
+    keywords = [p.name for p in params if p.kind == p.KEYWORD_ONLY and p.default is empty]
+    return (max(required, 1) if takes_positional else 0), keywords
+
+
+def _error_text(exc: BaseException) -> str:
+    from torch._subclasses import fake_tensor as ft
+
+    if isinstance(exc, ft.DataDependentOutputException):
+        why = "the network reads a tensor's values (e.g. .item(), or an `if` on a tensor), which a shape-only pass cannot"
+    elif isinstance(exc, ft.DynamicOutputShapeException):
+        why = "an output's shape depends on the tensor's values (e.g. nonzero or boolean indexing)"
+    elif isinstance(exc, ft.UnsupportedOperatorException):
+        why = f"operator {exc.func} has no shape-only implementation"
+    else:
+        why = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return f"{type(exc).__name__}: {why}"[:300]
+
+
+@contextlib.contextmanager
+def preserved_state(model: nn.Module):
+    """Restore the random number generators and every module's training flag on exit."""
+    modes = [(m, m.training) for m in model.modules()]
+    cpu = torch.random.get_rng_state()
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+    py = random.getstate()
+    np_random = sys.modules["numpy"].random if "numpy" in sys.modules else None
+    np_state = np_random.get_state() if np_random is not None else None
+    try:
+        yield
+    finally:
+        for m, mode in modes:
+            m.training = mode
+        torch.random.set_rng_state(cpu)
+        if cuda is not None:
+            torch.cuda.set_rng_state_all(cuda)
+        random.setstate(py)
+        if np_state is not None:
+            np_random.set_state(np_state)
+
+
+class _Meta:
+    """Meta tensors: shape functions only, run in C++ (fast); a network that mixes in tensors of its own device fails."""
+
+    def __init__(self, model: nn.Module, dtype: torch.dtype):
+        self.dtype = dtype
+        self.state = {name: torch.empty_like(t, device="meta") for name, t in _state(model).items()}
+
+    def context(self):
+        return contextlib.nullcontext()
+
+    def input(self, shape):
+        return torch.empty(shape, dtype=self.dtype, device="meta")
+
+
+class _Fake:
+    """FakeTensorMode: every tensor made or touched in the pass is fake, on the model's own device."""
+
+    def __init__(self, model: nn.Module, dtype: torch.dtype, device: torch.device):
+        from torch._subclasses.fake_tensor import FakeTensorMode
+
+        self.dtype, self.device = dtype, device
+        # No fallback kernels: they would run the real operator on real zeros of the activations' size.
+        self.mode = FakeTensorMode(allow_non_fake_inputs=True, allow_fallback_kernels=False)
+        self.state = {name: self.mode.from_tensor(t) for name, t in _state(model).items()}
+
+    def context(self):
+        return self.mode
+
+    def input(self, shape):
+        with self.mode:
+            return torch.empty(shape, dtype=self.dtype, device=self.device)
+
+
+def _state(model: nn.Module) -> dict:
+    # Tied parameters appear under each of their names, so functional_call keeps them tied.
+    return {**dict(model.named_parameters(remove_duplicate=False)),
+            **dict(model.named_buffers(remove_duplicate=False))}
+
+
+def shape_pass(model: nn.Module, run: Callable[[Callable[[], object]], tuple[dict, dict]], needed: set, *,
+               fatal: tuple = ()) -> DryRun:
+    """Measure on fake inputs: `run(call)` calls `call()` (one forward of `model`) and returns
+    ({site: channels}, {module name: calls}).
+
+    Each input (channel counts, then SIZES) is tried on meta tensors and, when
+    that fails, under FakeTensorMode (slower to start, but it also fakes the
+    tensors a network makes itself). A call that runs but misses some sites
+    (say, a module that runs only in training) is tried once more in the other
+    mode; a call that runs ends the search. Errors of the types in `fatal` are
+    raised at once (a bad site, not a failed pass).
+    """
+    dtype, device = _like(model)
+    n_positional, keywords = _arity(model)
+    channels = [c for c in dict.fromkeys((_first_conv_channels(model), 3)) if c is not None]
+    first_called: list[int] = []
+
+    def note_first_conv(module, args):
+        if not first_called:
+            first_called.append(int(module.in_channels))
+
+    result = DryRun()
+    makers = (lambda: _Meta(model, dtype), lambda: _Fake(model, dtype, device))
+    made: dict = {}  # each kind made when first needed: FakeTensorMode's first use is slow (it imports dynamo)
+    with preserved_state(model), torch.no_grad():
+        convs = [m for m in model.modules() if isinstance(m, nn.modules.conv._ConvNd) and len(m.kernel_size) == 2]
+        handles = [m.register_forward_pre_hook(note_first_conv) for m in convs]
+        try:
+            i = 0
+            while i < len(channels):
+                for size in SIZES:
+                    shape = (BATCH, channels[i], size, size)
+                    for k, make in enumerate(makers):
+                        kind = made[k] if k in made else made.setdefault(k, make())
+                        first_called.clear()
+                        x = kind.input(shape)
+                        args, kwargs = (x,) * n_positional, dict.fromkeys(keywords, x)
+
+                        def call(kind=kind, args=args, kwargs=kwargs):
+                            with kind.context():
+                                return functional_call(model, kind.state, args, kwargs, tie_weights=True,
+                                                       strict=False)
+
+                        last = k == len(makers) - 1
+                        if _attempt(model, run, call, shape, needed, fatal, result, report=last) or result.ran:
+                            # Measured; or it ran in both modes and some sites did not: another input won't help.
+                            return result
+                    if first_called and first_called[0] not in channels:
+                        channels.append(first_called[0])  # the first convolution called takes other channels
+                i += 1
+        finally:
+            for h in handles:
+                h.remove()
+    return result
+
+
+def _attempt(model, run, call, shape, needed, fatal, result: DryRun, report: bool) -> bool:
+    """One input, in the model's mode and then (sites missing) in the other; True when every site was measured."""
+    for flip in (False, True):
+        if flip:
+            model.train(not model.training)  # preserved_state restores each module's own flag
+        try:
+            measured, calls = run(call)
+        except fatal:
+            raise
+        except Exception as exc:  # noqa: BLE001 - a failed pass is reported with its input, not raised
+            if report and not flip:
+                result.failures.append((shape, _error_text(exc)))
+            return False
+        if not result.ran or len(measured) > len(result.channels):
+            result.channels, result.calls, result.shape = dict(measured), dict(calls), shape
+        if needed <= set(measured):
+            return True
+    return False
