@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 from torch.func import functional_call
+from torch.nn.parameter import is_lazy
 
 __all__ = ["SIZES", "BATCH", "DryRun", "preserved_state", "shape_pass"]
 
@@ -45,18 +46,19 @@ class DryRun:
     channels: dict = field(default_factory=dict)   # site -> channel count, from the attempt that ran
     calls: dict = field(default_factory=dict)      # module name -> its calls in that attempt
     shape: tuple | None = None                     # the input shape of that attempt
-    failures: list = field(default_factory=list)   # (input shape, error text) of attempts that raised
+    failures: list = field(default_factory=list)   # (input shape or None, error text) of attempts that failed
 
     @property
     def ran(self) -> bool:
         return self.shape is not None
 
     def describe_failures(self, limit: int = 2) -> str:
-        """'tried inputs (2, 3, 256, 256), ...: <error>' in words, the distinct errors only."""
-        shapes = ", ".join(str(s) for s, _ in self.failures)
+        """'a dry run on fake inputs (2, 3, 256, 256), ... failed: <error>', the distinct errors only."""
+        shapes = ", ".join(str(s) for s, _ in self.failures if s is not None)
         errors = list(dict.fromkeys(e for _, e in self.failures))
         more = f" (and {len(errors) - limit} other error(s))" if len(errors) > limit else ""
-        return f"a dry run on fake inputs {shapes} failed: {'; '.join(errors[:limit])}{more}"
+        what = f"a dry run on fake inputs {shapes} failed" if shapes else "no dry run could run"
+        return f"{what}: {'; '.join(errors[:limit])}{more}"
 
 
 def _first_conv_channels(model: nn.Module) -> int | None:
@@ -124,14 +126,15 @@ def preserved_state(model: nn.Module):
 
 
 class _Meta:
-    """Meta tensors: shape functions only, run in C++ (fast); a network that mixes in tensors of its own device fails."""
+    """Meta tensors: shape functions only (fast). Tensors the network makes without a device are meta too (the
+    default device); one that mixes in tensors of another device fails, and the fake pass takes over."""
 
     def __init__(self, model: nn.Module, dtype: torch.dtype):
         self.dtype = dtype
         self.state = {name: torch.empty_like(t, device="meta") for name, t in _state(model).items()}
 
     def context(self):
-        return contextlib.nullcontext()
+        return torch.device("meta")
 
     def input(self, shape):
         return torch.empty(shape, dtype=self.dtype, device="meta")
@@ -184,6 +187,11 @@ def shape_pass(model: nn.Module, run: Callable[[Callable[[], object]], tuple[dic
             first_called.append(int(module.in_channels))
 
     result = DryRun()
+    lazy = [name for name, t in _state(model).items() if is_lazy(t)]
+    if lazy:
+        result.failures.append((None, f"the model has lazy modules not yet initialised ({lazy[0]}, ...): call it once "
+                                      f"on an input first"))
+        return result
     makers = (lambda: _Meta(model, dtype), lambda: _Fake(model, dtype, device))
     made: dict = {}  # each kind made when first needed: FakeTensorMode's first use is slow (it imports dynamo)
     with preserved_state(model), torch.no_grad():

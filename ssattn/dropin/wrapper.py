@@ -354,10 +354,12 @@ class GuidedModel(nn.Module):
         def why(sites) -> str:
             if not run.ran:
                 return run.describe_failures()
-            ran = {s.spec: run.calls.get(s.module, 0) for s in sites}
-            pinned = [f"{s.spec!r} ran {ran[s.spec]} time(s)" for s in sites if ran[s.spec]]
-            return (f"{'; '.join(pinned) or 'they did not run'} in a dry run on a fake input {run.shape} (in "
-                    f"training and eval mode){'' if pinned else '; a module called as .forward(...) bypasses hooks'}")
+            ran = {s.module: run.calls.get(s.module, 0) for s in sites}
+            each = [f"module {m!r} ran {n} time(s)" + "".join(f", so it has no call #{s.call}" for s in sites
+                                                             if s.module == m and s.call is not None)
+                    if n else f"module {m!r} did not run" for m, n in ran.items()]
+            hint = "; a module called as .forward(...) bypasses hooks" if 0 in ran.values() else ""
+            return f"{'; '.join(each)} in a dry run on a fake input {run.shape} (in training and eval mode){hint}"
 
         if unknown:
             key = next(k for k in missing if k not in known)
