@@ -334,9 +334,9 @@ class ComposedNet(Net):
 
 
 def random_net(seed: int) -> ComposedNet:
-    """A random encoder-decoder composed of the patterns above (2 or 3 levels, widths 4 to 12, 1, 3 or 4 inputs)."""
+    """A random encoder-decoder composed of the patterns above (2 to 4 levels, widths 4 to 12, 1, 3 or 4 inputs)."""
     rng = random.Random(seed)
-    depth = rng.choice((2, 3))
+    depth = rng.choice((2, 3, 4))
     widths = [rng.choice((4, 6, 8, 12)) for _ in range(depth)]
     names = list(BLOCKS)
     enc_blocks = [rng.choice(names) for _ in range(depth)]
