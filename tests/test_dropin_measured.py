@@ -72,7 +72,8 @@ def test_the_patterns_use_their_selectors():
 
 # ----------------------------------------------------------------------------- the dry run leaves no trace
 class Noisy(nn.Module):
-    """Draws noise in forward (torch, Python and NumPy generators), counts its calls in a buffer, has BatchNorm."""
+    """Draws noise in forward (torch, Python and NumPy generators), counts its calls in a buffer, has BatchNorm,
+    weight_norm (which sets its weight as an attribute in forward), and keeps its input size and a cache."""
 
     def __init__(self):
         super().__init__()
@@ -80,22 +81,28 @@ class Noisy(nn.Module):
         self.dec = nets.DropPathBlock(6, 5)
         self.frozen = nn.BatchNorm2d(5).eval()  # a submodule in another mode than its parent
         self.register_buffer("calls", torch.zeros((), dtype=torch.long))
-        self.head = nn.Conv2d(5, 3, 1)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # torch.nn.utils.weight_norm is deprecated, still used
+            self.head = nn.utils.weight_norm(nn.Conv2d(5, 3, 1))
 
     def forward(self, x):
         self.calls.add_(1)
+        self.size = tuple(x.shape[-2:])
         e = self.enc(x + 0.01 * torch.randn(x.shape, device=x.device) * random.random() * float(np.random.rand()))
         e = e + torch.zeros(e.shape).type_as(e)  # a tensor made without a device, as older code does
+        self.cache = e
         return self.head(self.frozen(self.dec(e)))
 
 
 def _snapshot(net):
-    return ({k: v.clone() for k, v in net.state_dict().items()}, [m.training for m in net.modules()])
+    attrs = [{k: v for k, v in m.__dict__.items() if not k.startswith("_")} for m in net.modules()]
+    return ({k: v.clone() for k, v in net.state_dict().items()}, [m.training for m in net.modules()], attrs)
 
 
 def test_dry_run_leaves_parameters_buffers_rng_and_modes_bit_for_bit():
     net = Noisy()
-    state, modes = _snapshot(net)
+    net(torch.randn(2, 3, 8, 8))  # the attributes set in forward exist, with real values
+    state, modes, attrs = _snapshot(net)
     after = []
     for channels in ({"dec": (5, 6)}, None):  # the same construction without, then with, the dry run
         torch.manual_seed(7)
@@ -107,8 +114,10 @@ def test_dry_run_leaves_parameters_buffers_rng_and_modes_bit_for_bit():
     assert "measured by a dry run" in ss._channel_source["dec"]
     assert torch.equal(after[0][0], after[1][0]) and after[0][1] == after[1][1]
     assert np.array_equal(after[0][2], after[1][2])
-    new_state, new_modes = _snapshot(net)
+    new_state, new_modes, new_attrs = _snapshot(net)
     assert new_modes == modes
+    for before, after in zip(attrs, new_attrs):  # the same objects: no fake value left behind
+        assert before.keys() == after.keys() and all(after[k] is v for k, v in before.items())
     assert new_state.keys() == state.keys()
     for k, v in state.items():
         assert torch.equal(new_state[k], v), k  # running stats, num_batches_tracked, the call counter

@@ -103,10 +103,22 @@ def _error_text(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {why}"[:300]
 
 
+_CONTAINERS = ("_parameters", "_buffers", "_modules")
+
+
 @contextlib.contextmanager
-def preserved_state(model: nn.Module):
-    """Restore the random number generators and every module's training flag on exit."""
+def preserved_state(model: nn.Module, attributes: bool = False):
+    """Restore the random number generators and every module's training flag on exit.
+
+    attributes=True also restores every module's attributes (a pass on fake
+    tensors must not leave fake values behind: weight_norm's recomputed
+    weight, a stored input size, a cache): attributes set in the pass are
+    removed, replaced ones put back, and the parameter, buffer and submodule
+    tables restored in place.
+    """
     modes = [(m, m.training) for m in model.modules()]
+    saved = [(m, dict(m.__dict__), {k: dict(m.__dict__[k]) for k in _CONTAINERS if k in m.__dict__})
+             for m in model.modules()] if attributes else []
     cpu = torch.random.get_rng_state()
     cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
     py = random.getstate()
@@ -115,6 +127,13 @@ def preserved_state(model: nn.Module):
     try:
         yield
     finally:
+        for m, attrs, tables in saved:
+            for k in [k for k in m.__dict__ if k not in attrs]:
+                del m.__dict__[k]
+            m.__dict__.update(attrs)
+            for k, table in tables.items():
+                m.__dict__[k].clear()
+                m.__dict__[k].update(table)
         for m, mode in modes:
             m.training = mode
         torch.random.set_rng_state(cpu)
@@ -194,7 +213,7 @@ def shape_pass(model: nn.Module, run: Callable[[Callable[[], object]], tuple[dic
         return result
     makers = (lambda: _Meta(model, dtype), lambda: _Fake(model, dtype, device))
     made: dict = {}  # each kind made when first needed: FakeTensorMode's first use is slow (it imports dynamo)
-    with preserved_state(model), torch.no_grad():
+    with preserved_state(model, attributes=True), torch.no_grad():
         convs = [m for m in model.modules() if isinstance(m, nn.modules.conv._ConvNd) and len(m.kernel_size) == 2]
         handles = [m.register_forward_pre_hook(note_first_conv) for m in convs]
         try:
