@@ -427,3 +427,20 @@ def test_lazy_modules_are_left_alone():
     net(X)
     ss = semantic_sensitive(net, {"dec": "enc"})
     assert (ss.blocks["dec"].dec_channels, ss.blocks["dec"].enc_channels) == (5, 4)
+
+
+class DoublingNorm(nn.BatchNorm2d):
+    """A subclass of a norm whose forward changes the channel count: not passed through in the dry run."""
+
+    def forward(self, x):
+        y = super().forward(x)
+        return torch.cat([y, y], 1)
+
+
+def test_layers_passed_through_in_the_dry_run_are_torch_own_classes_only():
+    net = nn.Sequential()
+    net.add_module("enc", nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.GroupNorm(2, 4), nn.GELU()))
+    net.add_module("dec", nn.Sequential(nn.Conv2d(4, 5, 1), DoublingNorm(5)))
+    ss = semantic_sensitive(net, {"dec": "enc"})
+    assert (ss.blocks["dec"].dec_channels, ss.blocks["dec"].enc_channels) == (10, 4)
+    assert all("forward" not in m.__dict__ for m in net.modules())

@@ -9,8 +9,11 @@ parameter and buffer swapped for a storage-less copy
 Nothing real is read or written: no parameter, buffer or norm statistic
 changes, and no activation-sized memory is allocated (fake mode runs without
 fallback kernels, which would compute on real zeros). The random number
-generators (torch CPU and CUDA, Python's, NumPy's) and every module's
-training flag are restored afterwards.
+generators (torch CPU and CUDA, Python's, NumPy's), every module's training
+flag and attributes are restored afterwards. torch.nn's own norms,
+activations and dropout pass their input through in the pass: they keep its
+shape, and their shape functions (Python decompositions) were most of its
+cost.
 
 The input is inferred: batch 2 (training-mode norms refuse a batch of one),
 channels from the first convolution that takes the input (else 3), and the
@@ -104,6 +107,19 @@ def _error_text(exc: BaseException) -> str:
 
 
 _CONTAINERS = ("_parameters", "_buffers", "_modules")
+
+# torch.nn layers whose output has their input's shape and dtype (matched by exact type: a subclass may differ).
+_SAME_SHAPE = (
+    nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.GroupNorm, nn.InstanceNorm1d, nn.InstanceNorm2d,
+    nn.InstanceNorm3d, nn.LayerNorm, nn.LocalResponseNorm, nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.GELU,
+    nn.SiLU, nn.ELU, nn.CELU, nn.SELU, nn.Mish, nn.Sigmoid, nn.Tanh, nn.Hardswish, nn.Hardsigmoid, nn.Hardtanh,
+    nn.Softplus, nn.Softsign, nn.Tanhshrink, nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d,
+    nn.AlphaDropout,
+)
+
+
+def _pass_through(x, *args, **kwargs):
+    return x
 
 
 @contextlib.contextmanager
@@ -216,6 +232,9 @@ def shape_pass(model: nn.Module, run: Callable[[Callable[[], object]], tuple[dic
     with preserved_state(model, attributes=True), torch.no_grad():
         convs = [m for m in model.modules() if isinstance(m, nn.modules.conv._ConvNd) and len(m.kernel_size) == 2]
         handles = [m.register_forward_pre_hook(note_first_conv) for m in convs]
+        for m in model.modules():
+            if type(m) in _SAME_SHAPE:
+                m.forward = _pass_through  # an instance attribute: preserved_state removes it
         try:
             i = 0
             while i < len(channels):
