@@ -14,8 +14,9 @@ input of (2, C, 256, 256). Reported, per network:
                  training mode with autograd (a training step's forward) and
                  under torch.no_grad()
   largest alloc  the largest single CPU allocation seen by the profiler
-                 (profile_memory=True) during the dry run, and during the
-                 real forward
+                 (profile_memory=True) during the whole construction (dry
+                 run and the new stages' own weights), and during the real
+                 forward (no_grad)
 Networks: the reference U-Net at width 16 (the default of `ssattn train`)
 and 32, the largest network of the drop-in tests (the random encoder-decoder
 with the most multiply-adds at 256 px), and the U-Net with a plain CPU tensor
@@ -81,7 +82,8 @@ def build(name: str):
             net = Shifted(width=16)
             net.mean = torch.full((1, 3, 1, 1), 0.5)
         params = sum(p.numel() for p in net.parameters())
-        return net, dict(DEFAULT_PAIRS), f"UNet width {width} ({params / 1e6:.2f}M params)"
+        fake = " with a plain CPU tensor attribute (the fake-tensor path)" if name == "unet16-fake-path" else ""
+        return net, dict(DEFAULT_PAIRS), f"UNet width {width} ({params / 1e6:.2f}M params){fake}"
     seed, net = _largest_test_net()
     params = sum(p.numel() for p in net.parameters())
     return net, net.pairs, (f"random_net({seed}) of the tests: {len(net.decoder_kinds) + 1} levels, "
@@ -184,7 +186,7 @@ def main() -> None:
           f"{os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f}; torch {torch.__version__}, ssattn "
           f"{getattr(ssattn, '__version__', '?')}; {args.threads} thread(s), {args.reps} reps\n")
     print("| network | dry-run input | dry run ms (first in process) | forward ms, train + autograd (no_grad) "
-          "| dry run / forward | largest allocation: dry run / forward |")
+          "| dry run / forward | largest allocation: construction / forward |")
     print("|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['description']} | {tuple(r['input'])} | {r['dry_ms']:.1f} ({r['first_ms']:.0f}) | "

@@ -35,13 +35,25 @@ A paired module that runs more than once per forward without "#k" gets a
 warning (once), since the rule is then right only if the network means it.
 
 Stages exist at construction, so an optimizer, DDP or a state_dict load sees
-them. Channel counts come from `channels={decoder site: (dec_channels,
-enc_channels)}`, else from the modules' definitions (sites.declared_channels:
-convolutions, norms, Linear, or the last such layer of a custom block), else
-from a dry forward pass on `example_inputs` (a tensor, a tuple of positional
-inputs, a dict of keyword inputs, or (args_tuple, kwargs_dict)). Where none
-applies, construction raises an error naming the module. Every call checks the
-counts against the real tensors (an error names the site).
+them. Their channel counts are measured there, in this order:
+1. `channels={decoder site: (dec_channels, enc_channels)}` (text site:
+   channels), when given;
+2. a forward pass through the same hooks: on `example_inputs` when given (a
+   tensor, a tuple of positional inputs, a dict of keyword inputs, or
+   (args_tuple, kwargs_dict); eval mode), else an automatic shape-only dry
+   run on meta or fake tensors (ssattn.dropin.dryrun: the input inferred, no
+   real compute or memory, the model and the random generators left as they
+   were);
+3. the modules' definitions (sites.declared_channels), only for sites no
+   dry run could measure, with one warning naming them.
+Where none gives a count, construction raises an error that says what the
+dry run tried and names both ways out. Every call checks the counts against
+the real tensors (an error names the site).
+
+Ablations: `align_sites` names the decoder sites whose outputs feed the
+alignment loss (default: the decoders of pairs). A site not in pairs is
+alignment-only (its output is captured for the loss, no attention stage);
+`align_sites=()` leaves attention only (the loss is zero).
 
 Features are used as the modules returned them. A module's output that the
 network later changes in place (e.g. ReLU(inplace=True) after it) is found by
@@ -824,8 +836,9 @@ def text_guided(model: nn.Module, stages, text_channels: int, **options) -> Guid
     (e.g. ssattn.text.TextEncoder) and their padding mask (True = padded).
     options: heads (1), head_dim, backend, scale, intra_text (True: word
     self-attention first), intra_image (False: image self-attention first,
-    quadratic in H*W), channels {site: channels}, example_inputs; and pairs
-    to add -SS stages to the same wrapper.
+    quadratic in H*W), channels {site: channels} and example_inputs (when
+    the automatic dry run cannot measure the sites); and pairs (and
+    align_sites) to add -SS stages to the same wrapper.
     """
     pairs = options.pop("pairs", None)
     if isinstance(stages, str):
