@@ -60,7 +60,7 @@ def test_pattern_gets_measured_stages_and_the_five_properties(pattern):
     make = PATTERNS[pattern]
     net = make()
     ss = nets.check_five(make, net.pairs, X)
-    assert all("measured by a dry run" in how for how in ss._channel_source.values())
+    assert all("measured by a dry run" in how for how in ss.channel_sources.values())
 
 
 def test_the_patterns_use_their_selectors():
@@ -111,7 +111,7 @@ def test_dry_run_leaves_parameters_buffers_rng_and_modes_bit_for_bit():
         ss = semantic_sensitive(net, {"dec": "enc"}, channels=channels)
         after.append((torch.random.get_rng_state(), random.getstate(), np.random.get_state()[1].copy()))
         ss.remove()
-    assert "measured by a dry run" in ss._channel_source["dec"]
+    assert "measured by a dry run" in ss.channel_sources["dec"]
     assert torch.equal(after[0][0], after[1][0]) and after[0][1] == after[1][1]
     assert np.array_equal(after[0][2], after[1][2])
     new_state, new_modes, new_attrs = _snapshot(net)
@@ -133,7 +133,7 @@ def test_dry_run_allocates_no_activation_sized_memory():
     net = Noisy()
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         ss = semantic_sensitive(net, {"dec": "enc"})
-    assert "measured by a dry run" in ss._channel_source["dec"]
+    assert "measured by a dry run" in ss.channel_sources["dec"]
     smallest_activation = 2 * 3 * min(SIZES) ** 2 * 4  # the input itself at the smallest size tried, float32
     assert _largest_allocation(prof) < smallest_activation / 8
     # The same profile sees a real forward's activations (the check can fail).
@@ -149,7 +149,7 @@ def test_dry_run_does_not_run_when_channels_are_given(monkeypatch):
     monkeypatch.setattr(wrapper, "shape_pass", lambda *a, **k: pytest.fail("dry run with channels= given"))
     ss = semantic_sensitive(nets.ComposedNet([4, 6], ["eca"] * 2, ["eca"], "plain", ["cat"]), {"dec0": "enc0"},
                             channels={"dec0": (4, 4)})
-    assert ss._channel_source == {"dec0": "from channels="}
+    assert ss.channel_sources == {"dec0": "from channels="}
 
 
 # ----------------------------------------------------------------------------- the input it infers
@@ -174,7 +174,7 @@ class FixedSize(nn.Module):
 def test_a_network_that_accepts_one_size(size):
     ss = semantic_sensitive(FixedSize(size), {"dec": "enc"})
     assert (ss.blocks["dec"].dec_channels, ss.blocks["dec"].enc_channels) == (8, 4)
-    assert ss._channel_source["dec"] == f"measured by a dry run on a fake input (2, 3, {size}, {size})"
+    assert ss.channel_sources["dec"] == f"measured by a dry run on a fake input (2, 3, {size}, {size})"
     x, g = torch.randn(1, 3, size, size), torch.rand(1, 1, size, size)
     assert torch.equal(ss(x, guidance=g), ss.model(x))
 
@@ -215,7 +215,7 @@ class OddChannels(nn.Module):
 
 def test_input_channels_from_the_first_convolution_called():
     ss = semantic_sensitive(OddChannels(), {"dec": "enc"})
-    assert ss._channel_source["dec"] == "measured by a dry run on a fake input (2, 1, 256, 256)"
+    assert ss.channel_sources["dec"] == "measured by a dry run on a fake input (2, 1, 256, 256)"
     assert (ss.blocks["dec"].dec_channels, ss.blocks["dec"].enc_channels) == (6, 6)
 
 
@@ -265,9 +265,10 @@ def test_definitions_fallback_warns_once_naming_the_sites():
                                 {"dec": "enc"})
     messages = [str(w.message) for w in record if "definitions" in str(w.message)]
     assert len(messages) == 1
+    assert record[0].filename == __file__  # the warning points at the construction in the user's code
     assert re.search(r"channels of \['dec', 'enc'\] were read from the module definitions.*\(2, 3, 256, 256\).*"
                      r"reads a tensor's values.*example_inputs=.*channels=", messages[0])
-    assert ss._channel_source["dec"] == "read from the module definitions"
+    assert ss.channel_sources["dec"] == "read from the module definitions"
     x, g = torch.rand(2, 3, 8, 8), torch.rand(2, 1, 8, 8)
     assert torch.equal(ss(x, guidance=g), ss.model(x))
 
@@ -287,10 +288,10 @@ def test_example_inputs_override_a_wrong_definition():
         warnings.simplefilter("error")
         ss = semantic_sensitive(ReadsValues(_misleading(), 6), {"dec": "enc"}, example_inputs=x)
     assert (ss.blocks["dec"].dec_channels, ss.blocks["dec"].enc_channels) == (6, 4)
-    assert ss._channel_source["dec"] == "measured on example_inputs"
+    assert ss.channel_sources["dec"] == "measured on example_inputs"
     assert torch.equal(ss(x, guidance=g), ss.model(x))
     given = semantic_sensitive(ReadsValues(_misleading(), 6), {"dec": "enc"}, example_inputs=x, channels={"dec": (6, 4)})
-    assert given._channel_source["dec"] == "from channels="  # channels= first
+    assert given.channel_sources["dec"] == "from channels="  # channels= first
 
 
 class Unreadable(nn.Module):
@@ -329,7 +330,7 @@ def test_text_stages_are_measured_too():
     tg = text_guided(make(), ["dec0", "dec1"], text_channels=12)
     widths = (4, 6, 8)
     assert [b.img_channels for b in tg.text_blocks.values()] == [widths[1] * 2, widths[0] * 2]
-    assert all("measured by a dry run" in how for how in tg._channel_source.values())
+    assert all("measured by a dry run" in how for how in tg.channel_sources.values())
     words, mask = torch.randn(2, 5, 12), torch.zeros(2, 5, dtype=torch.bool)
     assert torch.equal(tg(X, text=(words, mask)), tg.model(X))
     both = semantic_sensitive(make(), {"dec1": "enc0"}, text_stages=["enc1"], text_channels=12)

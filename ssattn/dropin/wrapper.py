@@ -81,6 +81,8 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import os
+import sys
 import warnings
 from collections.abc import Mapping
 
@@ -108,8 +110,16 @@ def _fingerprint(t: Tensor) -> Tensor:
     return t.detach()[..., :2, :2].clone()
 
 
+_INTERNAL = tuple(os.path.join(d, "") for d in (os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                                 os.path.dirname(torch.__file__)))  # "ssattn/", "torch/"
+
+
 def _warn(message: str) -> None:
-    warnings.warn(f"semantic_sensitive: {message}", UserWarning, stacklevel=3)
+    # Point at the user's line (the construction or the call), past ssattn's and torch's own frames.
+    frame, level = sys._getframe(1), 2  # stacklevel 2: the caller of _warn
+    while frame is not None and frame.f_code.co_filename.startswith(_INTERNAL):
+        frame, level = frame.f_back, level + 1
+    warnings.warn(f"semantic_sensitive: {message}", UserWarning, stacklevel=level)
 
 
 class _Hook:
@@ -428,6 +438,12 @@ class GuidedModel(nn.Module):
         with preserved_state(self.model):
             self.model.eval()
             return self._measuring(lambda: self.model(*args, **kwargs))[0]
+
+    @property
+    def channel_sources(self) -> dict[str, str]:
+        """How each stage's channel counts were found, by site: "from channels=", "measured by a dry run on a
+        fake input (2, 3, 256, 256)", "measured on example_inputs" or "read from the module definitions"."""
+        return dict(self._channel_source)
 
     @property
     def materialized(self) -> bool:
@@ -773,7 +789,8 @@ class GuidedModel(nn.Module):
         return self._align_variants[key]
 
     def decoder_features(self) -> dict[str, Tensor]:
-        """The refined decoder output of each site's last refined call in the last forward, by site."""
+        """Each decoder site's feature from its last call in the last forward, by site: the refined output at a
+        site with an attention stage, the module's own output at an alignment-only site."""
         last = self._last
         return {} if last is None else {d: c[-1].value() for d, c in last.features.items()}
 
