@@ -290,7 +290,8 @@ def test_example_inputs_override_a_wrong_definition():
     assert (ss.blocks["dec"].dec_channels, ss.blocks["dec"].enc_channels) == (6, 4)
     assert ss.channel_sources["dec"] == "measured on example_inputs"
     assert torch.equal(ss(x, guidance=g), ss.model(x))
-    given = semantic_sensitive(ReadsValues(_misleading(), 6), {"dec": "enc"}, example_inputs=x, channels={"dec": (6, 4)})
+    given = semantic_sensitive(ReadsValues(_misleading(), 6), {"dec": "enc"}, example_inputs=x,
+                               channels={"dec": (6, 4)})
     assert given.channel_sources["dec"] == "from channels="  # channels= first
 
 
@@ -313,7 +314,8 @@ def test_nothing_works_error_says_what_was_tried_and_both_ways_out():
 
 
 def test_a_pinned_call_that_never_happens_is_named():
-    with pytest.warns(UserWarning, match=r"\['enc0#3'\].*module 'enc0' ran 1 time\(s\), so it has no call #3 in a dry run"):
+    with pytest.warns(UserWarning, match=r"\['enc0#3'\].*module 'enc0' ran 1 time\(s\), so it has no call #3 "
+                                         r"in a dry run"):
         semantic_sensitive(nets.ComposedNet([4, 6], ["conv"] * 2, ["conv"], "plain", ["cat"]), {"dec0": "enc0#3"})
 
 
@@ -421,8 +423,8 @@ class Lazy(nn.Module):
 
 def test_lazy_modules_are_left_alone():
     net = Lazy()
-    with pytest.raises(ValueError, match=r"module 'dec' \(Sequential\) could not be measured: no dry run could run: the "
-                                         r"model has lazy modules not yet initialised.*call it once"):
+    with pytest.raises(ValueError, match=r"module 'dec' \(Sequential\) could not be measured: no dry run could run: "
+                                         r"the model has lazy modules not yet initialised.*call it once"):
         semantic_sensitive(net, {"dec": "enc"})
     assert nn.parameter.is_lazy(net.enc.weight)
     net(X)

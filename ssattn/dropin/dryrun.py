@@ -96,7 +96,8 @@ def _error_text(exc: BaseException) -> str:
     from torch._subclasses import fake_tensor as ft
 
     if isinstance(exc, ft.DataDependentOutputException):
-        why = "the network reads a tensor's values (e.g. .item(), or an `if` on a tensor), which a shape-only pass cannot"
+        why = ("the network reads a tensor's values (e.g. .item(), or an `if` on a tensor), which a shape-only pass "
+               "cannot")
     elif isinstance(exc, ft.DynamicOutputShapeException):
         why = "an output's shape depends on the tensor's values (e.g. nonzero or boolean indexing)"
     elif isinstance(exc, ft.UnsupportedOperatorException):
@@ -241,7 +242,15 @@ def shape_pass(model: nn.Module, run: Callable[[Callable[[], object]], tuple[dic
                 for size in SIZES:
                     shape = (BATCH, channels[i], size, size)
                     for k, make in enumerate(makers):
-                        kind = made[k] if k in made else made.setdefault(k, make())
+                        if k not in made:
+                            try:
+                                made[k] = make()
+                            except Exception as exc:  # noqa: BLE001 - e.g. a tensor type with no fake copy
+                                made[k] = None
+                                result.failures.append((None, _error_text(exc)))
+                        kind = made[k]
+                        if kind is None:
+                            continue
                         first_called.clear()
                         x = kind.input(shape)
                         args, kwargs = (x,) * n_positional, dict.fromkeys(keywords, x)
@@ -266,19 +275,24 @@ def shape_pass(model: nn.Module, run: Callable[[Callable[[], object]], tuple[dic
 
 def _attempt(model, run, call, shape, needed, fatal, result: DryRun, report: bool) -> bool:
     """One input, in the model's mode and then (sites missing) in the other; True when every site was measured."""
-    for flip in (False, True):
-        if flip:
-            model.train(not model.training)  # preserved_state restores each module's own flag
-        try:
-            measured, calls = run(call)
-        except fatal:
-            raise
-        except Exception as exc:  # noqa: BLE001 - a failed pass is reported with its input, not raised
-            if report and not flip:
-                result.failures.append((shape, _error_text(exc)))
-            return False
-        if not result.ran or len(measured) > len(result.channels):
-            result.channels, result.calls, result.shape = dict(measured), dict(calls), shape
-        if needed <= set(measured):
-            return True
-    return False
+    modes = [(m, m.training) for m in model.modules()]
+    try:
+        for flip in (False, True):
+            if flip:
+                model.train(not model.training)
+            try:
+                measured, calls = run(call)
+            except fatal:
+                raise
+            except Exception as exc:  # noqa: BLE001 - a failed pass is reported with its input, not raised
+                if report and not flip:
+                    result.failures.append((shape, _error_text(exc)))
+                return False
+            if not result.ran or len(measured) > len(result.channels):
+                result.channels, result.calls, result.shape = dict(measured), dict(calls), shape
+            if needed <= set(measured):
+                return True
+        return False
+    finally:
+        for m, mode in modes:  # each module's own flag back for the next attempt
+            m.training = mode

@@ -373,6 +373,7 @@ class GuidedModel(nn.Module):
             if None not in counts:
                 known[key] = tuple(counts)
                 self._channel_source[key[1]] = "read from the module definitions"
+
         def why(sites) -> str:
             if not run.ran:
                 return run.describe_failures()
@@ -390,15 +391,15 @@ class GuidedModel(nn.Module):
             shape = "(dec_channels, enc_channels)" if kind == "ss" else "channels"
             raise ValueError(
                 f"semantic_sensitive: the output channels of {site.describe()} "
-                f"({type(modules[site.module]).__name__}) could not be measured: {why([site])}; and they cannot be read "
-                f"from its definition{' (an element of a structured output)' if site.path else ''}. Pass "
+                f"({type(modules[site.module]).__name__}) could not be measured: {why([site])}; and they cannot be "
+                f"read from its definition{' (an element of a structured output)' if site.path else ''}. Pass "
                 f"example_inputs=(x,) (inputs the network accepts, for a forward pass that measures them), or "
                 f"channels={{{spec!r}: {shape}}}"
             )
         names = list(dict.fromkeys(s.spec for s in read))
         _warn(f"the output channels of {names} were read from the module definitions, which can be wrong (a gate "
-              f"or a concatenation after the last layer): {why(read)}. Pass example_inputs=(x,) or channels={{...}} to be "
-              f"sure; a wrong count raises at the first call")
+              f"or a concatenation after the last layer): {why(read)}. Pass example_inputs=(x,) or channels={{...}} "
+              f"to be sure; a wrong count raises at the first call")
 
     def _param_like(self) -> Tensor | None:
         for p in self.model.parameters():
@@ -407,7 +408,10 @@ class GuidedModel(nn.Module):
         return None
 
     def _measuring(self, call) -> tuple[dict[str, int], dict[str, int]]:
-        """Run `call()` (a forward of the model) with probing hooks on the sites: ({site: channels}, {module: calls})."""
+        """Run `call()` (a forward of the model) with probing hooks on the sites.
+
+        Returns ({site: channels}, {module name: calls}).
+        """
         self._call = _Call(None, probing=True)
         handles = [self.model.get_submodule(name).register_forward_hook(_Hook(self, "site", name))
                    for name in self._sites_at]

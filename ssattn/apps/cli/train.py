@@ -149,7 +149,7 @@ def parse_levels(flag: str, text: str) -> list[str]:
     return [d for d in DEFAULT_PAIRS if d in levels]
 
 
-def ss_levels(args) -> dict:
+def stage_levels(args) -> dict:
     """{"attention_levels": [...], "align_levels": [...]} from --levels / --attention-levels / --align-levels
     ({} for --model unet)."""
     from ssattn.models import DEFAULT_PAIRS
@@ -243,7 +243,7 @@ def run(args) -> int:
     from ssattn.apps.training.trainer import CheckpointMismatch, RankFailure
 
     resolve_device(args.device)  # a clear error for a device that cannot run here
-    levels = ss_levels(args)  # checked before any process group starts
+    levels = stage_levels(args)  # checked before any process group starts
     ctx = setup(args.device, timeout_s=args.dist_timeout)
     # Rank 0 speaks for the job; the other ranks only report their own failures.
     logging.basicConfig(level=logging.INFO if ctx.is_main else logging.WARNING, format="%(message)s")

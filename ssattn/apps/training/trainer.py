@@ -606,7 +606,8 @@ def train(model: nn.Module, data, config: TrainConfig, out_dir: str | None = Non
     times = history["step_times"][2:] or history["step_times"]
     step_time = float(np.mean(times)) if times else float("nan")
     return {**history, "steps": step, "steps_run": step - first_step, "step_time_s": step_time, "images_per_s": per_step / step_time,
-            "world_size": w, "loss_description": criterion.describe() + (f" + alignment (lambda {model.align.weight:g})" if ss else "")}
+            "world_size": w,
+            "loss_description": criterion.describe() + (f" + alignment (lambda {model.align.weight:g})" if ss else "")}
 
 
 def _save(ctx, path, model, optimizer, scheduler, scaler, step, epoch, offset, config, spec, history) -> None:
