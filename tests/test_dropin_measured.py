@@ -179,6 +179,31 @@ def test_a_network_that_accepts_one_size(size):
     assert torch.equal(ss(x, guidance=g), ss.model(x))
 
 
+class PatchTransformer(nn.Module):
+    """A ViT-style restorer: patch embedding with a fixed positional embedding for its img_size only (96)."""
+
+    def __init__(self, img_size=96, patch=8, dim=12):
+        super().__init__()
+        self.img_size = (img_size, img_size)  # as timm's PatchEmbed keeps it
+        self.embed = nn.Conv2d(3, dim, patch, stride=patch)
+        self.pos = nn.Parameter(torch.zeros(1, (img_size // patch) ** 2, dim))
+        self.block = nn.TransformerEncoderLayer(dim, 2, 2 * dim, batch_first=True)
+        self.dec = nn.Sequential(nets.pixel_shuffle_up(dim, 3), nets.ECA())
+        self.up = nn.Upsample(scale_factor=4)
+
+    def forward(self, x):
+        f = self.embed(x)
+        B, C, H, W = f.shape
+        t = self.block(f.flatten(2).transpose(1, 2) + self.pos)
+        return self.up(self.dec(t.transpose(1, 2).reshape(B, C, H, W)))
+
+
+def test_a_size_the_network_declares_is_tried():
+    ss = semantic_sensitive(PatchTransformer(), {"dec": "embed"})
+    assert ss.channel_sources["dec"] == "measured by a dry run on a fake input (2, 3, 96, 96)"
+    assert (ss.blocks["dec"].dec_channels, ss.blocks["dec"].enc_channels) == (3, 12)
+
+
 class TwoImages(nn.Module):
     """Two required image inputs (a degraded image and a prior, e.g. an illumination estimate)."""
 

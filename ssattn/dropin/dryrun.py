@@ -17,15 +17,18 @@ cost.
 
 The input is inferred: batch 2 (training-mode norms refuse a batch of one),
 channels from the first convolution that takes the input (else 3), and the
-first spatial size among SIZES the network accepts (some accept only one, e.g.
-fixed positional embeddings). A network with several required inputs gets the
-same image for each; optional arguments keep their defaults.
+first spatial size the network accepts among SIZES and the sizes its modules
+declare (an `img_size` attribute, as patch embeddings keep it: some networks
+accept only one size, e.g. with fixed positional embeddings). A network with
+several required inputs gets the same image for each; optional arguments keep
+their defaults.
 """
 
 from __future__ import annotations
 
 import contextlib
 import inspect
+import logging
 import random
 import sys
 from collections.abc import Callable
@@ -69,6 +72,24 @@ def _first_conv_channels(model: nn.Module) -> int | None:
         if isinstance(m, nn.modules.conv._ConvNd) and len(m.kernel_size) == 2:
             return int(m.in_channels)
     return None
+
+
+_SIZE_ATTRIBUTES = ("img_size", "image_size", "input_size", "in_size")
+
+
+def _sizes(model: nn.Module) -> list[tuple[int, int]]:
+    """(H, W) to try: 256, then up to three sizes the modules declare (img_size=...), then the rest of SIZES."""
+    declared = []
+    for m in model.modules():
+        for name in _SIZE_ATTRIBUTES:
+            v = m.__dict__.get(name)
+            if isinstance(v, int) and not isinstance(v, bool) and v > 0:
+                declared.append((v, v))
+            elif (isinstance(v, (tuple, list)) and len(v) == 2
+                  and all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in v)):
+                declared.append((int(v[0]), int(v[1])))
+    square = [(s, s) for s in SIZES]
+    return list(dict.fromkeys([square[0], *declared[:3], *square[1:]]))
 
 
 def _like(model: nn.Module) -> tuple[torch.dtype, torch.device]:
@@ -187,8 +208,16 @@ class _Fake:
         self.mode = FakeTensorMode(allow_non_fake_inputs=True, allow_fallback_kernels=False)
         self.state = {name: self.mode.from_tensor(t) for name, t in _state(model).items()}
 
+    @contextlib.contextmanager
     def context(self):
-        return self.mode
+        # Fake mode logs every failing operator with its traceback; a failed attempt is reported by shape_pass.
+        log = logging.getLogger("torch._subclasses.fake_tensor")
+        level, log.level = log.level, logging.CRITICAL + 1
+        try:
+            with self.mode:
+                yield
+        finally:
+            log.level = level
 
     def input(self, shape):
         with self.mode:
@@ -238,9 +267,10 @@ def shape_pass(model: nn.Module, run: Callable[[Callable[[], object]], tuple[dic
                 m.forward = _pass_through  # an instance attribute: preserved_state removes it
         try:
             i = 0
+            sizes = _sizes(model)
             while i < len(channels):
-                for size in SIZES:
-                    shape = (BATCH, channels[i], size, size)
+                for h, w in sizes:
+                    shape = (BATCH, channels[i], h, w)
                     for k, make in enumerate(makers):
                         if k not in made:
                             try:
