@@ -14,6 +14,11 @@ class CLIError(Exception):
     """A bad argument or input: its message is all the user sees."""
 
 
+def one_line(text: str) -> str:
+    """An error message as the one line the CLI prints (a library message may span several)."""
+    return " ".join(part.strip() for part in str(text).splitlines() if part.strip())
+
+
 def _int_at_least(minimum: int):
     """An argparse type: an integer >= minimum."""
 
