@@ -48,10 +48,12 @@ DEFAULT_TEXT_LEVELS = ("dec3", "dec2")
 
 def add_text_args(p, *, training: bool) -> None:
     g = p.add_argument_group("text guidance (seed 003)")
-    g.add_argument("--text", default=None, metavar="FILE_OR_DIR",
+    g.add_argument("--text", default=None, metavar="CAPTIONS",
                    help="captions of the images: a folder of <name>.txt, a .json {name: caption}, a name<TAB>caption "
-                        "table, or one text for every image (names: the degraded files' stems; synthetic items: "
-                        "their index); or 'vlm': ask the captioner (--text-captioner) about each degraded image" + ("; adds text stages to the model" if training else
+                        "table, a text file whose text is every image's caption, or the caption itself for every "
+                        "image (--text 'a fish over sand'; a value with a '/' or ending in .txt, .json, .tsv or .csv "
+                        "must name an existing file or folder); names: the degraded files' stems, synthetic items: "
+                        "their index; or 'vlm': ask the captioner (--text-captioner) about each degraded image" + ("; adds text stages to the model" if training else
                                           "; needed for a model trained with --text"))
     g.add_argument("--text-encoder", default=None, metavar="ID_OR_DIR",
                    help="CLIP text encoder (hub id or local folder; default openai/clip-vit-base-patch32"
