@@ -113,13 +113,14 @@ def _ss_options(args) -> dict:
 
 
 def run(args) -> int:
-    import json
     import time
     import warnings
 
     import torch
 
     from ssattn.apps.demo import experiment, figures, results as res
+    from ssattn.apps.jsonfile import dumps, write_json
+    from ssattn.apps.training.metrics import NONFINITE_REASONS as METRIC_REASONS
     from ssattn.apps.training.guidance_quality import guidance_quality
     from ssattn.apps.training.metrics import masked_psnr
     from ssattn.apps.training.segmentation import train_segmenter
@@ -217,10 +218,8 @@ def run(args) -> int:
                 "params": {n: first_outputs[n][2] for n in experiment.MODELS},
                 "loss": {n: first_outputs[n][3] for n in experiment.MODELS},
                 "data_s": t_data, "segmenter_s": t_seg, "total_s": total, "cpu_s": cpu}
-    with open(os.path.join(args.out, "results.json"), "w") as f:
-        json.dump(results, f, indent=2)
-    with open(os.path.join(args.out, "run.json"), "w") as f:
-        json.dump(run_info, f, indent=2)
+    write_json(os.path.join(args.out, "results.json"), results, METRIC_REASONS)
+    write_json(os.path.join(args.out, "run.json"), run_info, METRIC_REASONS)
     with open(os.path.join(args.out, "results.md"), "w") as f:
         f.write("# ssattn demo: does -SS help on the objects? (synthetic underwater scenes, held-out)\n\n")
         f.write(f"Mean ± sample std over {s['seeds']} training seeds; fg = inside the object masks; mIoU of a "
@@ -228,9 +227,9 @@ def run(args) -> int:
                 f"masks: AUC {quality['auc']:.3f}, best-threshold IoU {quality['iou']:.3f}.\n\n")
         f.write("\n".join(table) + "\n\n")
         f.write("\n".join(verdict) + "\n\n")
-        f.write(f"Settings: {json.dumps(s)}, data seed {args.seed}, device {device}, {threads} thread(s), "
-                f"autocast {amp}, -SS stages {','.join(levels)}, -SS options {json.dumps(ss_options)}.\n"
-                f"Backends: {json.dumps(backends)}.\nLoss (-SS): {first_outputs['ss'][3]}.\n")
+        f.write(f"Settings: {dumps(s)}, data seed {args.seed}, device {device}, {threads} thread(s), "
+                f"autocast {amp}, -SS stages {','.join(levels)}, -SS options {dumps(ss_options)}.\n"
+                f"Backends: {dumps(backends)}.\nLoss (-SS): {first_outputs['ss'][3]}.\n")
     print("\n" + "\n".join(table) + "\n")
     print(f"backends: attention {backends['masked_cross_attention']}, alignment loss {backends['alignment_loss']}")
     print(f"wrote figure.png, metrics.png, results.md, results.json, run.json into {args.out} "

@@ -17,7 +17,8 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    import json
+    from ssattn.apps.jsonfile import write_json
+    from ssattn.apps.training.metrics import NONFINITE_REASONS
 
     from ssattn.apps.training import evaluate, load_model
 
@@ -47,6 +48,5 @@ def run(args) -> int:
     print(f"{ckpt['spec']['arch']} at step {ckpt['step']} on {desc}: PSNR {ev['psnr']:.2f} dB, SSIM {ev['ssim']:.4f} "
           f"(degraded input: {ev['input_psnr']:.2f} dB, {ev['input_ssim']:.4f})")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(res, f, indent=2)
+        write_json(args.json, res, NONFINITE_REASONS)
     return 0
