@@ -32,7 +32,9 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+    threads = torch.get_num_threads()
     yield
+    torch.set_num_threads(threads)  # a command run in-process (demo, train) sets its own
 
 
 def cpu_and_cuda():

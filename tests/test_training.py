@@ -213,6 +213,31 @@ def test_train_and_eval_cli_on_synthetic(tmp_path, capsys):
     assert "neither a folder" in capsys.readouterr().err
 
 
+def test_train_threads(tmp_path, capsys, monkeypatch):
+    from ssattn.apps.cli.common import use_threads
+
+    argv = ["train", "--data", "synthetic", "--out", str(tmp_path / "run"), "--size", "16", "--n", "4", "--steps", "1",
+            "--batch-size", "2", "--width", "4", "--levels", "dec3", "--no-progress", "--device", "cpu"]
+    assert cli_main(argv + ["--threads", "2"]) == 0
+    assert "device cpu (2 thread(s))" in capsys.readouterr().out and torch.get_num_threads() == 2
+    with pytest.raises(SystemExit) as exc:
+        cli_main(argv + ["--threads", "0"])
+    assert exc.value.code == 2 and "--threads: must be >= 1, got 0" in capsys.readouterr().err
+    # The default: OMP_NUM_THREADS when set (torchrun sets it per process), else the idle cores shared
+    # by this machine's processes.
+    monkeypatch.setattr(os, "cpu_count", lambda: 8)
+    monkeypatch.setattr(os, "getloadavg", lambda: (2.6, 0.0, 0.0))
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    cpu = torch.device("cpu")
+    assert use_threads(None, cpu) == 5 and use_threads(3, cpu) == 3
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    assert use_threads(None, cpu) == 2
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    torch.set_num_threads(1)
+    assert use_threads(None, cpu) == 1
+
+
 def test_resume_with_another_model_is_a_clear_error(tiny_data, tmp_path, capsys):
     run_dir = str(tmp_path / "run")
     common = ["train", "--data", "synthetic", "--out", run_dir, "--size", "16", "--n", "4", "--steps", "1",

@@ -11,10 +11,9 @@ writes results.json, results.md, run.json, figure.png and metrics.png into --out
 
 from __future__ import annotations
 
-import math
 import os
 
-from .common import CLIError
+from .common import CLIError, add_threads_arg, use_threads
 
 DEFAULTS = {"steps": 180, "size": 48, "batch_size": 8, "n_train": 192, "n_test": 32, "width": 8, "seeds": 3,
             "seg_steps": 150}
@@ -54,8 +53,7 @@ def register(sub) -> None:
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N")
     p.add_argument("--amp", choices=("auto", "none", "bf16"), default="auto",
                    help="autocast (default: bf16 on CUDA, none on CPU)")
-    p.add_argument("--threads", type=int, default=None,
-                   help="CPU threads (default: the cores not busy with other work, from the load average)")
+    add_threads_arg(p)
     p.add_argument("--quick", action="store_true", help="a seconds-long smoke run (tiny sizes; for tests)")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     p.set_defaults(func=run)
@@ -72,17 +70,6 @@ def _settings(args) -> dict:
     if args.eta is not None and not args.eta >= 0:
         raise CLIError(f"--eta must be >= 0, got {args.eta}")
     return s
-
-
-def auto_threads() -> int:
-    """All cores on an idle machine; fewer when the load average says others use them (oversubscribed torch
-    threads spin and can run several times slower than one thread)."""
-    cores = os.cpu_count() or 1
-    try:
-        load = os.getloadavg()[0]
-    except OSError:
-        return cores
-    return max(1, min(cores, cores - int(math.floor(load + 0.5))))
 
 
 def _backends_used(device) -> dict:
@@ -131,8 +118,7 @@ def run(args) -> int:
     s = _settings(args)
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if args.device == "auto" else args.device))
-    threads = args.threads or (auto_threads() if device.type == "cpu" else torch.get_num_threads())
-    torch.set_num_threads(threads)
+    threads = use_threads(args.threads, device)
     amp = args.amp if args.amp != "auto" else ("bf16" if device.type == "cuda" else "none")
     if args.levels:
         levels = tuple(v.strip() for v in args.levels.split(",") if v.strip())

@@ -6,7 +6,7 @@ one process per device; only rank 0 writes the run folder and prints.
 
 from __future__ import annotations
 
-from .common import CLIError, nonnegative_int, positive_int
+from .common import CLIError, add_threads_arg, nonnegative_int, positive_int, use_threads
 
 
 def add_data_args(p, *, n_default: int) -> None:
@@ -187,6 +187,7 @@ def register(sub) -> None:
                    help="log a line of metrics every N steps; 0: off (default %(default)s)")
     p.add_argument("--no-resume", action="store_true", help="start over even if RUN_DIR/checkpoint.pt exists")
     p.add_argument("--no-progress", action="store_true")
+    add_threads_arg(p)
     add_text_args(p, training=True)
     add_caption_args(p)
     p.set_defaults(func=run)
@@ -207,6 +208,7 @@ def run(args) -> int:
 
     resolve_device(args.device)  # a clear error for a device that cannot run here
     ctx = setup(args.device, timeout_s=args.dist_timeout)
+    threads = use_threads(args.threads, ctx.device)
     # Rank 0 speaks for the job; the other ranks only report their own failures.
     logging.basicConfig(level=logging.INFO if ctx.is_main else logging.WARNING, format="%(message)s")
     who = f"ssattn train (rank {ctx.rank} of {ctx.world_size})" if ctx.distributed else "ssattn train"
@@ -241,8 +243,9 @@ def run(args) -> int:
     if ctx.is_main:
         ranks = f", {ctx.world_size} processes (DDP)" if ctx.distributed else ""
         guided = f", text stages {spec['text']['stages']}" if text is not None else ""
+        cpu = f" ({threads} thread(s){' each' if ctx.distributed else ''})" if ctx.device.type == "cpu" else ""
         print(f"ssattn train: {args.model} (width {args.width}{guided}) on {desc}, {args.steps} steps, "
-              f"device {ctx.device}{ranks}")
+              f"device {ctx.device}{cpu}{ranks}")
     try:
         hist = train(model, data, cfg, args.out, spec=spec, resume=not args.no_resume, unsafe=args.unsafe_checkpoint,
                      text=text, caption=caption)
