@@ -47,3 +47,20 @@ def test_test_extra_has_what_the_suite_imports():
     extra = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]["test"]
     names = {re.split(r"[<>=\[ ]", req, maxsplit=1)[0] for req in extra}
     assert {"pytest", "hypothesis"} <= names
+
+
+def test_no_internal_paper_numbers_in_what_users_read():
+    # The papers are "seed 000"-"seed 003" in the project's notes; a user knows them by the systems'
+    # names (NaLSuper text guidance, the ClipCap-style caption regulariser, VLM degradation routing).
+    number = re.compile(r"\bseeds?[ _-]?0\d\d\b", re.I)
+    texts = {"README.md": README}
+    texts.update({str(p.relative_to(ROOT)): p.read_text() for p in (ROOT / "docs").rglob("*.md")})
+    # the package's source: docstrings (help()) and error messages
+    texts.update({str(p.relative_to(ROOT)): p.read_text() for p in (ROOT / "ssattn").rglob("*.py")})
+    parser = build_parser()
+    subcommands = parser._subparsers._group_actions[0].choices
+    texts["ssattn --help"] = parser.format_help()
+    texts.update({f"ssattn {name} --help": sub.format_help() for name, sub in subcommands.items()})
+    assert len(subcommands) >= 6
+    found = [f"{where}: {m.group(0)!r}" for where, text in texts.items() for m in number.finditer(text)]
+    assert found == []

@@ -1,7 +1,7 @@
 """VLM classifier: a chat model answers a multiple-choice question, read from the letter tokens' logits.
 
-The prompt lists the classes as options "A. ...", "B. ..." (seed 002's
-four by default). Instead of generating and parsing text, one forward pass
+The prompt lists the classes as options "A. ...", "B. ..." (the routing
+paper's four by default). Instead of generating and parsing text, one forward pass
 gives the logits at the first generated position (the end of the chat
 template's generation prompt; prompts are left-padded so that position is
 the last one for every image of a batch); each option's score is the

@@ -47,7 +47,7 @@ DEFAULT_TEXT_LEVELS = ("dec3", "dec2")
 
 
 def add_text_args(p, *, training: bool) -> None:
-    g = p.add_argument_group("text guidance (seed 003)")
+    g = p.add_argument_group("NaLSuper text guidance")
     g.add_argument("--text", default=None, metavar="CAPTIONS",
                    help="captions of the images: a folder of <name>.txt, a .json {name: caption}, a name<TAB>caption "
                         "table, a text file whose text is every image's caption, or the caption itself for every "
@@ -99,7 +99,7 @@ def vlm_captions(data, captioner_id, cache_dir) -> list[str]:
 
 
 def add_caption_args(p) -> None:
-    g = p.add_argument_group("caption-model feature regularisation (seed 001)")
+    g = p.add_argument_group("ClipCap-style caption regulariser")
     g.add_argument("--caption-loss", type=float, default=0.0, metavar="WEIGHT",
                    help="add WEIGHT * CaptionFeatureLoss(output, reference): the two images must agree in the "
                         "captioner's visual, prefix and language spaces (default 0: off)")

@@ -441,7 +441,7 @@ def train(model: nn.Module, data, config: TrainConfig, out_dir: str | None = Non
                          f"accum {k} x {w} rank(s) = {per_step}; lower the batch size or accum")
     model.to(device).train()
     criterion = ReconstructionLoss(config.vgg_weights, perceptual_weight=config.perceptual_weight).to(device)
-    if caption is not None:  # + weight * CaptionFeatureLoss (seed 001): the captioner stays out of the optimiser
+    if caption is not None:  # + weight * CaptionFeatureLoss (the caption regulariser): the captioner stays out of the optimiser
         from .caption import WithCaption
 
         criterion = WithCaption(criterion, caption).to(device)
