@@ -12,6 +12,17 @@ import math
 import os
 
 
+# Why a metric the commands write can be non-finite (the notes' reasons, by key).
+METRIC_NOTES = {
+    "psnr": "PSNR is unbounded where the images equal their references",
+    "input_psnr": "PSNR is unbounded where the images equal their references",
+    "psnr_fg": "PSNR is unbounded where the images equal their references inside the masks; NaN: no mask pixels",
+    "ssim_fg": "NaN: no mask pixels",
+    "step_time_s": "NaN: no step ran in this call",
+    "images_per_s": "NaN: no step ran in this call",
+}
+
+
 def _word(x: float) -> str:
     return "NaN" if math.isnan(x) else ("+Infinity" if x > 0 else "-Infinity")
 

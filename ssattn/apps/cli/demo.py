@@ -106,8 +106,7 @@ def run(args) -> int:
     import torch
 
     from ssattn.apps.demo import experiment, figures, results as res
-    from ssattn.apps.jsonfile import dumps, write_json
-    from ssattn.apps.training.metrics import NONFINITE_REASONS as METRIC_REASONS
+    from ssattn.apps.jsonfile import METRIC_NOTES, dumps, write_json
     from ssattn.apps.training.guidance_quality import guidance_quality
     from ssattn.apps.training.metrics import masked_psnr
     from ssattn.apps.training.segmentation import train_segmenter
@@ -204,8 +203,8 @@ def run(args) -> int:
                 "params": {n: first_outputs[n][2] for n in experiment.MODELS},
                 "loss": {n: first_outputs[n][3] for n in experiment.MODELS},
                 "data_s": t_data, "segmenter_s": t_seg, "total_s": total, "cpu_s": cpu}
-    write_json(os.path.join(args.out, "results.json"), results, METRIC_REASONS)
-    write_json(os.path.join(args.out, "run.json"), run_info, METRIC_REASONS)
+    write_json(os.path.join(args.out, "results.json"), results, METRIC_NOTES)
+    write_json(os.path.join(args.out, "run.json"), run_info, METRIC_NOTES)
     with open(os.path.join(args.out, "results.md"), "w") as f:
         f.write("# ssattn demo: does -SS help on the objects? (synthetic underwater scenes, held-out)\n\n")
         f.write(f"Mean ± sample std over {s['seeds']} training seeds; fg = inside the object masks; mIoU of a "

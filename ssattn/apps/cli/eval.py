@@ -17,8 +17,7 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    from ssattn.apps.jsonfile import write_json
-    from ssattn.apps.training.metrics import NONFINITE_REASONS
+    from ssattn.apps.jsonfile import METRIC_NOTES, write_json
 
     from ssattn.apps.training import evaluate, load_model
 
@@ -48,5 +47,5 @@ def run(args) -> int:
     print(f"{ckpt['spec']['arch']} at step {ckpt['step']} on {desc}: PSNR {ev['psnr']:.2f} dB, SSIM {ev['ssim']:.4f} "
           f"(degraded input: {ev['input_psnr']:.2f} dB, {ev['input_ssim']:.4f})")
     if args.json:
-        write_json(args.json, res, NONFINITE_REASONS)
+        write_json(args.json, res, METRIC_NOTES)
     return 0

@@ -201,8 +201,7 @@ def run(args) -> int:
     import torch
 
     from ssattn.apps.distributed import setup, teardown
-    from ssattn.apps.jsonfile import write_json
-    from ssattn.apps.training.metrics import NONFINITE_REASONS
+    from ssattn.apps.jsonfile import METRIC_NOTES, write_json
     from ssattn.apps.training import TrainConfig, build_model, train
     from ssattn.apps.training.trainer import CheckpointMismatch, RankFailure
 
@@ -266,7 +265,7 @@ def run(args) -> int:
                "step_time_s": hist["step_time_s"], "images_per_s": hist["images_per_s"],
                "world_size": hist["world_size"], "loss": hist["loss_description"], "spec": spec}
     write_json(os.path.join(args.out, "history.json"), {**summary, "loss_per_step": hist["loss"],
-                                                         "psnr_per_step": hist["psnr"]}, NONFINITE_REASONS, indent=None)
+                                                         "psnr_per_step": hist["psnr"]}, METRIC_NOTES, indent=None)
     timing = (f"{1000 * hist['step_time_s']:.1f} ms/step, {hist['images_per_s']:.1f} images/s over "
               f"{hist['world_size']} process(es)" if hist["steps_run"] > 0
               else f"no new steps (the checkpoint in {args.out} was already at step {hist['steps']})")

@@ -10,17 +10,6 @@ import torch.nn.functional as F
 from torch import Tensor
 
 
-# Why a metric can be non-finite, for the notes of the JSON files (ssattn.apps.jsonfile.write_json).
-NONFINITE_REASONS = {
-    "psnr": "PSNR is unbounded where the images equal their references",
-    "input_psnr": "PSNR is unbounded where the images equal their references",
-    "psnr_fg": "PSNR is unbounded where the images equal their references inside the masks; NaN: no mask pixels",
-    "ssim_fg": "NaN: no mask pixels",
-    "step_time_s": "NaN: no step ran in this call",
-    "images_per_s": "NaN: no step ran in this call",
-}
-
-
 def _check_pair(x: Tensor, y: Tensor) -> None:
     for name, t in (("x", x), ("y", y)):
         if not isinstance(t, Tensor) or t.dim() != 4 or not t.is_floating_point():
