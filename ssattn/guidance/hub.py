@@ -54,7 +54,8 @@ def not_available(what: str, model_id: str, exc: BaseException | str) -> ModelNo
         hint = (f"there is no file or folder at that path, and it is not a Hugging Face repository id "
                 f"(ORG/NAME)")
     else:
-        hint = (f"{reason}; to provide it, run `hf download {model_id}` on a machine with network and copy its "
+        hint = (f"no local folder of that name, and as a hub id {reason}; to provide it, run `hf download {model_id}` "
+                "on a machine with network and copy its "
                 "Hugging Face cache here (set HF_HOME, or HF_HUB_CACHE, to it, and HF_HUB_OFFLINE=1), or pass "
                 f"the path of a folder it was saved to with save_pretrained ({_hub_state()})")
     return ModelNotAvailableError(f"cannot load the {what} {str(model_id)!r}: {hint}")
