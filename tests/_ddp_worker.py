@@ -2,8 +2,8 @@
 per launch, and saves what this rank saw (sample indices per step) and its parameters after each run.
 
     torchrun --nproc_per_node 2 tests/_ddp_worker.py OUT_DIR RUNS_JSON
-RUNS_JSON: a list of {"name", "steps", "batch", "accum", "amp", "stop_at", "unused", "find_unused", "exact"}; run
-NAME trains in OUT_DIR/NAME (resuming a checkpoint found there) and writes OUT_DIR/NAME.rankR.pt. An "exact" run
+RUNS_JSON: a list of {"name", "steps", "batch", "accum", "amp", "stop_at", "unused", "find_unused", "float64_sgd"}; run
+NAME trains in OUT_DIR/NAME (resuming a checkpoint found there) and writes OUT_DIR/NAME.rankR.pt. A "float64_sgd" run
 trains in float64 with plain SGD, so that it can be compared with a single process up to rounding (see
 tests/test_distributed.py's assert_params).
 """
@@ -40,7 +40,7 @@ class Recording(torch.utils.data.Dataset):
 
 
 def dtype(run: dict):
-    return torch.float64 if run.get("exact") else torch.float32
+    return torch.float64 if run.get("float64_sgd") else torch.float32
 
 
 def fresh_model(unused: bool = False, dtype=torch.float32):
@@ -58,7 +58,7 @@ def config(run: dict):
 
     return TrainConfig(steps=run["steps"], batch_size=run["batch"], accum=run.get("accum", 1), lr=1e-2,
                        amp=run.get("amp", "none"), find_unused_parameters=run.get("find_unused", False),
-                       optimizer="sgd" if run.get("exact") else "adam", progress=False)
+                       optimizer="sgd" if run.get("float64_sgd") else "adam", progress=False)
 
 
 def main(out: str, runs: list) -> None:

@@ -26,10 +26,10 @@ warnings.filterwarnings("ignore", message=r"ssattn\..*falling back")
 
 WORKER = os.path.join(os.path.dirname(__file__), "_ddp_worker.py")
 BATCH, STEPS = 2, 4  # 8 items, 2 ranks x 2: two steps per epoch, so 4 steps cross an epoch boundary
-RUNS = [  # "exact": float64 and plain SGD, for the runs compared with a single process (assert_params)
-    {"name": "straight", "steps": STEPS, "batch": BATCH, "exact": True},
-    {"name": "part", "steps": STEPS, "batch": BATCH, "stop_at": 2, "exact": True},
-    {"name": "accum", "steps": 2, "batch": 1, "accum": 2, "exact": True},
+RUNS = [  # "float64_sgd": float64 and plain SGD, for the runs compared with a single process (assert_params)
+    {"name": "straight", "steps": STEPS, "batch": BATCH, "float64_sgd": True},
+    {"name": "part", "steps": STEPS, "batch": BATCH, "stop_at": 2, "float64_sgd": True},
+    {"name": "accum", "steps": 2, "batch": 1, "accum": 2, "float64_sgd": True},
     {"name": "fp16", "steps": 2, "batch": 1, "accum": 2, "amp": "fp16"},
     {"name": "bf16", "steps": 1, "batch": 2, "amp": "bf16"},
     {"name": "unused", "steps": 1, "batch": 2, "unused": True},
@@ -59,7 +59,7 @@ def runs(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("ddp"))
     check(torchrun(WORKER, out, json.dumps(RUNS)))
     shutil.copytree(os.path.join(out, "part"), os.path.join(out, "part-at-2"))  # before the resume overwrites it
-    check(torchrun(WORKER, out, json.dumps([{"name": "part", "steps": STEPS, "batch": BATCH, "exact": True}])))
+    check(torchrun(WORKER, out, json.dumps([{"name": "part", "steps": STEPS, "batch": BATCH, "float64_sgd": True}])))
 
     def load(name):
         return [torch.load(os.path.join(out, f"{name}.rank{r}.pt")) for r in (0, 1)]
@@ -72,7 +72,7 @@ def steps_of(seen, per_step):
 
 
 def single_process(run: dict, run_dir=None):
-    run = {**run, "exact": True}
+    run = {**run, "float64_sgd": True}
     data = Recording(data_tensors(dtype=dtype(run)))
     model = fresh_model(dtype=dtype(run))
     train(model, data, config(run), run_dir)
@@ -80,19 +80,19 @@ def single_process(run: dict, run_dir=None):
 
 
 def assert_params(a: dict, b: dict, exact: bool):
+    """exact: the same bits (ranks of one job, a resumed run); else two "float64_sgd" runs that sum the same
+    gradients in another order, compared by their updates with the bound below."""
     assert a.keys() == b.keys()
-    for n in a:
-        if exact:
-            assert torch.equal(a[n], b[n]), n
     if exact:
+        for n in a:
+            assert torch.equal(a[n], b[n]), n
         return
-    # Runs that sum the same gradients in another order ("exact" runs: float64, plain SGD, whose update is
-    # lr * gradient): everything upstream of the loss is float64 and the float32 parts (the L1 term's
-    # sign / n, the guidance maps' resize) hold the same values per image, so the weights' updates differ
-    # by float64 rounding (~1e-16 of their size, times the network's depth) and at most float32 rounding
-    # of the maps (6e-8 relative): 1e-6 of the largest update bounds both. (Adam would turn a rounding
-    # difference in a near-zero gradient component into a step of up to lr.) A wrong gradient (a lost
-    # sample, a sum instead of a mean over ranks) changes updates by a sizeable fraction of their size.
+    # Plain SGD's update is lr * gradient. Everything upstream of the loss is float64, and the float32 parts
+    # (the L1 term's sign / n, the guidance maps' resize) hold the same values per image, so the updates
+    # differ by float64 rounding (~1e-16 of their size, times the network's depth) and at most float32
+    # rounding of the maps (6e-8 relative): 1e-6 of the largest update bounds both. (Adam would turn a
+    # rounding difference in a near-zero gradient component into a step of up to lr.) A wrong gradient (a
+    # lost sample, a sum instead of a mean over ranks) changes updates by a sizeable fraction of their size.
     start = fresh_model(dtype=torch.float64).state_dict()
     scale = max(float((b[n] - start[n]).abs().max()) for n in b)
     assert scale > 0
