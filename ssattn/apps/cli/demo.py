@@ -11,10 +11,9 @@ writes results.json, results.md, run.json, figure.png and metrics.png into --out
 
 from __future__ import annotations
 
-import math
 import os
 
-from .common import CLIError
+from .common import CLIError, add_threads_arg, use_threads
 
 DEFAULTS = {"steps": 180, "size": 48, "batch_size": 8, "n_train": 192, "n_test": 32, "width": 8, "seeds": 3,
             "seg_steps": 150}
@@ -54,8 +53,7 @@ def register(sub) -> None:
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N")
     p.add_argument("--amp", choices=("auto", "none", "bf16"), default="auto",
                    help="autocast (default: bf16 on CUDA, none on CPU)")
-    p.add_argument("--threads", type=int, default=None,
-                   help="CPU threads (default: the cores not busy with other work, from the load average)")
+    add_threads_arg(p)
     p.add_argument("--quick", action="store_true", help="a seconds-long smoke run (tiny sizes; for tests)")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     p.set_defaults(func=run)
@@ -72,17 +70,6 @@ def _settings(args) -> dict:
     if args.eta is not None and not args.eta >= 0:
         raise CLIError(f"--eta must be >= 0, got {args.eta}")
     return s
-
-
-def auto_threads() -> int:
-    """All cores on an idle machine; fewer when the load average says others use them (oversubscribed torch
-    threads spin and can run several times slower than one thread)."""
-    cores = os.cpu_count() or 1
-    try:
-        load = os.getloadavg()[0]
-    except OSError:
-        return cores
-    return max(1, min(cores, cores - int(math.floor(load + 0.5))))
 
 
 def _backends_used(device) -> dict:
@@ -113,13 +100,13 @@ def _ss_options(args) -> dict:
 
 
 def run(args) -> int:
-    import json
     import time
     import warnings
 
     import torch
 
     from ssattn.apps.demo import experiment, figures, results as res
+    from ssattn.apps.jsonfile import METRIC_NOTES, dumps, write_json
     from ssattn.apps.training.guidance_quality import guidance_quality
     from ssattn.metrics import masked_psnr
     from ssattn.apps.training.segmentation import train_segmenter
@@ -130,8 +117,7 @@ def run(args) -> int:
     s = _settings(args)
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if args.device == "auto" else args.device))
-    threads = args.threads or (auto_threads() if device.type == "cpu" else torch.get_num_threads())
-    torch.set_num_threads(threads)
+    threads = use_threads(args.threads, device)
     amp = args.amp if args.amp != "auto" else ("bf16" if device.type == "cuda" else "none")
     if args.levels:
         levels = tuple(v.strip() for v in args.levels.split(",") if v.strip())
@@ -217,10 +203,8 @@ def run(args) -> int:
                 "params": {n: first_outputs[n][2] for n in experiment.MODELS},
                 "loss": {n: first_outputs[n][3] for n in experiment.MODELS},
                 "data_s": t_data, "segmenter_s": t_seg, "total_s": total, "cpu_s": cpu}
-    with open(os.path.join(args.out, "results.json"), "w") as f:
-        json.dump(results, f, indent=2)
-    with open(os.path.join(args.out, "run.json"), "w") as f:
-        json.dump(run_info, f, indent=2)
+    write_json(os.path.join(args.out, "results.json"), results, METRIC_NOTES)
+    write_json(os.path.join(args.out, "run.json"), run_info, METRIC_NOTES)
     with open(os.path.join(args.out, "results.md"), "w") as f:
         f.write("# ssattn demo: does -SS help on the objects? (synthetic underwater scenes, held-out)\n\n")
         f.write(f"Mean ± sample std over {s['seeds']} training seeds; fg = inside the object masks; mIoU of a "
@@ -228,9 +212,9 @@ def run(args) -> int:
                 f"masks: AUC {quality['auc']:.3f}, best-threshold IoU {quality['iou']:.3f}.\n\n")
         f.write("\n".join(table) + "\n\n")
         f.write("\n".join(verdict) + "\n\n")
-        f.write(f"Settings: {json.dumps(s)}, data seed {args.seed}, device {device}, {threads} thread(s), "
-                f"autocast {amp}, -SS stages {','.join(levels)}, -SS options {json.dumps(ss_options)}.\n"
-                f"Backends: {json.dumps(backends)}.\nLoss (-SS): {first_outputs['ss'][3]}.\n")
+        f.write(f"Settings: {dumps(s)}, data seed {args.seed}, device {device}, {threads} thread(s), "
+                f"autocast {amp}, -SS stages {','.join(levels)}, -SS options {dumps(ss_options)}.\n"
+                f"Backends: {dumps(backends)}.\nLoss (-SS): {first_outputs['ss'][3]}.\n")
     print("\n" + "\n".join(table) + "\n")
     print(f"backends: attention {backends['masked_cross_attention']}, alignment loss {backends['alignment_loss']}")
     print(f"wrote figure.png, metrics.png, results.md, results.json, run.json into {args.out} "
