@@ -2,6 +2,13 @@
 
 Run: pytest benchmarks/bench_alignment.py --benchmark-group-by=group
      (add -m "not gpu" on a machine without CUDA, or just let the GPU cases skip).
+CPU ratio on a shared machine (issue 24's problem: B = 4, one thread):
+     python benchmarks/bench_alignment.py [--rounds 200] [--batch 4] [--threads 1] [--channels-last]
+     Eager and native alternate within each round (the order flips every
+     round), so a change in machine load hits both; it prints medians of the
+     wall and thread CPU times and the median of the per-round ratios.
+     The paper form is called without a `form` argument, so the same command
+     also times a build from before that argument existed (PYTHONPATH=<tree>).
 
 GPU cases: 4 decoder levels C = 32, 64, 128, 256 at 256, 128, 64, 32 pixels
 square (SPEC's peer table), B = 8 and 16, float32 and bfloat16 (maps in the
@@ -13,7 +20,11 @@ in both forms ("paper" and "normalized", docs/operations.md section 3).
 
 from __future__ import annotations
 
+import argparse
 import functools
+import os
+import statistics
+import time
 
 import pytest
 import torch
@@ -120,3 +131,68 @@ def test_alignment_cpu_fwd_bwd_compile(benchmark, dtype):
     benchmark.group = f"alignment cpu B=2 {str(dtype).split('.')[-1]} nchw 4 levels from 64x64 fwd+bwd"
     benchmark.extra_info.update(peer="compile", threads=1)
     _bench(benchmark, "compile", F, M, "cpu", rounds=30)
+
+
+# --------------------------------------------------------------------------- CLI: the CPU ratio, peers alternating
+def _cli_fn(peer, form):
+    kw = {} if form == "paper" else {"form": form}  # paper: also runs on builds without the argument
+    if peer == "eager":
+        return lambda F, M: ref.alignment_loss(F, M, eta=ETA, reduction="mean", **kw)
+    return lambda F, M: ssattn.alignment_loss(F, M, eta=ETA, reduction="mean", backend="native", **kw)
+
+
+def _timed_step(fn, F, M):
+    """(wall, thread CPU) seconds of one forward + backward."""
+    for x in F + M:
+        x.grad = None
+    wall, cpu = time.perf_counter(), time.thread_time()
+    fn(F, M).backward()
+    return time.perf_counter() - wall, time.thread_time() - cpu
+
+
+def cpu_ratio(args):
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    F, M = _inputs(args.batch, CPU_LEVELS, torch.float32, "cpu", channels_last=args.channels_last)
+    forms = [f for f in args.forms.split(",") if f]
+    fns = {(peer, form): _cli_fn(peer, form) for form in forms for peer in ("eager", "native")}
+    times = {key: ([], []) for key in fns}
+    load_before = os.getloadavg()
+    for fn in fns.values():  # warm-up
+        for _ in range(3):
+            _timed_step(fn, F, M)
+    for r in range(args.rounds):
+        for form in forms:
+            order = ("eager", "native") if r % 2 == 0 else ("native", "eager")
+            for peer in order:
+                wall, cpu = _timed_step(fns[(peer, form)], F, M)
+                times[(peer, form)][0].append(wall)
+                times[(peer, form)][1].append(cpu)
+    load_after = os.getloadavg()
+    shape = " + ".join(f"{args.batch}x{c}x{s}x{s}" for c, s in CPU_LEVELS)
+    print(f"# ssattn {ssattn.__file__}; torch {torch.__version__}; threads {torch.get_num_threads()}; "
+          f"{'channels-last' if args.channels_last else 'NCHW'} float32 {shape}; {args.rounds} rounds")
+    print(f"# load average before {load_before[0]:.2f}, after {load_after[0]:.2f} (1 min)")
+    print("| form | eager wall ms | native wall ms | ratio (wall) | eager CPU ms | native CPU ms | ratio (CPU) |")
+    print("|---|---|---|---|---|---|---|")
+    for form in forms:
+        (ew, ec), (nw, nc) = times[("eager", form)], times[("native", form)]
+        ratio_w = statistics.median(e / n for e, n in zip(ew, nw))
+        ratio_c = statistics.median(e / n for e, n in zip(ec, nc))
+        ms = lambda xs: 1e3 * statistics.median(xs)  # noqa: E731
+        print(f"| {form} | {ms(ew):.3f} | {ms(nw):.3f} | {ratio_w:.2f}x | {ms(ec):.3f} | {ms(nc):.3f} | {ratio_c:.2f}x |")
+
+
+def main():
+    p = argparse.ArgumentParser(description="Alignment loss on CPU: the C++ path against eager PyTorch, fwd+bwd")
+    p.add_argument("--rounds", type=int, default=200)
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--forms", default="paper,normalized", help="comma-separated: paper, normalized")
+    p.add_argument("--channels-last", action="store_true")
+    args = p.parse_args()
+    cpu_ratio(args)
+
+
+if __name__ == "__main__":
+    main()
