@@ -107,15 +107,20 @@ Stats row_channels_last(const LevelDesc& d, int64_t b, int64_t h, acc_t eta, Coe
 // One row, width innermost (NCHW or any other strides), in blocks of kBlock
 // pixels: the per-pixel sums live in local arrays (which dF cannot alias, so
 // the channel loop vectorises even when dF has the accumulator's type).
+// 256 pixels: each channel is read in runs of 1 KiB (float32), long enough for
+// the hardware prefetcher when F is not in cache (runs of 64 pixels were not).
 constexpr int64_t kBlock = 256;
 // Channels per step over a block: each pixel's two sums stay in registers for
 // kGroup channels, so the local arrays are loaded and stored once per group,
-// not once per channel (that traffic, not F's, bounded the loop). The sums
-// still add the channels one at a time in order: the bits do not change.
+// not once per channel (that traffic, more than F's, limited the loop when F
+// was in cache). The sums still add the channels one at a time, in order: the
+// result has the same bits as a loop over single channels.
 constexpr int kGroup = 4;
 
 // K channels of one block: f and df point at the first channel's pixel w0,
 // the next channels are fst / dfst elements further (unit stride along width).
+// restrict: F, dF and the local arrays never overlap, so the pixel loop
+// vectorises without alias checks.
 template <int K, typename scalar_t, typename acc_t, bool GF>
 inline void channel_group(const scalar_t* __restrict__ f, int64_t fst, scalar_t* __restrict__ df, int64_t dfst,
                           int64_t n, acc_t* __restrict__ q, acc_t* __restrict__ r, const acc_t* __restrict__ av,
