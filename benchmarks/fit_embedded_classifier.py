@@ -1,6 +1,6 @@
 """Fit the embedded degradation classifier and write ssattn/routing/_embedded_weights.py.
 
-    python benchmarks/fit_embedded_classifier.py             # about 15 minutes on one CPU thread
+    python benchmarks/fit_embedded_classifier.py             # about 4 minutes on one CPU thread
     python benchmarks/fit_embedded_classifier.py --check     # refit and compare with the shipped weights
 
 What it does, deterministically (one thread, float64 training, every draw seeded):

@@ -75,25 +75,36 @@ FEATURES = _names()
 
 
 def _gauss(y: Tensor, sigma: float) -> Tensor:
-    """Separable Gaussian blur of (B, 1, H, W), edges replicated."""
+    """Separable Gaussian blur of (B, 1, H, W), edges replicated: a weighted sum of shifted views per axis
+    (a handful of taps: faster on a CPU than a one-channel convolution)."""
     r = max(1, int(math.ceil(3 * sigma)))
-    t = torch.arange(-r, r + 1, dtype=y.dtype, device=y.device)
+    t = torch.arange(-r, r + 1, dtype=torch.float64)
     g = torch.exp(-0.5 * (t / sigma) ** 2)
-    g = (g / g.sum()).view(1, 1, 1, -1)
-    y = F.conv2d(F.pad(y, (r, r, 0, 0), mode="replicate"), g)
-    return F.conv2d(F.pad(y, (0, 0, r, r), mode="replicate"), g.transpose(-1, -2))
+    g = (g / g.sum()).tolist()
+    h, w = y.shape[-2:]
+    x = F.pad(y, (r, r, 0, 0), mode="replicate")
+    out = x[..., 0:w] * g[0]
+    for i in range(1, 2 * r + 1):
+        out = out.add_(x[..., i:i + w], alpha=g[i])
+    x = F.pad(out, (0, 0, r, r), mode="replicate")
+    out = x[..., 0:h, :] * g[0]
+    for i in range(1, 2 * r + 1):
+        out = out.add_(x[..., i:i + h, :], alpha=g[i])
+    return out
 
 
-QUANTILE_SAMPLES = 1 << 16
+QUANTILE_SAMPLES = 1 << 14
 
 
 def _quantiles(x: Tensor, qs) -> Tensor:
     """(B, N) -> (B, len(qs)) per-row quantiles, of an evenly strided sample of at most QUANTILE_SAMPLES."""
     step = -(-x.shape[1] // QUANTILE_SAMPLES)
-    s = x[:, ::step].sort(1).values
-    n = s.shape[1]
-    idx = torch.tensor([min(n - 1, max(0, int(round(q * (n - 1))))) for q in qs], device=x.device)
-    return s[:, idx]
+    x = x[:, ::step]
+    n = x.shape[1]
+    ks = [min(n - 1, max(0, int(round(q * (n - 1))))) for q in qs]
+    if len(ks) <= 2:  # a selection is cheaper than a sort
+        return torch.stack([x.kthvalue(k + 1, dim=1).values for k in ks], 1)
+    return x.sort(1).values[:, ks]
 
 
 # ------------------------------------------------------------------ spectrum
