@@ -9,8 +9,8 @@ Sets (four paper classes, cycling; photographs held out of every fit: TEST_PHOTO
 For each: accuracy, the confusion matrix (rows: true class), accuracy per photograph. On (a): expected
 calibration error (15 equal-width confidence bins), a reliability diagram (PNG) and accuracy above and
 below confidence thresholds. Speed: images/s of a batch of 32 at 128 px and of 8 at 512 px, best of 3, one
-thread; with --baseline REF also the classifier of git revision REF (its routing modules read with
-`git show`), in the same run.
+thread; with --baseline REF also the accuracy and speed of the classifier of git revision REF (its routing
+modules read with `git show`), in the same run.
 """
 
 from __future__ import annotations
@@ -177,7 +177,11 @@ def main(argv=None):
             "(b) held-out photographs, parameters outside the training ranges":
                 rd.heldout_set(args.n, args.seed + 1, rd.OUTSIDE),
             "(c) a separately written generator (plain_degradations.py)": (*plain_set(args.n, args.seed + 2), None)}
+    baseline = baseline_classifier(args.baseline) if args.baseline else None
     for title, (images, y, params) in sets.items():
+        if baseline is not None:
+            old = (baseline(images).argmax(1) == y).float().mean().item()
+            lines += [f"{title}: the embedded classifier of {args.baseline}: accuracy {old:.1%}", ""]
         probs = clf(images)
         pred = probs.argmax(1)
         groups = [p["content"] for p in params] if params is not None else None
@@ -190,8 +194,8 @@ def main(argv=None):
             lines += calibration(probs, y, fig)
         print("\n".join(lines[-12:]), flush=True)
     classifiers = {"embedded (this revision)": clf}
-    if args.baseline:
-        classifiers[f"embedded of {args.baseline}"] = baseline_classifier(args.baseline)
+    if baseline is not None:
+        classifiers[f"embedded of {args.baseline}"] = baseline
     lines += [f"speed, {args.threads} thread(s), best of 3:", ""] + speed(classifiers)
     text = "\n".join(lines)
     print(text)

@@ -6,7 +6,7 @@ any size and aspect gives the same kind of numbers, and most are ratios
 (of one image to itself) so that what the photograph shows cancels out:
 
 - spectrum (Welch: the mean power spectrum of 32x32 Hann-windowed tiles,
-  half overlapping): log power in 7 frequency bands relative to the lowest
+  half overlapping on small images, side by side on large ones): log power in 7 frequency bands relative to the lowest
   (blur, noise and JPEG change how it falls), and in 8 orientations, each
   orientation relative to its own lowest band (motion blur removes the
   high frequencies of one direction only; content that is merely
@@ -27,6 +27,9 @@ any size and aspect gives the same kind of numbers, and most are ratios
 - intensity: luma percentiles and spread, the darkest channel, saturation,
   colour casts, and how the darkest 16x16 blocks compare with the rest (a
   reflection lifts and flattens the blacks).
+- detail over brightness in the darkest quarter of the blocks against the
+  brightest quarter (light multiplies, so in a photograph the two match; a
+  veil of reflected light adds brightness without detail).
 - ghost: the largest isolated peak of the band-pass autocorrelation at lags
   2-24 px (the double edges of a thick glass reflection), at two bands.
 - sharpness mix: per 16x16 block, fine over mid band energy; its spread
