@@ -4,14 +4,17 @@ The classifier must hold up on photographs and on degradation generators it
 never saw, so its data is drawn wide on purpose:
 
 - content: crops of the photographs that ship with scikit-image (those that
-  load offline), shrunk 1-4x (or slightly enlarged), flipped, turned by 90
-  degrees, colour-jittered or made grey; and procedural images (dead leaves,
-  1/f noise fields, possibly stretched into directional textures, gratings);
+  load offline): views of the scene (30-100% of the photograph's shorter
+  side) or, in training, also crops shrunk 1-4x; flipped, turned,
+  colour-jittered or made grey; in training also a softer lens or a
+  defocused background (for every class alike) and procedural images (dead
+  leaves, 1/f noise fields, possibly stretched into directional textures,
+  gratings). Crops with almost no contrast are drawn again;
 - each class with parameters drawn from wide ranges (`TRAIN`), several
   pipelines per class (reflection blended linearly, additively or in linear
   light, with or without a ghost; motion kernels as antialiased lines,
   rotated boxes or camera-shake paths; clean images sharp, slightly soft,
-  sharpened, lightly JPEG'd);
+  sharpened, lightly JPEG'd); a reflection must be visible (VISIBLE);
 - sizes from 48 px to 320 px, square or not.
 
 Held out, for the tests and the benchmark:
