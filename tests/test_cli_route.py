@@ -116,3 +116,32 @@ def test_vlm_classifier_from_the_command_line(folder, tmp_path, capsys):
         # another classifier is another set of cache entries, not a hit
         assert main(_args(folder, out, "--classes", "motion_blur,none")) == 0
         assert "9 classified, 0 already cached" in capsys.readouterr().out
+
+
+def test_images_of_one_size_go_through_the_router_as_one_batch(tmp_path, capsys, monkeypatch):
+    from ssattn.apps.training import TrainConfig, build_model
+    from ssattn.apps.training.trainer import save_checkpoint
+    from ssattn.routing import router as router_module
+
+    images = tmp_path / "mixed"
+    images.mkdir()
+    rng = np.random.default_rng(0)
+    for i, (h, w) in enumerate([(64, 64), (48, 80), (64, 64), (48, 80), (64, 64)]):
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(images / f"{i}.png")
+    spec = {"arch": "unet", "width": 8}
+    model = build_model(spec)
+    ckpt = tmp_path / "expert.pt"
+    save_checkpoint(str(ckpt), model, torch.optim.SGD(model.parameters(), lr=0.1), 0, TrainConfig(), spec, {})
+    batches = []
+    forward = router_module.DegradationRouter.forward
+
+    def counting(self, x, **kw):
+        batches.append(tuple(x.shape))
+        return forward(self, x, **kw)
+
+    monkeypatch.setattr(router_module.DegradationRouter, "forward", counting)
+    experts = ",".join(f"{c}={ckpt}" for c in ("noise_blur_jpeg", "reflection", "motion_blur", "none"))
+    assert main(_args(images, tmp_path / "out", "--experts", experts, "--batch-size", "8")) == 0
+    assert "5 classified" in capsys.readouterr().out
+    assert sorted(batches) == [(2, 3, 48, 80), (3, 3, 64, 64)]
+    assert len(list((tmp_path / "out" / "restored").glob("*.png"))) == 5

@@ -1,48 +1,71 @@
-"""Degradation classifiers: the embedded one on a held-out generated set; CLIP and a VLM on tiny models.
+"""Degradation classifiers: the embedded one on held-out photographs and generators; CLIP and a VLM on tiny models.
 
-The tiny models are written as the hub cache holds them and loaded through
-the real from_pretrained path (as tests/test_guidance_models.py does).
+The embedded classifier's bar (the paper's 92.7% overall, every class's recall at least 85%) is checked
+on two sets drawn here, on photographs no fit saw: (a) with the training parameter ranges, (b) with every
+parameter outside them. The tiny models are written as the hub cache holds them and loaded through the
+real from_pretrained path (as tests/test_guidance_models.py does).
 """
+
+import base64
+import dataclasses
+import hashlib
 
 import pytest
 import torch
 
 from ssattn.routing import ALL_CLASSES, FEATURES, PAPER_CLASSES, EmbeddedClassifier, features
-from ssattn.routing import _embedded_fit
+from ssattn.routing import _embedded_weights
+from ssattn.routing.embedded import MAX_SIDE, SIDE_STEP, prepare
 
-FIT_SEED = int(_embedded_fit.FITS[0]["trained_on"].split("seed=")[1].split(",")[0])
+BAR_ACCURACY, BAR_RECALL = 0.927, 0.85  # the issue's bar: the paper's accuracy, every class's recall
+# What this release reaches (800 images per set in benchmarks/RESULTS.md), less a margin for 240 images:
+FLOOR = {"train": (0.80, 0.55), "outside": (0.74, 0.55)}  # (accuracy, every class's recall)
+N_HELD_OUT = 240  # per set, 60 per class
 
 
 # ----------------------------------------------------------------- embedded
-@pytest.fixture(scope="module")
-def held_out():
+def _held_out(ranges):
     pytest.importorskip("skimage")
-    from ssattn.apps.data.degradations import DegradationSet
+    from ssattn.apps.data import routing_data as rd
 
-    # Another seed than the fit's: other crops, reflections and parameters.
-    return DegradationSet(n=120, size=128, seed=FIT_SEED + 1000, split="train", kinds=PAPER_CLASSES).tensors()
+    if ranges == "outside":
+        # the largest sizes of (b) cost most to draw: up to 400 px here (still beyond the 320 px of training)
+        r = dataclasses.replace(rd.OUTSIDE, side=((32, 48), (320, 400)))
+        return rd.heldout_set(N_HELD_OUT, 27002, r)
+    return rd.heldout_set(N_HELD_OUT, 27001, rd.TRAIN)
 
 
-def test_embedded_reaches_85_percent_on_held_out_paper_classes(held_out):
-    x, y, sev = held_out
-    clf = EmbeddedClassifier(PAPER_CLASSES)
-    p = clf(x)
+@pytest.fixture(scope="module", params=["train", "outside"])
+def held_out_scores(request):
+    """(ranges, accuracy, recall per class, confusion) of the embedded classifier on set (a) or (b)."""
+    images, y, _ = _held_out(request.param)
+    p = EmbeddedClassifier(PAPER_CLASSES)(images)
+    torch.testing.assert_close(p.sum(1), torch.ones(len(y)))
     pred = p.argmax(1)
-    acc = (pred == y).float().mean().item()
-    confusion = torch.zeros(4, 4, dtype=torch.long).index_put_((y, pred), torch.ones_like(y), accumulate=True)
-    assert acc >= 0.85, (acc, confusion)
-    recall = confusion.diag().float() / confusion.sum(1)
-    assert (recall >= 0.6).all(), confusion  # no class given up for the others
-    torch.testing.assert_close(p.sum(1), torch.ones(len(x)))
+    cm = torch.zeros(4, 4, dtype=torch.long).index_put_((y, pred), torch.ones_like(y), accumulate=True)
+    return request.param, (pred == y).float().mean().item(), cm.diag().float() / cm.sum(1), cm
 
 
-def test_embedded_batch_list_and_subsets_agree(held_out):
-    x = held_out[0][:6]
+def test_embedded_holds_its_measured_floor_on_held_out_photographs(held_out_scores):
+    ranges, acc, recall, cm = held_out_scores
+    floor_acc, floor_recall = FLOOR[ranges]
+    assert acc >= floor_acc, (ranges, acc, cm)
+    assert (recall >= floor_recall).all(), (ranges, recall, cm)
+
+
+@pytest.mark.xfail(strict=True, reason="not reached yet: none vs reflection on unseen photographs "
+                                       "(benchmarks/RESULTS.md, embedded classifier of issue 27)")
+def test_embedded_meets_the_papers_bar_on_held_out_photographs(held_out_scores):
+    ranges, acc, recall, cm = held_out_scores
+    assert acc >= BAR_ACCURACY and (recall >= BAR_RECALL).all(), (ranges, acc, cm)
+
+
+def test_embedded_batch_list_and_subsets_agree():
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(6, 3, 96, 96, generator=g)
     clf = EmbeddedClassifier()
     batch = clf(x)
     torch.testing.assert_close(clf(list(x)), batch)
-    sizes = [torch.rand(3, 40, 70), torch.rand(3, 16, 16), torch.rand(3, 600, 530), torch.rand(3, 1, 5)]
-    assert clf(sizes).shape == (4, 4)
     sub = EmbeddedClassifier(("none", "motion_blur"))
     assert sub.settings["fit"] == "paper4" and sub(x).shape == (6, 2)
     # restricting the classes is a softmax over the chosen logits
@@ -51,8 +74,31 @@ def test_embedded_batch_list_and_subsets_agree(held_out):
     assert six.settings["fit"] == "all6" and six(x).shape == (6, 6)
     with pytest.raises(ValueError, match="unknown here"):
         EmbeddedClassifier(("fog",))
-    with pytest.raises(ValueError, match="at least 16x16"):
-        features(torch.rand(1, 3, 8, 8))
+    with pytest.raises(ValueError, match="temperature must be"):
+        EmbeddedClassifier(temperature=0)
+    with pytest.raises(ValueError, match="at least 32x32"):
+        features(torch.rand(1, 3, 16, 40))
+
+
+def test_any_size_and_aspect_gets_a_class_and_a_list_is_batched_by_crop_size():
+    g = torch.Generator().manual_seed(1)
+    sizes = [(32, 32), (1, 5), (20, 300), (31, 200), (40, 70), (1500, 2000), (600, 530), (97, 97), (96, 127)]
+    images = [torch.rand(3, h, w, generator=g) for h, w in sizes]
+    clf = EmbeddedClassifier()
+    p = clf(images)
+    assert p.shape == (len(sizes), 4) and torch.isfinite(p).all()
+    torch.testing.assert_close(p.sum(1), torch.ones(len(sizes)))
+    # each image alone gives the same answer as in the mixed list
+    alone = torch.cat([clf([x]) for x in images])
+    torch.testing.assert_close(p, alone, atol=1e-5, rtol=0)
+    # the crop: at most MAX_SIDE, a multiple of SIDE_STEP, from an offset on the 8x8 grid (JPEG blocks stay put)
+    big = torch.arange(1500 * 2000, dtype=torch.float32).view(1, 1500, 2000).expand(3, -1, -1)
+    crop = prepare(big)
+    assert crop.shape == (3, MAX_SIDE, MAX_SIDE)
+    top, left = divmod(int(crop[0, 0, 0]), 2000)
+    assert top % 8 == 0 and left % 8 == 0
+    assert prepare(torch.rand(3, 97, 130)).shape == (3, 96, 128) and SIDE_STEP == 32
+    assert prepare(torch.rand(3, 1, 5)).shape == (3, 32, 32)
 
 
 def test_features_are_finite_and_blockiness_sees_a_jpeg_grid():
@@ -66,10 +112,28 @@ def test_features_are_finite_and_blockiness_sees_a_jpeg_grid():
     assert torch.allclose(g[:, FEATURES.index("block_y")], f[:, FEATURES.index("block_y")], atol=0.2)
 
 
-def test_embedded_fit_matches_the_features():
-    for fit in _embedded_fit.FITS:
-        assert tuple(fit["features"]) == FEATURES
-        assert len(fit["weight"]) == len(FEATURES) and len(fit["weight"][0]) == len(fit["classes"])
+def test_motion_features_do_not_depend_on_the_direction():
+    # a blurred texture turned by 90 degrees: the direction-folded spectrum numbers are the same
+    g = torch.Generator().manual_seed(2)
+    x = torch.rand(1, 3, 128, 128, generator=g)
+    k = torch.zeros(1, 1, 1, 9) + 1 / 9
+    blurred = torch.nn.functional.conv2d(x.view(3, 1, 128, 128), k, padding=(0, 4)).view(1, 3, 128, 128)
+    blurred = (blurred * 255).round() / 255  # 8 bits, as an image file holds it
+    turned = blurred.transpose(-1, -2)
+    cols = [i for i, n in enumerate(FEATURES) if n.startswith(("orient", "falloff", "aniso"))]
+    torch.testing.assert_close(features(turned)[:, cols], features(blurred)[:, cols], atol=0.05, rtol=0)
+
+
+def test_shipped_weights_match_the_features_and_their_checksum():
+    for fit in _embedded_weights.FITS:
+        assert tuple(fit["features"]) == FEATURES and fit["temperature"] > 0
+        arrays = fit["arrays"]
+        digest = hashlib.sha256("".join(a["data"] for a in arrays.values()).encode()).hexdigest()
+        assert digest == fit["sha256"]
+        m, f, h = arrays["w1"]["shape"]
+        assert f == len(FEATURES) and arrays["w3"]["shape"] == [m, h, len(fit["classes"])]
+        for a in arrays.values():
+            assert len(base64.b64decode(a["data"])) == 4 * int(torch.tensor(a["shape"]).prod())
 
 
 # ----------------------------------------------------------------- tiny models

@@ -144,7 +144,7 @@ def test_ss_model_expert_gets_its_sliced_guidance():
 def test_embedded_classifier_in_a_router_moves_with_it():
     router = DegradationRouter(EmbeddedClassifier(), experts=_experts())
     assert isinstance(router.classifier, nn.Module)
-    assert "classifier.weight" in dict(router.named_buffers())
+    assert "classifier.w1" in dict(router.named_buffers())
     out = router(torch.rand(3, 3, 32, 32))
     assert len(out.labels) == 3 and out.images.shape == (3, 3, 32, 32)
 

@@ -3,7 +3,8 @@
 Classifiers (all: ``classifier(images) -> (B, C)`` probabilities over
 ``classifier.classes``):
 
-- EmbeddedClassifier: no weights; a linear model on measured image statistics (the default)
+- EmbeddedClassifier: image statistics into a small MLP ensemble whose weights ship in the package (the
+  default; no download)
 - ClipClassifier: zero-shot CLIP, class prompts (transformers)
 - VlmClassifier: a chat VLM answers a multiple-choice prompt; the answer is
   read from the letter tokens' logits at the first generated position (transformers)

@@ -102,6 +102,14 @@ def _parse_experts(spec: str | None) -> dict:
     return out
 
 
+def _same_size_groups(images) -> list[list[int]]:
+    """Indices of `images` grouped by shape, in order of first appearance."""
+    groups: dict = {}
+    for i, x in enumerate(images):
+        groups.setdefault(tuple(x.shape), []).append(i)
+    return list(groups.values())
+
+
 def _write_png(path, image) -> None:
     import numpy as np
     from PIL import Image
@@ -187,12 +195,16 @@ def run(args) -> int:
             if todo:
                 imgs = [im.to(device) for _, _, im in todo]
                 with torch.no_grad():
+                    # one classifier call for the chunk (the embedded one batches images of similar sizes)
                     scores = classifier(imgs).float().cpu()
                     if experts:
-                        for (path, _, _), img, s in zip(todo, imgs, scores):
-                            res = router(img[None], scores=s[None])
-                            if res.routes[0] in experts or res.routes[0] == "fallback":
-                                _write_png(out / "restored" / path.relative_to(root).with_suffix(".png"), res.images[0])
+                        # images of one size go through the router as one batch
+                        for idx in _same_size_groups(imgs):
+                            res = router(torch.stack([imgs[j] for j in idx]), scores=scores[idx].to(device))
+                            for k, j in enumerate(idx):
+                                if res.routes[k] in experts or res.routes[k] == "fallback":
+                                    rel = todo[j][0].relative_to(root).with_suffix(".png")
+                                    _write_png(out / "restored" / rel, res.images[k])
                 # The entry is written after the restored image, so a cached entry means the image is done.
                 for (path, sha, img), s in zip(todo, scores):
                     cache.put(sha, s.view(1, 1, -1), list(classes), tuple(img.shape[-2:]))
