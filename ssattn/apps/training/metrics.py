@@ -1,5 +1,5 @@
 """Image quality metrics on (B, C, H, W) tensors in [0, data_range]: PSNR and SSIM, whole-image and inside a
-mask (foreground), per image; and the mean IoU of label maps."""
+mask (foreground), per image; and the per-class and mean IoU of label maps."""
 
 from __future__ import annotations
 
@@ -99,22 +99,34 @@ def masked_ssim(x: Tensor, y: Tensor, mask: Tensor, data_range: float = 1.0) -> 
     return torch.where(count > 0, total / count.clamp_min(1), torch.full_like(total, float("nan"))).float()
 
 
-def miou(pred: Tensor, target: Tensor, num_classes: int = 2) -> float:
-    """Mean over classes of |pred = c and target = c| / |pred = c or target = c|, over all pixels of all images.
+def per_class_iou(pred: Tensor, target: Tensor, num_classes: int) -> list[float]:
+    """IoU of each class c in 0..num_classes-1: |pred = c and target = c| / |pred = c or target = c|, counted
+    over all pixels of all images (dataset-level, as segmentation benchmarks count it); NaN for a class absent
+    from both.
 
-    pred, target: integer label maps of the same shape. Classes absent from both are left out of the mean.
+    pred, target: integer label maps of the same shape, values in [0, num_classes).
     """
     if not isinstance(pred, Tensor) or not isinstance(target, Tensor) or pred.shape != target.shape:
         raise ValueError("pred and target must be label tensors of the same shape")
     if pred.is_floating_point() or target.is_floating_point():
         raise ValueError("pred and target must be integer label maps (threshold or argmax scores first)")
-    ious = []
-    for c in range(num_classes):
-        p, t = pred == c, target == c
-        union = int((p | t).sum())
-        if union:
-            ious.append(int((p & t).sum()) / union)
-    return sum(ious) / len(ious) if ious else float("nan")
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+        raise ValueError(f"num_classes must be a positive integer, got {num_classes!r}")
+    for name, t in (("pred", pred), ("target", target)):
+        if t.numel() and (int(t.min()) < 0 or int(t.max()) >= num_classes):
+            raise ValueError(f"{name} must hold class indices in [0, {num_classes}), got values in "
+                             f"[{int(t.min())}, {int(t.max())}]")
+    # One joint histogram: confusion[t, p] counts pixels of true class t predicted as p.
+    confusion = torch.bincount(target.flatten().long() * num_classes + pred.flatten().long(),
+                               minlength=num_classes * num_classes).view(num_classes, num_classes).double()
+    inter = confusion.diagonal()
+    union = confusion.sum(0) + confusion.sum(1) - inter
+    return [float(i / u) if u > 0 else float("nan") for i, u in zip(inter.tolist(), union.tolist())]
+
+
+def miou(pred: Tensor, target: Tensor, num_classes: int = 2) -> float:
+    """Mean of per_class_iou over the classes present in pred or target (absent ones are left out)."""
+    return mean_finite(per_class_iou(pred, target, num_classes))
 
 
 def mean_finite(values) -> float:
