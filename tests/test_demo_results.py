@@ -23,7 +23,7 @@ def test_aggregate_means_std_and_structure():
     assert res.helped(r, "ss") and not res.helped(r, "ss_oracle")
     lines = res.verdict(r)
     assert "+1.17 dB (seed spread 0.29): better" in lines[0]
-    assert "+0.00 dB (seed spread 0.00): no effect beyond the seed spread" in lines[1]
+    assert "+0.00 dB (seed spread 0.00): no effect (one must exceed twice the seed spread and 0.2 dB)" in lines[1]
     with pytest.raises(ValueError, match="models"):
         res.aggregate({"baseline": per_seed["baseline"]}, {"auc": 0.5, "iou": 0.5})
 
@@ -32,3 +32,16 @@ def test_one_seed_gives_no_verdict():
     r = res.aggregate({n: _runs([20.0 + (n == "ss")]) for n in ("baseline", "ss", "ss_oracle")}, {"auc": 1, "iou": 1})
     assert r["models"]["ss"]["std"]["psnr_fg"] == 0.0 and not res.helped(r)
     assert "one seed: no spread, no verdict" in res.verdict(r)[0]
+
+
+def test_an_effect_must_exceed_twice_the_spread_and_a_minimum():
+    # --quick's case: +0.06 dB with a spread of 0.02 is three spreads, but below the smallest effect the
+    # ablation could tell from the seed noise: no verdict of "better".
+    base = [20.0, 21.0, 22.0]
+    r = res.aggregate({"baseline": _runs(base), "ss": _runs([b + d for b, d in zip(base, (0.04, 0.06, 0.08))]),
+                       "ss_oracle": _runs([b + d for b, d in zip(base, (0.5, 1.5, 2.5))])}, {"auc": 1, "iou": 1})
+    lines = res.verdict(r)
+    assert "+0.06 dB (seed spread 0.02): no effect" in lines[0] and not res.helped(r, "ss")
+    # +1.5 dB with a spread of 1.0: above the minimum, but not twice the spread.
+    assert "+1.50 dB (seed spread 1.00): no effect" in lines[1] and not res.helped(r, "ss_oracle")
+    assert res.MIN_EFFECT["psnr_fg"] > 0.06

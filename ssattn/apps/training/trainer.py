@@ -67,7 +67,8 @@ class RankFailure(RuntimeError):
 
 # --------------------------------------------------------------------------- models
 def build_model(spec: dict) -> nn.Module:
-    """Rebuild a model from its spec: {"arch": "unet" | "unet-ss", "width": 16, "levels": None, ...}.
+    """Rebuild a model from its spec: {"arch": "unet" | "unet-ss", "width": 16, "levels": None, ...}; -SS options
+    "eta", "align_weight" (lambda_align) and "align_form" ("paper" | "normalized") go to the alignment loss.
 
     spec["text"] = {"channels": Ct, "stages": [...]} adds text stages (ssattn.text_guided) to either arch.
     """
@@ -85,6 +86,8 @@ def build_model(spec: dict) -> nn.Module:
         opts = {k: spec[k] for k in ("heads", "backend", "eta") if k in spec}
         if "align_weight" in spec:
             opts["weight"] = spec["align_weight"]
+        if "align_form" in spec:
+            opts["form"] = spec["align_form"]
         return unet_ss(3, 3, width, levels=spec.get("levels"), **opts, **text_opts)
     raise ValueError(f"model arch must be 'unet' or 'unet-ss', got {arch!r}")
 
