@@ -85,8 +85,9 @@ class AblationConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not self.seeds or len(set(self.seeds)) != len(self.seeds):
             raise ValueError(f"seeds must be distinct and at least one, got {list(self.seeds)}")
-        if not 0 < self.seg_val < 1 or int(self.n_train * self.seg_val) < 1:
-            raise ValueError(f"seg_val must leave at least one validation scene, got {self.seg_val} of {self.n_train}")
+        if not 0 < self.seg_val < 1 or self.n_train < 2:
+            raise ValueError(f"seg_val must be in (0, 1) with at least 2 training scenes, got {self.seg_val} of "
+                             f"{self.n_train}")
         if self.n_train < self.batch_size:
             raise ValueError(f"n_train ({self.n_train}) must be at least batch_size ({self.batch_size})")
 
@@ -163,7 +164,7 @@ def segmenter(config: AblationConfig, data: dict, out_dir: str, log=print) -> nn
     """The downstream segmenter: loaded from out_dir/segmenter.pt when trained with these settings, else trained
     (references of the training scenes, early stopping on a validation share of them) and saved."""
     from ssattn.apps.data.scenes import CLASSES
-    from ssattn.apps.training.segmentation import train_segmenter
+    from ssattn.apps.demo.experiment import fit_segmenter
     from ssattn.apps.training.trainer import write_checkpoint
     from ssattn.models import UNet
 
@@ -175,14 +176,10 @@ def segmenter(config: AblationConfig, data: dict, out_dir: str, log=print) -> nn
             net = UNet(3, len(CLASSES), config.seg_width, residual=False)
             net.load_state_dict(saved["state"])
             return net.eval().requires_grad_(False)
-    train = data["train"]
-    n_fit = config.n_train - int(config.n_train * config.seg_val)
     t0 = time.perf_counter()
-    net, fit = train_segmenter(train["reference"][:n_fit], train["labels"][:n_fit], num_classes=len(CLASSES),
-                               val=(train["reference"][n_fit:], train["labels"][n_fit:]),
-                               max_steps=config.seg_max_steps, eval_every=config.seg_eval_every,
-                               patience=config.seg_patience, batch_size=config.seg_batch, width=config.seg_width,
-                               seed=config.data_seed)
+    net, fit = fit_segmenter(data["train"], val_share=config.seg_val, max_steps=config.seg_max_steps,
+                             eval_every=config.seg_eval_every, patience=config.seg_patience, width=config.seg_width,
+                             batch_size=config.seg_batch, seed=config.data_seed)
     log(f"segmenter: {fit.steps_run} steps ({'stopped early' if fit.stopped_early else 'step limit'}), kept step "
         f"{fit.best_step}, validation mIoU {fit.best_miou:.3f}, {time.perf_counter() - t0:.0f} s")
     write_checkpoint(path, {"hash": key, "state": net.state_dict(), "fit": dataclasses.asdict(fit)})

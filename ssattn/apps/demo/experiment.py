@@ -65,6 +65,23 @@ def score_images(images: Tensor, test: dict, segmenter: nn.Module) -> dict:
             "miou": seg["miou"], "iou": seg["iou"], "psnr_fg_per_image": fg.tolist()}
 
 
+def fit_segmenter(train: dict, *, val_share: float, max_steps: int, eval_every: int, patience: int, width: int,
+                  batch_size: int, seed: int, device="cpu"):
+    """The downstream segmenter (segmentation.train_segmenter, all scenes.CLASSES): trained on the references and
+    labels of the first (1 - val_share) of the training scenes, stopped when its mIoU on the rest stops rising.
+    Returns (segmenter on the CPU, frozen; its SegmenterFit)."""
+    from ssattn.apps.data.scenes import CLASSES
+    from ssattn.apps.training.segmentation import train_segmenter
+
+    n = train["reference"].shape[0]
+    n_fit = n - max(1, int(n * val_share))
+    net, fit = train_segmenter(train["reference"][:n_fit], train["labels"][:n_fit], num_classes=len(CLASSES),
+                               val=(train["reference"][n_fit:], train["labels"][n_fit:]), max_steps=max_steps,
+                               eval_every=eval_every, patience=patience, batch_size=batch_size, width=width,
+                               seed=seed, device=device)
+    return net.cpu(), fit
+
+
 def run_model(name: str, data: dict, segmenter: nn.Module, *, seed: int, steps: int, batch_size: int, width: int,
               levels, device, amp: str, progress: bool, lr: float = 2e-3, ss_options: dict | None = None) -> dict:
     """Train one model with one seed and score it on the held-out scenes; returns metrics and its outputs."""
