@@ -33,7 +33,7 @@ from .variants import GUIDANCES, VARIANTS, Variant, build
 
 FORMAT = 1  # bump when a change makes earlier run files incomparable (scores, training, data)
 RUNS = "runs"
-SEGMENTER = "segmenter.pt"
+SEGMENTER_FILE = "segmenter.pt"
 BOUNDS = "bounds.json"
 GUARD_MESSAGE = "SemanticAlignmentLoss"  # the divergence guard's warnings start with this name
 
@@ -99,7 +99,8 @@ class AblationConfig:
 
     def run_key(self, variant: Variant, guidance: str | None, seed: int) -> dict:
         """Everything one run's result depends on."""
-        return {"data": self.data_key(), "variant": dataclasses.asdict(variant), "guidance": guidance, "seed": seed,
+        what = {k: v for k, v in dataclasses.asdict(variant).items() if k != "label"}  # a label is only words
+        return {"data": self.data_key(), "variant": what, "guidance": guidance, "seed": seed,
                 "width": self.width, "levels": list(self.levels), "steps": self.steps * variant.steps_factor,
                 "batch_size": self.batch_size, "lr": self.lr, "feature_images": self.feature_images}
 
@@ -168,7 +169,7 @@ def segmenter(config: AblationConfig, data: dict, out_dir: str, log=print) -> nn
     from ssattn.apps.training.trainer import write_checkpoint
     from ssattn.models import UNet
 
-    path = os.path.join(out_dir, SEGMENTER)
+    path = os.path.join(out_dir, SEGMENTER_FILE)
     key = digest(config.data_key())
     if os.path.isfile(path):
         saved = torch.load(path, map_location="cpu", weights_only=True)
@@ -193,7 +194,7 @@ def bounds(config: AblationConfig, data: dict, seg: nn.Module, out_dir: str) -> 
     test = data["test"]
     result = {name: {k: v for k, v in score_images(images, test, seg).items() if k != "psnr_fg_per_image"}
               for name, images in (("degraded input", test["degraded"]), ("reference", test["reference"]))}
-    saved = torch.load(os.path.join(out_dir, SEGMENTER), map_location="cpu", weights_only=True)
+    saved = torch.load(os.path.join(out_dir, SEGMENTER_FILE), map_location="cpu", weights_only=True)
     result = {"hash": digest(config.data_key()), "segmenter": saved.get("fit"), "scores": result}
     _write_json(os.path.join(out_dir, BOUNDS), result)
     return result
