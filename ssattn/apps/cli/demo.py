@@ -17,7 +17,7 @@ import os
 from .common import CLIError
 
 DEFAULTS = {"steps": 180, "size": 48, "batch_size": 8, "n_train": 192, "n_test": 32, "width": 8, "seeds": 3,
-            "seg_steps": 150}
+            "seg_steps": 600}
 QUICK = {"steps": 3, "size": 32, "batch_size": 4, "n_train": 8, "n_test": 4, "width": 8, "seeds": 3,
          "seg_steps": 3}
 ALIGN_FORMS = ("paper", "normalized")
