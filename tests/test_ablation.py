@@ -129,6 +129,12 @@ def test_variants_are_the_public_api_and_train_options():
     assert VARIANTS["alignment"].train_flags(levels).startswith("--attention-levels none --align-levels dec3,dec2")
     assert VARIANTS["eta0"].train_flags(levels) == "--levels dec3,dec2 --align-form paper --eta 0 --align-weight 0.1"
     assert not VARIANTS["baseline_2x"].guided and VARIANTS["baseline_2x"].steps_factor == 2
+    from ssattn.apps.ablation.variants import build
+
+    align_only = build(VARIANTS["alignment"], 4, levels)  # unet_ss(attention_levels=(), align_levels=levels)
+    assert len(align_only.blocks) == 0 and align_only.align_sites == list(levels) and align_only.takes_map
+    attention = build(VARIANTS["attention"], 4, levels)
+    assert set(attention.pairs) == set(levels) and attention.align.weight == 0.0
 
 
 def test_summary_counts_guard_warnings_and_flags_broken_pairing(tmp_path):

@@ -146,6 +146,8 @@ def _inside(dep: str, *prefixes: str) -> bool:
                                            "ssattn._backends", "ssattn.reference", "ssattn.ops",
                                            "ssattn.guidance.hub", "ssattn.guidance.feature_cache",
                                            "ssattn.guidance.testing")),
+    # the metrics room: a library room (the checks below it), never the apps
+    ("ssattn.metrics", lambda n, d: _inside(d, "ssattn.metrics", "ssattn._checks")),
 ])
 def test_layer_imports(layer, allowed):
     assert _violations(layer, allowed) == []

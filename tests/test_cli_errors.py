@@ -131,6 +131,17 @@ def test_train_errors_are_one_message(tmp_path, capsys):
                     tmp_path / "nosuch.pth", *TRAIN], "nosuch.pth")
 
 
+def test_train_level_flags_are_one_message(tmp_path, capsys):
+    argv = ["train", "--data", "synthetic", "--out", tmp_path / "run", "--steps", "1", *TRAIN]
+    _fails(capsys, argv + ["--attention-levels", "dec9"], "--attention-levels: dec9 is not a decoder stage",
+           "dec3,dec2,dec1", "'none'")
+    _fails(capsys, argv + ["--align-levels", ","], "--align-levels")
+    _fails(capsys, argv + ["--model", "unet", "--align-levels", "dec3"], "need --model unet-ss")
+    _fails(capsys, argv + ["--attention-levels", "none", "--align-levels", "none"], "no -SS stage is left",
+           "--model unet")
+    assert not (tmp_path / "run").exists()
+
+
 def test_train_with_an_unreadable_cache_settings_file(tmp_path, capsys):
     for sub in ("input", "target"):
         _images(tmp_path / "data" / sub, n=2)

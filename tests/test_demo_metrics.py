@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from ssattn.apps.training.guidance_quality import best_iou, guidance_quality, roc_auc
-from ssattn.apps.training.metrics import masked_psnr, masked_ssim, miou, per_class_iou, psnr, ssim
+from ssattn.metrics import masked_psnr, masked_ssim, miou, psnr, ssim
 
 
 def _mask(b, h, w, box):
@@ -55,25 +55,37 @@ def test_miou_hand_case_and_perfect_prediction():
         miou(labels.float(), labels)
 
 
-def test_per_class_iou_on_hand_made_label_maps():
-    # Two 2x4 images, classes 0..3. Counted over all pixels of both images (dataset-level IoU).
+class _Fixed(torch.nn.Module):
+    """A "segmenter" that predicts the given label maps (one-hot logits), whatever the images."""
+
+    def __init__(self, labels, num_classes):
+        super().__init__()
+        self.logits = torch.nn.Parameter(torch.nn.functional.one_hot(labels, num_classes).permute(0, 3, 1, 2).float())
+
+    def forward(self, x):
+        return self.logits[: x.shape[0]]
+
+
+def test_segmenter_per_class_iou_on_hand_made_label_maps():
+    from ssattn.apps.training.segmentation import segmentation_scores
+
+    # Two 2x4 images, classes 0..3, counted over all pixels of both images (dataset-level IoU).
     target = torch.tensor([[[0, 0, 1, 1], [0, 2, 2, 1]],
                            [[0, 0, 0, 0], [3, 3, 0, 0]]])
     pred = torch.tensor([[[0, 1, 1, 1], [0, 2, 0, 1]],
                          [[0, 0, 0, 2], [3, 0, 0, 0]]])
+    images = torch.zeros(2, 3, 2, 4)
     # class 0: 7 pixels in both of 11 in either (9 true, 9 predicted); 1: 3 of 4; 2: 1 of 3; 3: 1 of 2
-    ious = per_class_iou(pred, target, 4)
-    assert ious == pytest.approx([7 / 11, 3 / 4, 1 / 3, 1 / 2])
-    assert miou(pred, target, 4) == pytest.approx((7 / 11 + 3 / 4 + 1 / 3 + 1 / 2) / 4)
-    # A class in neither map is NaN and left out of the mean; one predicted but absent scores 0.
-    five = per_class_iou(pred, target, 5)
-    assert math.isnan(five[4]) and miou(pred, target, 5) == pytest.approx(miou(pred, target, 4))
-    assert per_class_iou(torch.full((1, 2, 2), 4), torch.zeros(1, 2, 2, dtype=torch.long), 5) == \
-        pytest.approx([0.0, float("nan"), float("nan"), float("nan"), 0.0], nan_ok=True)
-    with pytest.raises(ValueError, match=r"class indices in \[0, 3\)"):
-        per_class_iou(pred, target, 3)
-    with pytest.raises(ValueError, match="num_classes"):
-        per_class_iou(pred, target, 0)
+    scores = segmentation_scores(_Fixed(pred, 4), images, target, 4)
+    assert scores["iou"] == pytest.approx([7 / 11, 3 / 4, 1 / 3, 1 / 2])
+    assert scores["miou"] == pytest.approx((7 / 11 + 3 / 4 + 1 / 3 + 1 / 2) / 4)
+    assert scores["miou"] == pytest.approx(miou(pred, target, 4))
+    # A class in neither map is NaN and left out of the mean; a class predicted where it is absent scores 0.
+    five = segmentation_scores(_Fixed(pred, 5), images, target, 5)
+    assert math.isnan(five["iou"][4]) and five["miou"] == pytest.approx(scores["miou"])
+    wrong = segmentation_scores(_Fixed(torch.full((1, 2, 2), 4), 5), torch.zeros(1, 3, 2, 2),
+                                torch.zeros(1, 2, 2, dtype=torch.long), 5)
+    assert wrong["iou"] == pytest.approx([0.0, math.nan, math.nan, math.nan, 0.0], nan_ok=True)
 
 
 def test_segmenter_stops_when_validation_stops_rising_and_keeps_the_best():

@@ -59,6 +59,44 @@ def test_unet_ss_default_pairs_identity_and_levels():
         unet_ss(width=4, levels=("dec4",))
 
 
+def test_unet_ss_attention_and_align_levels():
+    both = unet_ss(width=4, levels=("dec3", "dec2"))
+    assert list(both.pairs) == ["dec3", "dec2"] and both.align_sites == ["dec3", "dec2"]
+    att = unet_ss(width=4, attention_levels=("dec3",))  # the alignment part follows levels: every stage
+    assert list(att.pairs) == ["dec3"] and list(att.blocks) == ["dec3"] and att.align_sites == ["dec3", "dec2", "dec1"]
+    mixed = unet_ss(width=4, levels=("dec2", "dec3"), align_levels=("dec1",))
+    assert list(mixed.pairs) == ["dec3", "dec2"] and mixed.align_sites == ["dec1"]
+    attention_only = unet_ss(width=4, align_levels=())
+    assert len(attention_only.blocks) == 3 and attention_only.align_sites == []
+    x, g = torch.rand(2, 3, 16, 16), torch.rand(2, 1, 16, 16)
+    attention_only(x, guidance=g)
+    assert attention_only.alignment_loss().item() == 0.0
+    for bad, match in [(dict(align_levels=("dec4",)), r"align_levels \['dec4'\] are not decoder stages"),
+                       (dict(attention_levels=["dec0"]), r"attention_levels \['dec0'\]"),
+                       (dict(levels=()), "at least one stage"),
+                       (dict(attention_levels=(), align_levels=()), "at least one stage")]:
+        with pytest.raises(ValueError, match=match):
+            unet_ss(width=4, **bad)
+
+
+def test_unet_ss_alignment_only_is_the_plain_unet_plus_its_loss():
+    torch.manual_seed(4)
+    ss = unet_ss(width=4, attention_levels=(), align_levels=("dec2",), eta=0.5, weight=0.3)
+    assert len(ss.blocks) == 0 and ss.align_sites == ["dec2"]
+    _randomise_head(ss.model)
+    plain = UNet(width=4)
+    plain.load_state_dict(ss.model.state_dict())
+    x, g = torch.rand(2, 3, 16, 24), torch.rand(2, 1, 16, 24)
+    assert torch.equal(ss(x, guidance=g), plain(x))
+    feats = {}
+    plain.dec2.register_forward_hook(lambda m, a, o: feats.__setitem__("dec2", o))
+    plain(x)
+    f = feats["dec2"]
+    m = torch.nn.functional.interpolate(g, size=f.shape[-2:], mode="area")
+    expected = 0.3 * (f.square().mul((1 - m) ** 2).mean() - 0.5 * (f * m).mean())
+    torch.testing.assert_close(ss.alignment_loss(), expected)
+
+
 def test_unet_ss_trains_its_attention():
     torch.manual_seed(2)
     ss = unet_ss(width=4, heads=2)

@@ -25,10 +25,11 @@ def test_gitignore_covers_the_demo_output_folder():
 def test_readme_says_how_to_install_with_a_cpu_only_torch():
     text = _section("Installing in detail")
     assert "5.8 GB" in text
-    cpu = re.search(r"pip install torch==(\S+) --index-url https://download.pytorch.org/whl/cpu", text)
+    cpu = re.search(r"pip install torch==(\S+) torchvision==(\S+) --index-url https://download.pytorch.org/whl/cpu",
+                    text)
     assert cpu, "the CPU-only install command"
-    pinned = re.search(r"pip install torch==(\S+) ", _section("Quick start")).group(1)
-    assert cpu.group(1) == pinned, "the CPU build of the same torch the quick start pins"
+    pinned = re.search(r"pip install torch==(\S+) torchvision==(\S+) ", _section("Quick start")).groups()
+    assert cpu.groups() == pinned, "the CPU builds of the same torch and torchvision the quick start pins"
 
 
 def test_readme_gpu_and_model_notes():

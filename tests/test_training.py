@@ -215,6 +215,50 @@ def test_resume_with_another_model_is_a_clear_error(tiny_data, tmp_path, capsys)
               str(tmp_path / "api"))
 
 
+def test_train_cli_attention_and_align_levels_are_recorded_and_rebuilt(tmp_path, capsys):
+    run_dir = str(tmp_path / "run")
+    common = ["train", "--data", "synthetic", "--out", run_dir, "--size", "16", "--n", "4", "--batch-size", "2",
+              "--width", "4", "--no-progress", "--device", "cpu"]
+    levels = ["--attention-levels", "dec3", "--align-levels", "dec1,dec2"]
+    assert cli_main(common + ["--steps", "1"] + levels) == 0
+    assert "attention at dec3, alignment at dec2,dec1" in capsys.readouterr().out
+    path = os.path.join(run_dir, "checkpoint.pt")
+    model, ckpt = load_model(path)
+    assert ckpt["spec"]["attention_levels"] == ["dec3"] and ckpt["spec"]["align_levels"] == ["dec2", "dec1"]
+    assert list(model.pairs) == ["dec3"] and model.align_sites == ["dec2", "dec1"]
+    assert cli_main(common + ["--steps", "2"] + levels) == 0  # resumed: the same model and objective
+    assert torch.load(path, weights_only=True)["step"] == 2
+    capsys.readouterr()
+    assert cli_main(common + ["--steps", "3", "--attention-levels", "dec3", "--align-levels", "none"]) == 2
+    assert "holds a run of another model or objective" in capsys.readouterr().err
+    assert cli_main(["eval", "--checkpoint", path, "--data", "synthetic", "--size", "16", "--n", "2",
+                     "--device", "cpu"]) == 0
+    attention_only = str(tmp_path / "attention_only")
+    assert cli_main(common[:4] + [attention_only] + common[5:] + ["--steps", "1", "--align-levels", "none"]) == 0
+    model, _ = load_model(os.path.join(attention_only, "checkpoint.pt"))
+    assert len(model.blocks) == 3 and model.align_sites == []
+    assert "alignment" not in json.load(open(os.path.join(attention_only, "history.json")))["loss"]
+
+
+@pytest.mark.parametrize("old_spec", [{"levels": ["dec3", "dec2"]}, {}])
+def test_a_checkpoint_with_the_older_levels_spec_loads_and_resumes(tmp_path, old_spec, capsys):
+    """Checkpoints written before attention_levels / align_levels (only "levels", or none: every stage)."""
+    run_dir = tmp_path / "run"
+    spec = {"arch": "unet-ss", "width": 4, "align_weight": 0.1, **old_spec}
+    data = SyntheticUnderwater(16, 4, 0, "train")
+    from ssattn.apps.training import build_model
+
+    train(build_model(spec), data, TrainConfig(steps=1, batch_size=2, progress=False), str(run_dir), spec=spec)
+    model, ckpt = load_model(str(run_dir / "checkpoint.pt"))
+    expected = old_spec.get("levels", ["dec3", "dec2", "dec1"])
+    assert list(model.pairs) == expected and model.align_sites == expected and ckpt["spec"] == spec
+    flags = ["--levels", ",".join(old_spec["levels"])] if old_spec else []
+    rc = cli_main(["train", "--data", "synthetic", "--out", str(run_dir), "--size", "16", "--n", "4", "--steps", "2",
+                   "--batch-size", "2", "--width", "4", "--no-progress", "--device", "cpu", *flags])
+    assert rc == 0, capsys.readouterr().err
+    assert torch.load(run_dir / "checkpoint.pt", weights_only=True)["step"] == 2
+
+
 def test_train_cli_align_form_and_eta(tmp_path, capsys):
     run_dir = str(tmp_path / "run")
     common = ["train", "--data", "synthetic", "--out", run_dir, "--size", "16", "--n", "4", "--steps", "1",
@@ -229,9 +273,8 @@ def test_train_cli_align_form_and_eta(tmp_path, capsys):
     # The defaults leave the spec as runs written before these options had it, so those resume.
     default_dir = str(tmp_path / "default")
     assert cli_main(common[:4] + [default_dir] + common[5:]) == 0
-    assert load_model(os.path.join(default_dir, "checkpoint.pt"))[1]["spec"] == {"arch": "unet-ss", "width": 4,
-                                                                                "align_weight": 0.1,
-                                                                                "levels": ["dec3"]}
+    assert load_model(os.path.join(default_dir, "checkpoint.pt"))[1]["spec"] == {
+        "arch": "unet-ss", "width": 4, "align_weight": 0.1, "attention_levels": ["dec3"], "align_levels": ["dec3"]}
     assert cli_main(common + ["--eta", "-1", "--out", str(tmp_path / "bad")]) == 2
     assert "--eta must be >= 0" in capsys.readouterr().err
 

@@ -42,17 +42,21 @@ def _selector(text: str):
     return text
 
 
-def parse_site(role: str, spec) -> Site:
-    """Site from a pairs key (role "decoder") or value (role "encoder"); ValueError on bad syntax."""
+def parse_site(role: str, spec, where: str = "pairs") -> Site:
+    """Site from a pairs key (role "decoder") or value (role "encoder"); ValueError naming `where` on bad syntax."""
     match = _SITE.match(spec) if isinstance(spec, str) else None
     if match is None:
         raise ValueError(
-            f"pairs: {role} {spec!r} is not a module name with optional selectors: expected 'name', 'name#1' "
+            f"{where}: {role} {spec!r} is not a module name with optional selectors: expected 'name', 'name#1' "
             f"(the second call), 'name[0]' (an element of a tuple/list/dict output) or 'name[0]#1'"
         )
     path = tuple(_selector(s) for s in _SELECTOR.findall(match["path"] or ""))
     call = None if match["call"] is None else int(match["call"])
     return Site(spec, match["name"].strip(), call, path)
+
+
+class SiteOutputError(TypeError):
+    """A site names an output element that is not there, or not a (B, C, H, W) tensor."""
 
 
 def select(site: Site, role: str, out) -> Tensor:
@@ -62,7 +66,7 @@ def select(site: Site, role: str, out) -> Tensor:
         try:
             value = value[step]
         except (KeyError, IndexError, TypeError) as exc:
-            raise TypeError(
+            raise SiteOutputError(
                 f"{role} {site.describe()}: cannot select [{step!r}] from its output "
                 f"({type(value).__name__}): {exc}"
             ) from None
@@ -73,7 +77,7 @@ def select(site: Site, role: str, out) -> Tensor:
             hint = f"; select an element, e.g. '{site.module}[0]'"
         elif isinstance(value, dict):
             hint = f"; select an entry, e.g. '{site.module}[{next(iter(value), 'key')}]'"
-        raise TypeError(f"{role} {site.describe()} must output a (B, C, H, W) tensor, got {what}{hint}")
+        raise SiteOutputError(f"{role} {site.describe()} must output a (B, C, H, W) tensor, got {what}{hint}")
     return value
 
 

@@ -35,13 +35,25 @@ A paired module that runs more than once per forward without "#k" gets a
 warning (once), since the rule is then right only if the network means it.
 
 Stages exist at construction, so an optimizer, DDP or a state_dict load sees
-them. Channel counts come from `channels={decoder site: (dec_channels,
-enc_channels)}`, else from the modules' definitions (sites.declared_channels:
-convolutions, norms, Linear, or the last such layer of a custom block), else
-from a dry forward pass on `example_inputs` (a tensor, a tuple of positional
-inputs, a dict of keyword inputs, or (args_tuple, kwargs_dict)). Where none
-applies, construction raises an error naming the module. Every call checks the
-counts against the real tensors (an error names the site).
+them. Their channel counts are measured there, in this order:
+1. `channels={decoder site: (dec_channels, enc_channels)}` (text site:
+   channels), when given;
+2. a forward pass through the same hooks: on `example_inputs` when given (a
+   tensor, a tuple of positional inputs, a dict of keyword inputs, or
+   (args_tuple, kwargs_dict); eval mode), else an automatic shape-only dry
+   run on meta or fake tensors (ssattn.dropin.dryrun: the input inferred, no
+   real compute or memory, the model and the random generators left as they
+   were);
+3. the modules' definitions (sites.declared_channels), only for sites no
+   dry run could measure, with one warning naming them.
+Where none gives a count, construction raises an error that says what the
+dry run tried and names both ways out. Every call checks the counts against
+the real tensors (an error names the site).
+
+Ablations: `align_sites` names the decoder sites whose outputs feed the
+alignment loss (default: the decoders of pairs). A site not in pairs is
+alignment-only (its output is captured for the loss, no attention stage);
+`align_sites=()` leaves attention only (the loss is zero).
 
 Features are used as the modules returned them. A module's output that the
 network later changes in place (e.g. ReLU(inplace=True) after it) is found by
@@ -69,6 +81,8 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import os
+import sys
 import warnings
 from collections.abc import Mapping
 
@@ -80,7 +94,8 @@ from ..reference.area import area_resize
 from ..semantic import SemanticAlignmentLoss, SemanticCrossAttention
 from ..text.features import TextFeatures, as_text_features
 from ..text.modules import TextConditioning, check_words
-from .sites import Site, declared_channels, parse_site, replace, select
+from .dryrun import DryRun, preserved_state, shape_pass
+from .sites import Site, SiteOutputError, declared_channels, parse_site, replace, select
 
 __all__ = ["GuidedModel", "SemanticSensitive", "semantic_sensitive", "text_guided", "remove_semantic_sensitive"]
 
@@ -95,8 +110,16 @@ def _fingerprint(t: Tensor) -> Tensor:
     return t.detach()[..., :2, :2].clone()
 
 
+_INTERNAL = tuple(os.path.join(d, "") for d in (os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                                 os.path.dirname(torch.__file__)))  # "ssattn/", "torch/"
+
+
 def _warn(message: str) -> None:
-    warnings.warn(f"semantic_sensitive: {message}", UserWarning, stacklevel=3)
+    # Point at the user's line (the construction or the call), past ssattn's and torch's own frames.
+    frame, level = sys._getframe(1), 2  # stacklevel 2: the caller of _warn
+    while frame is not None and frame.f_code.co_filename.startswith(_INTERNAL):
+        frame, level = frame.f_back, level + 1
+    warnings.warn(f"semantic_sensitive: {message}", UserWarning, stacklevel=level)
 
 
 class _Hook:
@@ -151,7 +174,7 @@ class GuidedModel(nn.Module):
                  text_channels: int | None = None, intra_text: bool = True, intra_image: bool = False,
                  heads: int = 1, head_dim: int | None = None, backend: str = "auto", scale: float | None = None,
                  eta: float = 1.0, weight: float = 0.1, level_weights=None, reduction: str = "mean",
-                 form: str = "paper", channels: Mapping | None = None, example_inputs=None):
+                 form: str = "paper", channels: Mapping | None = None, example_inputs=None, align_sites=None):
         super().__init__()
         if isinstance(model, GuidedModel):
             raise ValueError("model is already a semantic_sensitive wrapper (or text_guided); wrap the plain model once "
@@ -170,9 +193,10 @@ class GuidedModel(nn.Module):
         if isinstance(text_stages, str):
             text_stages = [text_stages]
         text_stages = list(text_stages or [])
-        if not pairs and not text_stages:
+        align_sites = self._read_align_sites(align_sites, pairs)
+        if not pairs and not align_sites and not text_stages:
             raise ValueError("pairs must be a non-empty mapping {decoder module name: encoder module name}"
-                             " (or give text_stages for text guidance)")
+                             " (or give align_sites for the alignment loss alone, or text_stages for text guidance)")
         if len(set(text_stages)) != len(text_stages):
             raise ValueError(f"text_stages must not repeat a site, got {text_stages}")
         if text_stages and (not isinstance(text_channels, int) or isinstance(text_channels, bool)
@@ -185,32 +209,39 @@ class GuidedModel(nn.Module):
         modules = dict(model.named_modules())
         self._dec_sites = [parse_site("decoder", d) for d in pairs]
         self._enc_of = {d.spec: parse_site("encoder", e) for d, e in zip(self._dec_sites, pairs.values())}
-        self._text_sites = [parse_site("text stage", t) for t in text_stages]
+        self._text_sites = [parse_site("text stage", t, "text_stages") for t in text_stages]
+        # Alignment-only sites: decoder outputs that feed the alignment loss with no attention stage.
+        self._align_only = [parse_site("decoder", a, "align_sites") for a in align_sites if a not in pairs]
         roles = ([("decoder", d) for d in self._dec_sites] + [("encoder", e) for e in self._enc_of.values()]
-                 + [("text stage", t) for t in self._text_sites])
+                 + [("text stage", t) for t in self._text_sites] + [("alignment", a) for a in self._align_only])
         for role, site in roles:
             if site.module not in modules or site.module == "":
                 close = difflib.get_close_matches(site.module, [n for n in modules if n], n=5, cutoff=0.5)
                 hint = f"; close matches: {close}" if close else f"; module names: {[n for n in modules if n][:20]}"
-                where = "text_stages" if role == "text stage" else "pairs"
-                raise ValueError(f"{where}: {role} module {site.module!r} is not in the model{hint}")
-        if level_weights is not None and len(level_weights) != len(pairs):
-            raise ValueError(f"level_weights must have one value per pair ({len(pairs)}), got {len(level_weights)}")
+                where = {"text stage": "text_stages", "alignment": "align_sites"}.get(role, "pairs")
+                raise ValueError(f"{where}: {role if role != 'alignment' else 'decoder'} module {site.module!r} is "
+                                 f"not in the model{hint}")
+        if level_weights is not None and len(level_weights) != len(align_sites):
+            raise ValueError(f"level_weights must have one value per alignment site ({len(align_sites)}: "
+                             f"{align_sites}), got {len(level_weights)}")
         self.model = model
         self.pairs = dict(pairs)
+        self.align_sites = list(align_sites)
         self.text_stages = [t.spec for t in self._text_sites]
         self.text_channels = text_channels
         self.blocks = nn.ModuleDict()       # -SS stages, by decoder site
         self.text_blocks = nn.ModuleDict()  # text stages, by site
         # The guidance is range-checked once per forward (_check_map); the stages' and the loss's maps are
         # area averages of it, so their own checks (a host sync each) are off.
-        self.align = SemanticAlignmentLoss(eta=eta, weight=weight, level_weights=level_weights, reduction=reduction,
-                                           form=form, backend=backend, check_values=False)
+        self.align = SemanticAlignmentLoss(eta=eta, weight=weight, level_weights=level_weights or None,
+                                           reduction=reduction, form=form, backend=backend, check_values=False)
         self._attn_options = dict(heads=heads, head_dim=head_dim, backend=backend, scale=scale, check_values=False)
         self._text_options = dict(intra_text=bool(intra_text), intra_image=bool(intra_image))
         self._sites_at: dict[str, list[tuple[str, Site]]] = {}
         for d in self._dec_sites:
             self._sites_at.setdefault(d.module, []).append(("decoder", d))
+        for a in self._align_only:  # the module's output as it returned it (after any -SS stage of another element)
+            self._sites_at.setdefault(a.module, []).append(("align", a))
         for t in self._text_sites:
             self._sites_at.setdefault(t.module, []).append(("text", t))
         for e in {e.spec: e for e in self._enc_of.values()}.values():
@@ -236,8 +267,8 @@ class GuidedModel(nn.Module):
 
     @property
     def takes_map(self) -> bool:
-        """Whether a forward needs a guidance map (the wrapper has -SS stages)."""
-        return bool(self.pairs)
+        """Whether a forward needs a guidance map (the wrapper has -SS attention stages or alignment sites)."""
+        return bool(self.pairs) or bool(self.align_sites)
 
     @property
     def takes_text(self) -> bool:
@@ -245,6 +276,25 @@ class GuidedModel(nn.Module):
         return bool(self.text_stages)
 
     # ------------------------------------------------------------------ stages
+    @staticmethod
+    def _read_align_sites(align_sites, pairs) -> list[str]:
+        """align_sites checked: None -> the decoder sites of pairs; else the given decoder sites, in order."""
+        if align_sites is None:
+            return list(pairs)
+        if isinstance(align_sites, str):
+            align_sites = [align_sites]
+        try:
+            align_sites = list(align_sites)
+        except TypeError:
+            raise ValueError(f"align_sites must be a list of decoder sites (e.g. ['dec2', 'dec1']), () for none, or "
+                             f"None for the decoders of pairs; got {align_sites!r}") from None
+        bad = [a for a in align_sites if not isinstance(a, str)]
+        if bad:
+            raise ValueError(f"align_sites must name decoder sites as strings (e.g. 'dec2'), got {bad}")
+        if len(set(align_sites)) != len(align_sites):
+            raise ValueError(f"align_sites must not repeat a site, got {align_sites}")
+        return align_sites
+
     def _read_channels(self, channels) -> dict[str, tuple]:
         """channels= checked: {-SS decoder site: (dec_channels, enc_channels), text site: channels}."""
         channels = dict(channels or {})
@@ -265,6 +315,7 @@ class GuidedModel(nn.Module):
         return channels
 
     def _make_blocks(self, modules, channels, example_inputs) -> None:
+        """One stage per -SS pair and text site, sized by channels=, else measured, else read from definitions."""
         channels = self._read_channels(channels)
         # Each stage's sites: a -SS stage reads its decoder's and encoder's channels, a text stage its site's.
         stages = {("ss", d.spec): (d, self._enc_of[d.spec]) for d in self._dec_sites}
@@ -276,38 +327,28 @@ class GuidedModel(nn.Module):
                 known[(kind, spec)] = tuple(value) if kind == "ss" else (value[0] if isinstance(value, (tuple, list))
                                                                          else value,)
                 self._channel_source[spec] = "from channels="
-                continue
-            counts = [None if s.path else declared_channels(modules[s.module]) for s in sites]
-            if None not in counts:
-                known[(kind, spec)] = tuple(counts)
-                self._channel_source[spec] = "read from the module definitions"
         missing = [key for key in stages if key not in known]
-        if missing and example_inputs is not None:
-            measured = self._probe(example_inputs)
+        if missing:
+            needed = {s.spec for key in missing for s in stages[key]}
+            if example_inputs is not None:
+                measured, how, run = self._probe(example_inputs), "measured on example_inputs", None
+            else:
+                run = self._dry_run(needed)
+                measured, how = run.channels, f"measured by a dry run on a fake input {run.shape}"
             for key in missing:
                 if all(s.spec in measured for s in stages[key]):
                     known[key] = tuple(measured[s.spec] for s in stages[key])
-                    self._channel_source[key[1]] = "measured on example_inputs"
+                    self._channel_source[key[1]] = how
             missing = [key for key in missing if key not in known]
-            if missing:
+            if missing and run is None:
                 names = sorted({s.spec for key in missing for s in stages[key] if s.spec not in measured})
                 raise RuntimeError(f"semantic_sensitive: site(s) {names} did not run in the example_inputs forward "
                                    f"pass (a direct .forward() call bypasses hooks; call the module instead)")
-        if missing:
-            kind, spec = missing[0]
-            sites = stages[missing[0]]
-            which = [s for s in sites if s.path or declared_channels(modules[s.module]) is None]
-            site = which[0] if which else sites[0]
-            shape = "(dec_channels, enc_channels)" if kind == "ss" else "channels"
-            raise ValueError(
-                f"semantic_sensitive: the output channels of {site.describe()} "
-                f"({type(modules[site.module]).__name__}) cannot be read from its definition"
-                f"{' (an element of a structured output)' if site.path else ''}; pass "
-                f"channels={{{spec!r}: {shape}}}, or example_inputs=(x,) for a dry forward "
-                f"pass that measures them"
-            )
+            if missing:
+                self._from_definitions(modules, stages, missing, measured, run, known)
         like = self._param_like()
-        for (kind, spec), counts in known.items():
+        for (kind, spec) in stages:  # in pairs' order: the order of the parameters (and an optimizer's state)
+            counts = known[(kind, spec)]
             if kind == "ss":
                 block = SemanticCrossAttention(int(counts[0]), int(counts[1]), **self._attn_options)
             else:
@@ -317,15 +358,78 @@ class GuidedModel(nn.Module):
                 block = block.to(device=like.device, dtype=like.dtype)
             (self.blocks if kind == "ss" else self.text_blocks)[_block_key(spec)] = block
 
+    def _from_definitions(self, modules, stages, missing, measured, run: DryRun, known) -> None:
+        """The last resort for sites the dry run could not measure: their definitions, with one warning."""
+        read, unknown = [], []
+        for key in missing:
+            counts = []
+            for s in stages[key]:
+                if s.spec in measured:
+                    counts.append(measured[s.spec])
+                    continue
+                count = None if s.path else declared_channels(modules[s.module])
+                (unknown if count is None else read).append(s)
+                counts.append(count)
+            if None not in counts:
+                known[key] = tuple(counts)
+                self._channel_source[key[1]] = "read from the module definitions"
+
+        def why(sites) -> str:
+            if not run.ran:
+                return run.describe_failures()
+            ran = {s.module: run.calls.get(s.module, 0) for s in sites}
+            each = [f"module {m!r} ran {n} time(s)" + "".join(f", so it has no call #{s.call}" for s in sites
+                                                             if s.module == m and s.call is not None)
+                    if n else f"module {m!r} did not run" for m, n in ran.items()]
+            hint = "; a module called as .forward(...) bypasses hooks" if 0 in ran.values() else ""
+            return f"{'; '.join(each)} in a dry run on a fake input {run.shape} (in training and eval mode){hint}"
+
+        if unknown:
+            key = next(k for k in missing if k not in known)
+            kind, spec = key
+            site = unknown[0]
+            shape = "(dec_channels, enc_channels)" if kind == "ss" else "channels"
+            raise ValueError(
+                f"semantic_sensitive: the output channels of {site.describe()} "
+                f"({type(modules[site.module]).__name__}) could not be measured: {why([site])}; and they cannot be "
+                f"read from its definition{' (an element of a structured output)' if site.path else ''}. Pass "
+                f"example_inputs=(x,) (inputs the network accepts, for a forward pass that measures them), or "
+                f"channels={{{spec!r}: {shape}}}"
+            )
+        names = list(dict.fromkeys(s.spec for s in read))
+        _warn(f"the output channels of {names} were read from the module definitions, which can be wrong (a gate "
+              f"or a concatenation after the last layer): {why(read)}. Pass example_inputs=(x,) or channels={{...}} "
+              f"to be sure; a wrong count raises at the first call")
+
     def _param_like(self) -> Tensor | None:
         for p in self.model.parameters():
             if p.is_floating_point():
                 return p
         return None
 
+    def _measuring(self, call) -> tuple[dict[str, int], dict[str, int]]:
+        """Run `call()` (a forward of the model) with probing hooks on the sites.
+
+        Returns ({site: channels}, {module name: calls}).
+        """
+        self._call = _Call(None, probing=True)
+        handles = [self.model.get_submodule(name).register_forward_hook(_Hook(self, "site", name))
+                   for name in self._sites_at]
+        try:
+            call()
+            return self._call.channels, self._call.counts
+        finally:
+            for h in handles:
+                h.remove()
+            self._call = None
+
+    def _dry_run(self, needed: set) -> DryRun:
+        """Channel counts from a shape-only forward pass on fake inputs (ssattn.dropin.dryrun)."""
+        return shape_pass(self.model, self._measuring, needed, fatal=(SiteOutputError,))
+
     @torch.no_grad()
     def _probe(self, example_inputs) -> dict[str, int]:
-        """Channel counts of every site, from one dry forward pass in eval mode (no BatchNorm update)."""
+        """Channel counts of every site, from one forward pass on example_inputs in eval mode (no BatchNorm update)."""
         if isinstance(example_inputs, Mapping):
             args, kwargs = (), dict(example_inputs)
         elif (isinstance(example_inputs, tuple) and len(example_inputs) == 2 and isinstance(example_inputs[0], tuple)
@@ -335,20 +439,15 @@ class GuidedModel(nn.Module):
             args, kwargs = tuple(example_inputs), {}
         else:
             args, kwargs = (example_inputs,), {}
-        modes = {m: m.training for m in self.model.modules()}
-        self.model.eval()
-        self._call = _Call(None, probing=True)
-        handles = [self.model.get_submodule(name).register_forward_hook(_Hook(self, "site", name))
-                   for name in self._sites_at]
-        try:
-            self.model(*args, **kwargs)
-            return self._call.channels
-        finally:
-            for h in handles:
-                h.remove()
-            self._call = None
-            for m, mode in modes.items():
-                m.training = mode
+        with preserved_state(self.model):
+            self.model.eval()
+            return self._measuring(lambda: self.model(*args, **kwargs))[0]
+
+    @property
+    def channel_sources(self) -> dict[str, str]:
+        """How each stage's channel counts were found, by site: "from channels=", "measured by a dry run on a
+        fake input (2, 3, 256, 256)", "measured on example_inputs" or "read from the module definitions"."""
+        return dict(self._channel_source)
 
     @property
     def materialized(self) -> bool:
@@ -383,7 +482,7 @@ class GuidedModel(nn.Module):
             return self._on_recompute(name, out) if self._recomputing() else None
         k = call.counts.get(name, 0)  # this call's index
         call.counts[name] = k + 1
-        refined = [site for role, site in self._sites_at[name] if role != "encoder"]
+        refined = [site for role, site in self._sites_at[name] if role in ("decoder", "text")]
         if refined and not call.probing and torch.is_grad_enabled():
             call.prints.setdefault(name, []).append(_fingerprint(select(refined[0], "decoder", out)))
         new = out
@@ -394,6 +493,10 @@ class GuidedModel(nn.Module):
                 new = self._refine(call, site, new, k)
             elif role == "text":
                 new = self._refine_text(call, site, new, k)
+            elif role == "align":
+                if not call.probing:  # alignment only: the feature as the module returned it, for the loss
+                    feat = select(site, "decoder", new)
+                    call.features.setdefault(site.spec, []).append(_Captured(feat, self._keeps_copy(site.spec)))
             else:
                 feat = select(site, "encoder", new)
                 if call.probing:
@@ -490,7 +593,7 @@ class GuidedModel(nn.Module):
         n = 0 if last is None else len(last.prints.get(name, ()))
         if n == 0:
             return None  # not a refined module of the last forward with grad: plain
-        refined_sites = [(role, site) for role, site in self._sites_at[name] if role != "encoder"]
+        refined_sites = [(role, site) for role, site in self._sites_at[name] if role in ("decoder", "text")]
         k = 0 if n == 1 else self._which_call(last, name, select(refined_sites[0][1], "decoder", out))
         new = out
         for role, site in refined_sites:
@@ -573,24 +676,31 @@ class GuidedModel(nn.Module):
         self._last = call
 
     def _warn_reuse(self, call: _Call) -> None:
-        for dec in [*self._dec_sites, *self._text_sites]:
-            refined = call.features if dec.spec in self._enc_of else call.text_refined
+        kinds = ([("ss", d) for d in self._dec_sites] + [("text", t) for t in self._text_sites]
+                 + [("align", a) for a in self._align_only])
+        for kind, dec in kinds:
+            refined = call.text_refined if kind == "text" else call.features
             if dec.spec not in refined and ("missing", dec.spec) not in self._warned:
                 self._warned.add(("missing", dec.spec))
                 ran = call.counts.get(dec.module, 0)
-                _warn(f"decoder {dec.describe()} was not refined in this forward pass ("
+                what = "captured for the alignment loss" if kind == "align" else "refined"
+                _warn(f"decoder {dec.describe()} was not {what} in this forward pass ("
                       + (f"it ran {ran} time(s), not call #{dec.call})" if ran else
                          "it did not run: if the network calls it as .forward(...) directly, hooks cannot see the "
                          "call; call the module itself)"))
-            enc = self._enc_of.get(dec.spec)
-            for role, site in (("decoder", dec), ("encoder", enc)) if enc is not None else (("text stage", dec),):
+            enc = self._enc_of.get(dec.spec) if kind == "ss" else None
+            roles = (("decoder", dec), ("encoder", enc)) if kind == "ss" else (
+                (("decoder", dec),) if kind == "align" else (("text stage", dec),))
+            for role, site in roles:
                 n = call.counts.get(site.module, 0)
                 if n > 1 and site.call is None and ("reused", site.spec) not in self._warned:
                     self._warned.add(("reused", site.spec))
-                    rule = (f"each of its calls is refined by the one stage of {dec.spec!r} and the alignment loss "
-                            f"averages over them" if role == "decoder" else
-                            f"each call of decoder {dec.spec!r} takes the most recent call of it before that call"
-                            if role == "encoder" else f"each of its calls is refined by the one text stage")
+                    rule = {("ss", "decoder"): f"each of its calls is refined by the one stage of {dec.spec!r} and "
+                                               f"the alignment loss averages over them",
+                            ("ss", "encoder"): f"each call of decoder {dec.spec!r} takes the most recent call of it "
+                                               f"before that call",
+                            ("align", "decoder"): "the alignment loss averages over its calls",
+                            ("text", "text stage"): "each of its calls is refined by the one text stage"}[(kind, role)]
                     _warn(f"{role} module {site.module!r} ran {n} times in one forward pass: {rule}. Pick one call "
                           f"with '{site.module}#k' (k from 0) if that is not what the network means")
 
@@ -641,14 +751,20 @@ class GuidedModel(nn.Module):
             self._ambient, self._ambient_text = previous
 
     def alignment_loss(self) -> Tensor:
-        """lambda_align * SPEC-3 loss over the refined decoder outputs of the last call (pairs' order)."""
+        """lambda_align * SPEC-3 loss over the decoder outputs of align_sites in the last call (their order).
+
+        The features are the refined outputs at sites with an attention stage and the module's own outputs at
+        alignment-only sites. With align_sites=() (attention only) the loss is a zero scalar.
+        """
         self._check_live()
         if not self.takes_map:
             raise RuntimeError("alignment_loss() is the -SS term: this wrapper has no -SS stages (pairs)")
         last = self._last
         if last is None:
             raise RuntimeError("alignment_loss() needs a forward call first: ss(*inputs, guidance=map)")
-        missing = [d for d in self.pairs if d not in last.features]
+        if not self.align_sites:  # attention only: no alignment term
+            return torch.zeros((), device=last.guidance.device)
+        missing = [d for d in self.align_sites if d not in last.features]
         if missing:
             raise RuntimeError(
                 f"alignment_loss(): decoder site(s) {missing} were not refined in the last forward pass (model in "
@@ -656,12 +772,12 @@ class GuidedModel(nn.Module):
                 f"has no alignment term, and a direct .forward() call of a module bypasses its hooks"
             )
         feats, weights = [], []
-        levels = self.align.level_weights or [1.0] * len(self.pairs)
-        for d, w in zip(self.pairs, levels):
+        levels = self.align.level_weights or [1.0] * len(self.align_sites)
+        for d, w in zip(self.align_sites, levels):
             captures = last.features[d]
             feats += [c.value() for c in captures]
             weights += [w / len(captures)] * len(captures)  # a decoder called n times: the mean of its n terms
-        align = self.align if len(feats) == len(self.pairs) else self._align_with(weights)
+        align = self.align if len(feats) == len(self.align_sites) else self._align_with(weights)
         g = last.guidance
         maps = [area_resize(g.to(f.device, torch.float32), f.shape[-2:]) for f in feats]
         return align(feats, maps)
@@ -677,7 +793,8 @@ class GuidedModel(nn.Module):
         return self._align_variants[key]
 
     def decoder_features(self) -> dict[str, Tensor]:
-        """The refined decoder output of each site's last refined call in the last forward, by site."""
+        """Each decoder site's feature from its last call in the last forward, by site: the refined output at a
+        site with an attention stage, the module's own output at an alignment-only site."""
         last = self._last
         return {} if last is None else {d: c[-1].value() for d, c in last.features.items()}
 
@@ -698,28 +815,37 @@ class GuidedModel(nn.Module):
 
     def extra_repr(self) -> str:
         text = f", text_stages={self.text_stages}, text_channels={self.text_channels}" if self.text_stages else ""
-        return f"pairs={self.pairs}{text}"
+        align = f", align_sites={self.align_sites}" if self.align_sites != list(self.pairs) else ""
+        return f"pairs={self.pairs}{align}{text}"
 
 
 SemanticSensitive = GuidedModel  # the name of the -SS wrapper since before text stages existed
 
 
-def semantic_sensitive(model: nn.Module, pairs: Mapping[str, str], **options) -> GuidedModel:
+def semantic_sensitive(model: nn.Module, pairs: Mapping[str, str], *, align_sites=None, **options) -> GuidedModel:
     """Wrap `model` with -SS attention stages; see the module docstring.
 
     pairs: {decoder site: encoder site}, sites as in model.named_modules(),
     optionally "name[0]" (an output element) and "name#k" (the k-th call).
+    align_sites: the decoder sites whose outputs feed ss.alignment_loss():
+    None (default) for the decoders of pairs; a site not in pairs is
+    alignment-only (no attention stage); () for attention only (the loss is
+    then zero). pairs may be {} when align_sites names sites.
     options: heads (1), head_dim, backend ("auto"), scale (attention stages);
-    eta (1.0), weight (lambda_align, 0.1), level_weights, reduction ("mean"),
-    form ("paper" or "normalized")
-    (alignment loss); channels {decoder site: (dec_channels, enc_channels)},
-    example_inputs (how the stages are sized when the modules do not say);
-    text_stages, text_channels, intra_text, intra_image (text stages in the
-    same wrapper, see text_guided).
+    eta (1.0), weight (lambda_align, 0.1), level_weights (one per alignment
+    site), reduction ("mean"), form ("paper" or "normalized") (alignment
+    loss); channels {decoder site: (dec_channels, enc_channels)} and
+    example_inputs (how the stages are sized when the automatic dry run
+    cannot measure them); text_stages, text_channels, intra_text, intra_image
+    (text stages in the same wrapper, see text_guided).
     """
-    if not isinstance(pairs, Mapping) or not pairs:
-        raise ValueError("pairs must be a non-empty mapping {decoder module name: encoder module name}")
-    return GuidedModel(model, pairs, **options)
+    if not isinstance(pairs, Mapping):
+        raise ValueError("pairs must be a mapping {decoder module name: encoder module name}")
+    align_sites = GuidedModel._read_align_sites(align_sites, pairs)
+    if not pairs and not align_sites:
+        raise ValueError("pairs must be a non-empty mapping {decoder module name: encoder module name}, or name "
+                         "align_sites=[...] for alignment-only stages (pairs and align_sites are both empty)")
+    return GuidedModel(model, pairs, align_sites=align_sites, **options)
 
 
 def text_guided(model: nn.Module, stages, text_channels: int, **options) -> GuidedModel:
@@ -731,8 +857,9 @@ def text_guided(model: nn.Module, stages, text_channels: int, **options) -> Guid
     (e.g. ssattn.text.TextEncoder) and their padding mask (True = padded).
     options: heads (1), head_dim, backend, scale, intra_text (True: word
     self-attention first), intra_image (False: image self-attention first,
-    quadratic in H*W), channels {site: channels}, example_inputs; and pairs
-    to add -SS stages to the same wrapper.
+    quadratic in H*W), channels {site: channels} and example_inputs (when
+    the automatic dry run cannot measure the sites); and pairs (and
+    align_sites) to add -SS stages to the same wrapper.
     """
     pairs = options.pop("pairs", None)
     if isinstance(stages, str):

@@ -77,13 +77,18 @@ class UNet(nn.Module):
 DEFAULT_PAIRS = {"dec3": "enc3", "dec2": "enc2", "dec1": "enc1"}
 
 
-def unet_ss(in_ch: int = 3, out_ch: int = 3, width: int = 16, *, pairs=None, levels=None, residual: bool = True,
-            **options):
+def unet_ss(in_ch: int = 3, out_ch: int = 3, width: int = 16, *, pairs=None, levels=None, attention_levels=None,
+            align_levels=None, residual: bool = True, **options):
     """The -SS version of UNet through ssattn.semantic_sensitive.
 
-    pairs defaults to every decoder stage (DEFAULT_PAIRS); `levels` picks a
-    subset by decoder name, e.g. levels=("dec3", "dec2") to skip the
+    pairs defaults to every decoder stage (DEFAULT_PAIRS). `levels` picks the
+    decoder stages of both parts, e.g. levels=("dec3", "dec2") to skip the
     full-resolution stage (its attention has (H*W)^2 scores: costly on CPU).
+    `attention_levels` and `align_levels` override one part each (the
+    ablation switches): the stages that get an attention block, and the
+    decoder stages whose outputs feed the alignment loss; () is none of that
+    kind (attention only, or alignment only). A part left as None follows
+    `levels` (all stages when that is None too).
     options go to semantic_sensitive (heads, backend, eta, weight, ...).
     Returns the wrapper; the plain U-Net is `.model`.
     """
@@ -91,9 +96,21 @@ def unet_ss(in_ch: int = 3, out_ch: int = 3, width: int = 16, *, pairs=None, lev
 
     if pairs is None:
         pairs = dict(DEFAULT_PAIRS)
-    if levels is not None:
-        unknown = [lv for lv in levels if lv not in pairs]
+    chosen = {}
+    for name, value in (("levels", levels), ("attention_levels", attention_levels), ("align_levels", align_levels)):
+        if value is None:
+            continue
+        value = [value] if isinstance(value, str) else list(value)
+        unknown = [lv for lv in value if lv not in pairs]
         if unknown:
-            raise ValueError(f"levels {unknown} are not decoder stages; choose from {list(pairs)}")
-        pairs = {d: e for d, e in pairs.items() if d in levels}
-    return semantic_sensitive(UNet(in_ch, out_ch, width, residual=residual), pairs, **options)
+            raise ValueError(f"{name} {unknown} are not decoder stages; choose from {list(pairs)}")
+        chosen[name] = set(value)
+    base = chosen.get("levels", set(pairs))
+    attention = chosen.get("attention_levels", base)
+    align = chosen.get("align_levels", base)
+    if not attention and not align:
+        raise ValueError("unet_ss needs at least one stage: attention_levels and align_levels (or levels) are both "
+                         "empty; the plain network is ssattn.models.UNet")
+    return semantic_sensitive(UNet(in_ch, out_ch, width, residual=residual),
+                              {d: e for d, e in pairs.items() if d in attention},
+                              align_sites=[d for d in pairs if d in align], **options)

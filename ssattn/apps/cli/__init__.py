@@ -14,7 +14,7 @@ import sys
 
 from .common import CLIError
 
-COMMANDS = ("demo", "guide", "route", "train", "eval", "info")
+COMMANDS = ("demo", "guide", "route", "train", "eval", "metrics", "info")
 
 
 def build_parser() -> argparse.ArgumentParser:

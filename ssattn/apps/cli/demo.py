@@ -123,10 +123,10 @@ def run(args) -> int:
 
     import torch
 
+    from ssattn.apps.data.scenes import CLASSES
     from ssattn.apps.demo import experiment, figures, results as res
     from ssattn.apps.training.guidance_quality import guidance_quality
-    from ssattn.apps.training.metrics import masked_psnr
-    from ssattn.apps.data.scenes import CLASSES
+    from ssattn.metrics import masked_psnr
     from ssattn.guidance.embedded import DEFAULT_METHOD
     from ssattn.guidance.saliency import saliency_guidance
 

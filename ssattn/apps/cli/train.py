@@ -135,6 +135,39 @@ def load_caption_term(args):
         raise CLIError(f"--captioner: {exc}") from None
 
 
+def parse_levels(flag: str, text: str) -> list[str]:
+    """A comma-separated list of U-Net decoder stages, or 'none' (CLIError naming the flag otherwise)."""
+    from ssattn.models import DEFAULT_PAIRS
+
+    if text.strip().lower() == "none":
+        return []
+    levels = [v.strip() for v in text.split(",") if v.strip()]
+    unknown = [v for v in levels if v not in DEFAULT_PAIRS]
+    if unknown or not levels:
+        raise CLIError(f"{flag}: {', '.join(unknown) or repr(text)} is not a decoder stage; give some of "
+                       f"{','.join(DEFAULT_PAIRS)} (comma-separated), or 'none'")
+    return [d for d in DEFAULT_PAIRS if d in levels]
+
+
+def stage_levels(args) -> dict:
+    """{"attention_levels": [...], "align_levels": [...]} from --levels / --attention-levels / --align-levels
+    ({} for --model unet)."""
+    from ssattn.models import DEFAULT_PAIRS
+
+    if args.model != "unet-ss":
+        if any(v is not None for v in (args.levels, args.attention_levels, args.align_levels)):
+            raise CLIError("--levels, --attention-levels and --align-levels choose the -SS stages: they need "
+                           "--model unet-ss")
+        return {}
+    base = list(DEFAULT_PAIRS) if args.levels is None else parse_levels("--levels", args.levels)
+    attention = base if args.attention_levels is None else parse_levels("--attention-levels", args.attention_levels)
+    align = base if args.align_levels is None else parse_levels("--align-levels", args.align_levels)
+    if not attention and not align:
+        raise CLIError("no -SS stage is left (no attention and no alignment levels): use --model unet for the plain "
+                       "U-Net")
+    return {"attention_levels": attention, "align_levels": align}
+
+
 def resolve_device(name: str):
     """--device as a torch.device that can run here (CLIError otherwise)."""
     import torch
@@ -162,7 +195,14 @@ def register(sub) -> None:
     p.add_argument("--model", choices=("unet", "unet-ss"), default="unet-ss",
                    help="baseline U-Net or its -SS version (default %(default)s)")
     p.add_argument("--width", type=positive_int, default=16, help="U-Net base width (default %(default)s)")
-    p.add_argument("--levels", default=None, help="-SS decoder stages, comma-separated (default all: dec3,dec2,dec1)")
+    p.add_argument("--levels", default=None,
+                   help="-SS decoder stages, comma-separated, for both the attention and the alignment loss "
+                        "(default all: dec3,dec2,dec1)")
+    p.add_argument("--attention-levels", default=None, metavar="LEVELS",
+                   help="decoder stages that get an attention block, or 'none' (alignment only); default: --levels")
+    p.add_argument("--align-levels", default=None, metavar="LEVELS",
+                   help="decoder stages whose outputs feed the alignment loss, or 'none' (attention only); "
+                        "default: --levels")
     p.add_argument("--steps", type=positive_int, default=1000,
                    help="total training steps, counted across resumes (default %(default)s)")
     p.add_argument("--batch-size", type=positive_int, default=8, help="batch size per process (default %(default)s)")
@@ -208,6 +248,9 @@ def run(args) -> int:
     from ssattn.apps.training.trainer import CheckpointMismatch, RankFailure
 
     resolve_device(args.device)  # a clear error for a device that cannot run here
+    levels = stage_levels(args)  # checked before any process group starts
+    if not args.eta >= 0:
+        raise CLIError(f"--eta must be >= 0, got {args.eta}")
     ctx = setup(args.device, timeout_s=args.dist_timeout)
     # Rank 0 speaks for the job; the other ranks only report their own failures.
     logging.basicConfig(level=logging.INFO if ctx.is_main else logging.WARNING, format="%(message)s")
@@ -216,15 +259,12 @@ def run(args) -> int:
     spec = {"arch": args.model, "width": args.width}
     if args.model == "unet-ss":
         spec["align_weight"] = args.align_weight
+        spec.update(levels)
         # Only when not the default: a run folder written before these options resumes with the same spec.
         if args.align_form != "paper":
             spec["align_form"] = args.align_form
         if args.eta != 1.0:
-            if not args.eta >= 0:
-                raise CLIError(f"--eta must be >= 0, got {args.eta}")
             spec["eta"] = args.eta
-        if args.levels:
-            spec["levels"] = [v.strip() for v in args.levels.split(",") if v.strip()]
     text = None
     if args.text is not None:
         from ssattn.text import DEFAULT_TEXT_ENCODER
@@ -250,6 +290,9 @@ def run(args) -> int:
     if ctx.is_main:
         ranks = f", {ctx.world_size} processes (DDP)" if ctx.distributed else ""
         guided = f", text stages {spec['text']['stages']}" if text is not None else ""
+        if levels:
+            guided = (f", attention at {','.join(levels['attention_levels']) or 'none'}, alignment at "
+                      f"{','.join(levels['align_levels']) or 'none'}") + guided
         print(f"ssattn train: {args.model} (width {args.width}{guided}) on {desc}, {args.steps} steps, "
               f"device {ctx.device}{ranks}")
     try:

@@ -53,8 +53,8 @@ def score_images(images: Tensor, test: dict, segmenter: nn.Module) -> dict:
     """Scores of images against test's references (means over images): PSNR / SSIM over the whole image, inside
     the masks (fg) and outside them (bg); the segmenter's per-class IoU ("iou", scenes.CLASSES order) and mIoU."""
     from ssattn.apps.data.scenes import CLASSES
-    from ssattn.apps.training.metrics import masked_psnr, masked_ssim, psnr, ssim
     from ssattn.apps.training.segmentation import segmentation_scores
+    from ssattn.metrics import masked_psnr, masked_ssim, psnr, ssim
 
     ref, mask = test["reference"], test["mask"]
     fg, bg = masked_psnr(images, ref, mask), masked_psnr(images, ref, 1 - mask)

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .metrics import mean_finite, per_class_iou
+from ssattn.metrics import confusion_matrix, iou_per_class, mean_iou
 
 # Object pixels are rare (a few % of a scene): weigh rare classes up, but not without bound.
 MAX_CLASS_WEIGHT = 10.0
@@ -132,6 +132,6 @@ def segment(net: nn.Module, images: Tensor, batch_size: int = 32) -> Tensor:
 
 def segmentation_scores(net: nn.Module, images: Tensor, labels: Tensor, num_classes: int) -> dict:
     """{"iou": per-class IoU (list, CLASSES order; NaN for a class absent from prediction and labels), "miou"}
-    of the segmenter's labels on images against labels (n, S, S)."""
-    ious = per_class_iou(segment(net, images), labels, num_classes)
-    return {"iou": ious, "miou": mean_finite(ious)}
+    of the segmenter's labels on images against labels (n, S, S), counted over all pixels of all images."""
+    conf = confusion_matrix(segment(net, images), labels, num_classes).sum(0)
+    return {"iou": iou_per_class(conf).tolist(), "miou": float(mean_iou(conf))}

@@ -51,9 +51,9 @@ from torch import Tensor, nn
 from ssattn._progress import progress_bar
 from ssattn.apps import distributed
 from ssattn.apps.data.sampler import ResumableDistributedSampler
+from ssattn.metrics import psnr, ssim
 
 from .losses import ReconstructionLoss
-from .metrics import psnr, ssim
 
 log = logging.getLogger("ssattn.apps.training")
 
@@ -66,10 +66,39 @@ class RankFailure(RuntimeError):
 
 
 # --------------------------------------------------------------------------- models
-def build_model(spec: dict) -> nn.Module:
-    """Rebuild a model from its spec: {"arch": "unet" | "unet-ss", "width": 16, "levels": None, ...}; -SS options
-    "eta", "align_weight" (lambda_align) and "align_form" ("paper" | "normalized") go to the alignment loss.
+def ss_levels(spec: dict) -> tuple[list[str], list[str]]:
+    """(attention levels, alignment levels) of a "unet-ss" spec, in the U-Net's decoder order.
 
+    A spec records both ("attention_levels", "align_levels"); an older one only
+    "levels" (both parts), or nothing (every decoder stage).
+    """
+    from ssattn.models import DEFAULT_PAIRS
+
+    base = spec.get("levels")
+    base = list(DEFAULT_PAIRS) if base is None else list(base)
+    attention, align = spec.get("attention_levels", base), spec.get("align_levels", base)
+    # Decoder order; a name that is not a stage stays, for unet_ss to name in its error.
+    return tuple([d for d in DEFAULT_PAIRS if d in part] + [d for d in part if d not in DEFAULT_PAIRS]
+                 for part in (attention, align))
+
+
+def comparable_spec(spec: dict | None) -> dict | None:
+    """The spec with a "unet-ss" model's levels written out, so that an older spec equals its newer form."""
+    if not spec or spec.get("arch") != "unet-ss":
+        return spec
+    attention, align = ss_levels(spec)
+    out = {k: v for k, v in spec.items() if k != "levels"}
+    out.update(attention_levels=attention, align_levels=align)
+    return out
+
+
+def build_model(spec: dict) -> nn.Module:
+    """Rebuild a model from its spec: {"arch": "unet" | "unet-ss", "width": 16, ...}.
+
+    "unet-ss": "attention_levels" and "align_levels" (or an older spec's
+    "levels", both parts) pick the decoder stages with an attention block and
+    those that feed the alignment loss (see ss_levels); "eta", "align_weight"
+    (lambda_align) and "align_form" ("paper" | "normalized") set the alignment loss.
     spec["text"] = {"channels": Ct, "stages": [...]} adds text stages (ssattn.text_guided) to either arch.
     """
     from ssattn import text_guided
@@ -88,7 +117,8 @@ def build_model(spec: dict) -> nn.Module:
             opts["weight"] = spec["align_weight"]
         if "align_form" in spec:
             opts["form"] = spec["align_form"]
-        return unet_ss(3, 3, width, levels=spec.get("levels"), **opts, **text_opts)
+        attention, align = ss_levels(spec)
+        return unet_ss(3, 3, width, attention_levels=attention, align_levels=align, **opts, **text_opts)
     raise ValueError(f"model arch must be 'unet' or 'unet-ss', got {arch!r}")
 
 
@@ -365,7 +395,7 @@ def _first(names: list[str], n: int = 3) -> str:
 def check_resumable(ckpt: dict, model: nn.Module, spec: dict | None, path: str) -> None:
     """Raise CheckpointMismatch, in words, when `ckpt` cannot be resumed into `model` (built from `spec`)."""
     saved = ckpt.get("spec")
-    if spec is not None and saved and saved != spec:
+    if spec is not None and saved and comparable_spec(saved) != comparable_spec(spec):
         raise CheckpointMismatch(
             f"{path} holds a run of another model or objective ({saved}) than this one ({spec}): give the run's own "
             f"settings again, choose another run folder, or start over in this one with --no-resume (resume=False), "
@@ -447,7 +477,7 @@ def train(model: nn.Module, data, config: TrainConfig, out_dir: str | None = Non
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: config.lr_at(s) / config.lr)
     scaler = torch.amp.GradScaler(device.type) if config.amp == "fp16" else None
     kinds = guidance_kinds(model)
-    ss = kinds[0]
+    ss = kinds[0] and bool(model.align_sites)  # an alignment term (none for attention-only -SS stages)
     if kinds[1] and (text is None or len(text) != len(source)):
         raise ValueError(f"this model has text stages: text must give the word features of each of the "
                          f"{len(source)} items, got {'none' if text is None else len(text)}")
@@ -579,7 +609,8 @@ def train(model: nn.Module, data, config: TrainConfig, out_dir: str | None = Non
     times = history["step_times"][2:] or history["step_times"]
     step_time = float(np.mean(times)) if times else float("nan")
     return {**history, "steps": step, "steps_run": step - first_step, "step_time_s": step_time, "images_per_s": per_step / step_time,
-            "world_size": w, "loss_description": criterion.describe() + (" + alignment (lambda 0.1)" if ss else "")}
+            "world_size": w,
+            "loss_description": criterion.describe() + (f" + alignment (lambda {model.align.weight:g})" if ss else "")}
 
 
 def _save(ctx, path, model, optimizer, scheduler, scaler, step, epoch, offset, config, spec, history) -> None:

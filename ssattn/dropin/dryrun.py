@@ -1,0 +1,328 @@
+"""A shape-only dry run of a network: its modules' output shapes at construction, with no real compute.
+
+The drop-in sizes its stages by measuring the paired modules' outputs, not by
+reading their definitions. `shape_pass` calls the network with every
+parameter and buffer swapped for a storage-less copy
+(torch.func.functional_call) on a storage-less input: meta tensors first
+(shape functions only, fast), and torch's FakeTensorMode when that fails
+(it also fakes the tensors a network makes itself, on the model's device).
+Nothing real is read or written: no parameter, buffer or norm statistic
+changes, and no activation-sized memory is allocated (fake mode runs without
+fallback kernels, which would compute on real zeros). The random number
+generators (torch CPU and CUDA, Python's, NumPy's), every module's training
+flag and attributes are restored afterwards. torch.nn's own norms,
+activations and dropout pass their input through in the pass: they keep its
+shape, and their shape functions (Python decompositions) were most of its
+cost.
+
+The input is inferred: batch 2 (training-mode norms refuse a batch of one),
+channels from the first convolution that takes the input (else 3), and the
+first spatial size the network accepts among SIZES and the sizes its modules
+declare (an `img_size` attribute, as patch embeddings keep it: some networks
+accept only one size, e.g. with fixed positional embeddings). A network with
+several required inputs gets the same image for each; optional arguments keep
+their defaults.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import logging
+import random
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from torch.func import functional_call
+from torch.nn.parameter import is_lazy
+
+__all__ = ["SIZES", "BATCH", "DryRun", "preserved_state", "shape_pass"]
+
+SIZES = (256, 128, 64, 512)  # square sizes tried in order: most networks' downsampling divides 256
+BATCH = 2
+
+
+@dataclass
+class DryRun:
+    """What a dry run found: the sites' channel counts, the input that worked, and each failed attempt."""
+
+    channels: dict = field(default_factory=dict)   # site -> channel count, from the attempt that ran
+    calls: dict = field(default_factory=dict)      # module name -> its calls in that attempt
+    shape: tuple | None = None                     # the input shape of that attempt
+    failures: list = field(default_factory=list)   # (input shape or None, error text) of attempts that failed
+
+    @property
+    def ran(self) -> bool:
+        return self.shape is not None
+
+    def describe_failures(self, limit: int = 2) -> str:
+        """'a dry run on fake inputs (2, 3, 256, 256), ... failed: <error>', the distinct errors only."""
+        shapes = ", ".join(str(s) for s, _ in self.failures if s is not None)
+        errors = list(dict.fromkeys(e for _, e in self.failures))
+        more = f" (and {len(errors) - limit} other error(s))" if len(errors) > limit else ""
+        what = f"a dry run on fake inputs {shapes} failed" if shapes else "no dry run could run"
+        return f"{what}: {'; '.join(errors[:limit])}{more}"
+
+
+def _first_conv_channels(model: nn.Module) -> int | None:
+    for m in model.modules():
+        if isinstance(m, nn.modules.conv._ConvNd) and len(m.kernel_size) == 2:
+            return int(m.in_channels)
+    return None
+
+
+_SIZE_ATTRIBUTES = ("img_size", "image_size", "input_size", "in_size")
+
+
+def _sizes(model: nn.Module) -> list[tuple[int, int]]:
+    """(H, W) to try: 256, then up to three sizes the modules declare (img_size=...), then the rest of SIZES."""
+    declared = []
+    for m in model.modules():
+        for name in _SIZE_ATTRIBUTES:
+            v = m.__dict__.get(name)
+            if isinstance(v, int) and not isinstance(v, bool) and v > 0:
+                declared.append((v, v))
+            elif (isinstance(v, (tuple, list)) and len(v) == 2
+                  and all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in v)):
+                declared.append((int(v[0]), int(v[1])))
+    square = [(s, s) for s in SIZES]
+    return list(dict.fromkeys([square[0], *declared[:3], *square[1:]]))
+
+
+def _like(model: nn.Module) -> tuple[torch.dtype, torch.device]:
+    for t in (*model.parameters(), *model.buffers()):
+        if t.is_floating_point():
+            return t.dtype, t.device
+    return torch.get_default_dtype(), torch.device("cpu")
+
+
+def _arity(model: nn.Module) -> tuple[int, list[str]]:
+    """(required positional inputs, at least 1 where positional inputs are taken; required keyword-only names)."""
+    try:
+        params = list(inspect.signature(model.forward).parameters.values())
+    except (TypeError, ValueError):
+        return 1, []
+    empty = inspect.Parameter.empty
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    required = sum(p.default is empty for p in positional)
+    takes_positional = bool(positional) or any(p.kind == p.VAR_POSITIONAL for p in params)
+    keywords = [p.name for p in params if p.kind == p.KEYWORD_ONLY and p.default is empty]
+    return (max(required, 1) if takes_positional else 0), keywords
+
+
+def _error_text(exc: BaseException) -> str:
+    from torch._subclasses import fake_tensor as ft
+
+    if isinstance(exc, ft.DataDependentOutputException):
+        why = ("the network reads a tensor's values (e.g. .item(), or an `if` on a tensor), which a shape-only pass "
+               "cannot")
+    elif isinstance(exc, ft.DynamicOutputShapeException):
+        why = "an output's shape depends on the tensor's values (e.g. nonzero or boolean indexing)"
+    elif isinstance(exc, ft.UnsupportedOperatorException):
+        why = f"operator {exc.func} has no shape-only implementation"
+    else:
+        why = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return f"{type(exc).__name__}: {why}"[:300]
+
+
+_CONTAINERS = ("_parameters", "_buffers", "_modules")
+
+# torch.nn layers whose output has their input's shape and dtype (matched by exact type: a subclass may differ).
+_SAME_SHAPE = (
+    nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.GroupNorm, nn.InstanceNorm1d, nn.InstanceNorm2d,
+    nn.InstanceNorm3d, nn.LayerNorm, nn.LocalResponseNorm, nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.GELU,
+    nn.SiLU, nn.ELU, nn.CELU, nn.SELU, nn.Mish, nn.Sigmoid, nn.Tanh, nn.Hardswish, nn.Hardsigmoid, nn.Hardtanh,
+    nn.Softplus, nn.Softsign, nn.Tanhshrink, nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d,
+    nn.AlphaDropout,
+)
+
+
+def _pass_through(x, *args, **kwargs):
+    return x
+
+
+@contextlib.contextmanager
+def preserved_state(model: nn.Module, attributes: bool = False):
+    """Restore the random number generators and every module's training flag on exit.
+
+    attributes=True also restores every module's attributes (a pass on fake
+    tensors must not leave fake values behind: weight_norm's recomputed
+    weight, a stored input size, a cache): attributes set in the pass are
+    removed, replaced ones put back, and the parameter, buffer and submodule
+    tables restored in place.
+    """
+    modes = [(m, m.training) for m in model.modules()]
+    saved = [(m, dict(m.__dict__), {k: dict(m.__dict__[k]) for k in _CONTAINERS if k in m.__dict__})
+             for m in model.modules()] if attributes else []
+    cpu = torch.random.get_rng_state()
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+    py = random.getstate()
+    np_random = sys.modules["numpy"].random if "numpy" in sys.modules else None
+    np_state = np_random.get_state() if np_random is not None else None
+    try:
+        yield
+    finally:
+        for m, attrs, tables in saved:
+            for k in [k for k in m.__dict__ if k not in attrs]:
+                del m.__dict__[k]
+            m.__dict__.update(attrs)
+            for k, table in tables.items():
+                m.__dict__[k].clear()
+                m.__dict__[k].update(table)
+        for m, mode in modes:
+            m.training = mode
+        torch.random.set_rng_state(cpu)
+        if cuda is not None:
+            torch.cuda.set_rng_state_all(cuda)
+        random.setstate(py)
+        if np_state is not None:
+            np_random.set_state(np_state)
+
+
+class _Meta:
+    """Meta tensors: shape functions only (fast). Tensors the network makes without a device are meta too (the
+    default device); one that mixes in tensors of another device fails, and the fake pass takes over."""
+
+    def __init__(self, model: nn.Module, dtype: torch.dtype):
+        self.dtype = dtype
+        self.state = {name: torch.empty_like(t, device="meta") for name, t in _state(model).items()}
+
+    def context(self):
+        return torch.device("meta")
+
+    def input(self, shape):
+        return torch.empty(shape, dtype=self.dtype, device="meta")
+
+
+class _Fake:
+    """FakeTensorMode: every tensor made or touched in the pass is fake, on the model's own device."""
+
+    def __init__(self, model: nn.Module, dtype: torch.dtype, device: torch.device):
+        from torch._subclasses.fake_tensor import FakeTensorMode
+
+        self.dtype, self.device = dtype, device
+        # No fallback kernels: they would run the real operator on real zeros of the activations' size.
+        self.mode = FakeTensorMode(allow_non_fake_inputs=True, allow_fallback_kernels=False)
+        self.state = {name: self.mode.from_tensor(t) for name, t in _state(model).items()}
+
+    @contextlib.contextmanager
+    def context(self):
+        # Fake mode logs every failing operator with its traceback; a failed attempt is reported by shape_pass.
+        log = logging.getLogger("torch._subclasses.fake_tensor")
+        level, log.level = log.level, logging.CRITICAL + 1
+        try:
+            with self.mode:
+                yield
+        finally:
+            log.level = level
+
+    def input(self, shape):
+        with self.mode:
+            return torch.empty(shape, dtype=self.dtype, device=self.device)
+
+
+def _state(model: nn.Module) -> dict:
+    # Tied parameters appear under each of their names, so functional_call keeps them tied.
+    return {**dict(model.named_parameters(remove_duplicate=False)),
+            **dict(model.named_buffers(remove_duplicate=False))}
+
+
+def shape_pass(model: nn.Module, run: Callable[[Callable[[], object]], tuple[dict, dict]], needed: set, *,
+               fatal: tuple = ()) -> DryRun:
+    """Measure on fake inputs: `run(call)` calls `call()` (one forward of `model`) and returns
+    ({site: channels}, {module name: calls}).
+
+    Each input (channel counts, then SIZES) is tried on meta tensors and, when
+    that fails, under FakeTensorMode (slower to start, but it also fakes the
+    tensors a network makes itself). A call that runs but misses some sites
+    (say, a module that runs only in training) is tried once more in the other
+    mode; a call that runs ends the search. Errors of the types in `fatal` are
+    raised at once (a bad site, not a failed pass).
+    """
+    dtype, device = _like(model)
+    n_positional, keywords = _arity(model)
+    channels = [c for c in dict.fromkeys((_first_conv_channels(model), 3)) if c is not None]
+    first_called: list[int] = []
+
+    def note_first_conv(module, args):
+        if not first_called:
+            first_called.append(int(module.in_channels))
+
+    result = DryRun()
+    lazy = [name for name, t in _state(model).items() if is_lazy(t)]
+    if lazy:
+        result.failures.append((None, f"the model has lazy modules not yet initialised ({lazy[0]}, ...): call it once "
+                                      f"on an input first"))
+        return result
+    makers = (lambda: _Meta(model, dtype), lambda: _Fake(model, dtype, device))
+    made: dict = {}  # each kind made when first needed: FakeTensorMode's first use is slow (it imports dynamo)
+    with preserved_state(model, attributes=True), torch.no_grad():
+        convs = [m for m in model.modules() if isinstance(m, nn.modules.conv._ConvNd) and len(m.kernel_size) == 2]
+        handles = [m.register_forward_pre_hook(note_first_conv) for m in convs]
+        for m in model.modules():
+            if type(m) in _SAME_SHAPE:
+                m.forward = _pass_through  # an instance attribute: preserved_state removes it
+        try:
+            i = 0
+            sizes = _sizes(model)
+            while i < len(channels):
+                for h, w in sizes:
+                    shape = (BATCH, channels[i], h, w)
+                    for k, make in enumerate(makers):
+                        if k not in made:
+                            try:
+                                made[k] = make()
+                            except Exception as exc:  # noqa: BLE001 - e.g. a tensor type with no fake copy
+                                made[k] = None
+                                result.failures.append((None, _error_text(exc)))
+                        kind = made[k]
+                        if kind is None:
+                            continue
+                        first_called.clear()
+                        x = kind.input(shape)
+                        args, kwargs = (x,) * n_positional, dict.fromkeys(keywords, x)
+
+                        def call(kind=kind, args=args, kwargs=kwargs):
+                            with kind.context():
+                                return functional_call(model, kind.state, args, kwargs, tie_weights=True,
+                                                       strict=False)
+
+                        last = k == len(makers) - 1
+                        if _attempt(model, run, call, shape, needed, fatal, result, report=last) or result.ran:
+                            # Measured; or it ran in both modes and some sites did not: another input won't help.
+                            return result
+                    if first_called and first_called[0] not in channels:
+                        channels.append(first_called[0])  # the first convolution called takes other channels
+                i += 1
+        finally:
+            for h in handles:
+                h.remove()
+    return result
+
+
+def _attempt(model, run, call, shape, needed, fatal, result: DryRun, report: bool) -> bool:
+    """One input, in the model's mode and then (sites missing) in the other; True when every site was measured."""
+    modes = [(m, m.training) for m in model.modules()]
+    try:
+        for flip in (False, True):
+            if flip:
+                model.train(not model.training)
+            try:
+                measured, calls = run(call)
+            except fatal:
+                raise
+            except Exception as exc:  # noqa: BLE001 - a failed pass is reported with its input, not raised
+                if report and not flip:
+                    result.failures.append((shape, _error_text(exc)))
+                return False
+            if not result.ran or len(measured) > len(result.channels):
+                result.channels, result.calls, result.shape = dict(measured), dict(calls), shape
+            if needed <= set(measured):
+                return True
+        return False
+    finally:
+        for m, mode in modes:  # each module's own flag back for the next attempt
+            m.training = mode

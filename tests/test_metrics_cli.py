@@ -1,0 +1,250 @@
+"""`ssattn metrics` end to end: two methods against one reference folder give the table the library's functions
+give; unmatched, missing and unreadable files are reported; masks are used; a segmenter adds IoU; LPIPS
+without weights stops with one line."""
+
+import csv
+import json
+import math
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from ssattn.apps.cli import main
+from ssattn.images import load_image
+from ssattn.metrics import confusion_matrix, iou_per_class, masked_psnr, masked_ssim, mean_iou, psnr, ssim, uciqe, uiqm
+
+H, W = 32, 40   # above AlexNet's smallest input (31)
+
+
+def _save(path, array):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.asarray(array, dtype=np.uint8)).save(path)
+
+
+@pytest.fixture
+def folders(tmp_path):
+    """ref/{a,b,c}; m1/{a,b,c,extra} (errors inside the mask); m2/{a,b} (errors outside it, c missing);
+    masks/{a,b,c}: 0/255 boxes."""
+    rng = np.random.default_rng(0)
+    mask = np.zeros((H, W), np.uint8)
+    mask[6:18, 8:24] = 255
+    inside = mask[..., None] > 0
+    for s in "abc":
+        ref = rng.integers(30, 220, (H, W, 3))
+        _save(tmp_path / "ref" / f"{s}.png", ref)
+        _save(tmp_path / "masks" / f"{s}.png", mask)
+        noise = rng.integers(-25, 26, (H, W, 3))
+        _save(tmp_path / "m1" / f"{s}.png", ref + noise * inside)
+        if s != "c":
+            _save(tmp_path / "m2" / f"{s}.png", ref + noise * ~inside)
+    _save(tmp_path / "m1" / "extra.png", rng.integers(0, 255, (H, W, 3)))
+    return tmp_path
+
+
+def _run(capsys, *argv):
+    rc = main([str(a) for a in ["metrics", *argv, "--device", "cpu", "--no-progress"]])
+    out = capsys.readouterr()
+    return rc, out.out, out.err
+
+
+def _csv(path):
+    with open(path) as f:
+        return {(r["method"], r["image"]): r for r in csv.DictReader(f)}
+
+
+def _load(*paths):
+    return torch.stack([load_image(p) for p in paths]).double()
+
+
+def test_two_methods_one_reference_give_the_table(folders, capsys):
+    out = folders / "out"
+    rc, stdout, stderr = _run(capsys, folders / "m1", folders / "m2", "--ref", folders / "ref", "--masks",
+                              folders / "masks", "--out", out, "--no-lpips")
+    assert rc == 0, stderr
+    rows = _csv(out / "metrics.csv")
+    assert sorted(rows) == [("m1", "a"), ("m1", "b"), ("m1", "c"), ("m1", "extra"), ("m2", "a"), ("m2", "b")]
+    summary = json.loads((out / "summary.json").read_text())
+    for method, stems in (("m1", "abc"), ("m2", "ab")):
+        x = _load(*[folders / method / f"{s}.png" for s in stems])
+        y = _load(*[folders / "ref" / f"{s}.png" for s in stems])
+        fg = _load(*[folders / "masks" / f"{s}.png" for s in stems])[:, :1]
+        expected = {"psnr": psnr(x, y), "ssim": ssim(x, y), "psnr_fg": masked_psnr(x, y, fg),
+                    "ssim_fg": masked_ssim(x, y, fg), "uiqm": uiqm(x), "uciqe": uciqe(x)}
+        for name, values in expected.items():
+            got = [float(rows[(method, s)][name]) for s in stems]
+            np.testing.assert_allclose(got, values.tolist(), rtol=1e-12, err_msg=f"{method} {name}")
+        stats = summary["methods"][method]["metrics"]["psnr"]
+        assert stats["count"] == len(stems) and stats["nonfinite"] == 0
+        assert math.isclose(stats["mean"], float(expected["psnr"].mean()), rel_tol=1e-12)
+        assert math.isclose(stats["std"], float(expected["psnr"].std(correction=0)), rel_tol=1e-9)
+        assert f"| {method} | {len(stems) + (method == 'm1')} | {stats['mean']:.2f} ± {stats['std']:.2f} |" \
+            in (out / "summary.md").read_text()
+    # The no-reference metrics cover the output without a reference too; the full-reference ones leave it empty.
+    assert rows[("m1", "extra")]["psnr"] == "" and float(rows[("m1", "extra")]["uiqm"]) == pytest.approx(
+        float(uiqm(_load(folders / "m1" / "extra.png"))), rel=1e-12)
+    assert "| method | images | PSNR | SSIM | PSNR fg | SSIM fg | UIQM | UCIQE |" in stdout
+
+
+def test_unmatched_and_missing_files_are_reported(folders, capsys):
+    Image.open(folders / "m1" / "a.png").save(folders / "m1" / "twice.png")
+    Image.open(folders / "m1" / "a.png").save(folders / "m1" / "twice.jpg")   # one stem, two files: ambiguous
+    out = folders / "out"
+    rc, _, stderr = _run(capsys, folders / "m1", folders / "m2", "--ref", folders / "ref", "--out", out, "--no-lpips")
+    assert rc == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert ("m1", "twice") not in _csv(out / "metrics.csv")
+    assert [p["problem"] for p in summary["problems"]] == ["several files named twice.* (left out)"]
+    assert summary["methods"]["m1"]["no_reference"] == ["extra"] and summary["methods"]["m1"]["missing"] == []
+    assert summary["methods"]["m2"]["missing"] == ["c"] and summary["methods"]["m2"]["no_reference"] == []
+    assert "1 outputs without a reference: extra" in stderr and "1 references without an output: c" in stderr
+    md = (out / "summary.md").read_text()
+    assert "m1: 1 without a reference: extra" in md and "m2: 1 references without an output: c" in md
+
+
+def test_masks_are_used(folders, capsys):
+    out = folders / "out"
+    assert _run(capsys, folders / "m1", folders / "m2", "--ref", folders / "ref", "--masks", folders / "masks",
+                "--out", out, "--no-lpips")[0] == 0
+    rows = _csv(out / "metrics.csv")
+    # m1's errors are inside the mask, m2's outside: m2 is perfect inside, m1 is worse inside than overall.
+    assert all(float(rows[("m2", s)]["psnr_fg"]) == math.inf for s in "ab")
+    assert all(float(rows[("m1", s)]["psnr_fg"]) < float(rows[("m1", s)]["psnr"]) for s in "abc")
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["methods"]["m2"]["metrics"]["psnr_fg"] == {"mean": None, "std": None, "count": 0, "nonfinite": 2}
+
+
+def test_a_corrupt_image_is_skipped_and_reported(folders, capsys):
+    (folders / "m1" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    (folders / "ref" / "b.png").write_bytes(b"not an image")          # a broken reference: no full-reference row
+    out = folders / "out"
+    rc, _, stderr = _run(capsys, folders / "m1", "--ref", folders / "ref", "--out", out, "--no-lpips")
+    assert rc == 0
+    rows = _csv(out / "metrics.csv")
+    assert ("m1", "broken") not in rows and rows[("m1", "b")]["psnr"] == "" and rows[("m1", "b")]["uiqm"] != ""
+    problems = json.loads((out / "summary.json").read_text())["problems"]
+    files = {p["file"].rsplit("/", 1)[-1]: p["problem"] for p in problems}
+    assert files["broken.png"].startswith("skipped: cannot read image") and "b.png" in files
+    assert "broken.png: skipped: cannot read image" in stderr and "Traceback" not in stderr
+
+
+def test_lpips_without_weights_fails_in_one_line(folders, capsys, monkeypatch, tmp_path):
+    pytest.importorskip("lpips")
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "empty-hub"))
+    rc, _, stderr = _run(capsys, folders / "m1", "--ref", folders / "ref", "--out", folders / "out")
+    assert rc == 2
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("ssattn metrics: LPIPS needs alexnet-owt-7be5be79.pth")
+    assert "--lpips-weights FILE" in lines[0] and "--no-lpips" in lines[0]
+    rc, _, stderr = _run(capsys, folders / "m1", "--ref", folders / "ref", "--lpips-weights", tmp_path / "no.pth")
+    assert rc == 2 and "no.pth" in stderr and len(stderr.strip().splitlines()) == 1
+
+
+def test_lpips_column_with_a_weight_file(folders, capsys, tmp_path):
+    lpips_pkg = pytest.importorskip("lpips")
+    from ssattn.metrics import LPIPS
+
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        net = lpips_pkg.LPIPS(net="alex", pnet_rand=True, verbose=False)
+    weights = tmp_path / "alex.pth"
+    torch.save({f"features.{k.split('.', 1)[1]}": v for k, v in net.net.state_dict().items()}, weights)
+    tiny = np.random.default_rng(1).integers(0, 255, (20, 20, 3))    # below AlexNet's 31x31: reported, not fatal
+    _save(folders / "m2" / "tiny.png", tiny)
+    _save(folders / "ref" / "tiny.png", tiny[::-1])
+    out = folders / "out"
+    rc, _, stderr = _run(capsys, folders / "m2", "--ref", folders / "ref", "--out", out, "--lpips-weights", weights)
+    assert rc == 0, stderr
+    rows = _csv(out / "metrics.csv")
+    assert rows[("m2", "tiny")]["lpips"] == "" and rows[("m2", "tiny")]["ssim"] != ""
+    assert "tiny.png: no LPIPS: 20x20 is smaller than its backbone's 31x31" in stderr
+    want = LPIPS("alex", weights)(_load(*[folders / "m2" / f"{s}.png" for s in "ab"]),
+                                  _load(*[folders / "ref" / f"{s}.png" for s in "ab"]))
+    np.testing.assert_allclose([float(rows[("m2", s)]["lpips"]) for s in "ab"], want.tolist(), rtol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["torchscript", "whole"])
+def test_segmenter_adds_per_class_iou(folders, capsys, tmp_path, kind):
+    from ssattn.apps.training.segmentation import train_segmenter
+
+    # The demo's segmenter (one binary logit per pixel), briefly trained on the references and their masks.
+    refs = _load(*[folders / "ref" / f"{s}.png" for s in "abc"]).float()
+    masks = (_load(*[folders / "masks" / f"{s}.png" for s in "abc"])[:, :1] > 0.5).float()
+    net = train_segmenter(refs, masks, steps=3, batch_size=3, width=4, seed=0)
+    path = tmp_path / f"seg-{kind}.pt"
+    if kind == "torchscript":
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.jit.trace(net, torch.rand(1, 3, H, W)).save(str(path))
+    else:
+        torch.save(net, path)
+    out = folders / "out"
+    argv = [folders / "m1", "--masks", folders / "masks", "--segmenter", path, "--classes", 2, "--out", out]
+    if kind == "whole":
+        rc, _, stderr = _run(capsys, *argv)
+        assert rc == 2 and "--unsafe-checkpoint" in stderr and len(stderr.strip().splitlines()) == 1
+        argv.append("--unsafe-checkpoint")
+    rc, stdout, stderr = _run(capsys, *argv)
+    assert rc == 0, stderr
+    rows = _csv(out / "metrics.csv")
+    x = _load(*[folders / "m1" / f"{s}.png" for s in "abc"]).float()
+    with torch.no_grad():
+        pred = (net(x)[:, 0] > 0).long()
+    target = (_load(*[folders / "masks" / f"{s}.png" for s in "abc"])[:, 0] > 0.5).long()
+    conf = confusion_matrix(pred, target, 2)
+    for i, s in enumerate("abc"):
+        assert float(rows[("m1", s)]["miou"]) == pytest.approx(float(mean_iou(conf[i])), abs=1e-12)
+        got = [float(v) if v != "nan" else math.nan for v in (rows[("m1", s)]["iou_0"], rows[("m1", s)]["iou_1"])]
+        np.testing.assert_allclose(got, iou_per_class(conf[i]).tolist(), atol=1e-12)
+    entry = json.loads((out / "summary.json").read_text())["methods"]["m1"]
+    assert entry["miou_pooled"] == pytest.approx(float(mean_iou(conf.sum(0))), abs=1e-12)
+    assert "mIoU (pooled)" in stdout
+
+
+class _ColourSegmenter(torch.nn.Module):
+    """Three classes by dominant colour, at half resolution (the command resizes the logits)."""
+
+    def forward(self, x):
+        return torch.nn.functional.avg_pool2d(x, 2) * 10
+
+
+def test_multiclass_segmenter_with_low_resolution_logits(folders, capsys, tmp_path):
+    rng = np.random.default_rng(2)
+    for s in "abc":
+        _save(folders / "labels" / f"{s}.png", rng.integers(0, 3, (H, W)))   # label maps 0, 1, 2 (mode L)
+    path = tmp_path / "colour.pt"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.jit.script(_ColourSegmenter()).save(str(path))
+    out = folders / "out"
+    rc, _, stderr = _run(capsys, folders / "m1", "--masks", folders / "labels", "--segmenter", path, "--classes", 3,
+                         "--out", out)
+    assert rc == 0, stderr
+    x = _load(*[folders / "m1" / f"{s}.png" for s in "abc"]).float()
+    logits = torch.nn.functional.interpolate(_ColourSegmenter()(x), size=(H, W), mode="bilinear",
+                                             align_corners=False)
+    target = torch.stack([torch.from_numpy(np.array(Image.open(folders / "labels" / f"{s}.png"))).long()
+                          for s in "abc"])
+    conf = confusion_matrix(logits.argmax(1), target, 3)
+    rows = _csv(out / "metrics.csv")
+    for i, s in enumerate("abc"):
+        np.testing.assert_allclose([float(rows[("m1", s)][f"iou_{c}"]) for c in range(3)],
+                                   iou_per_class(conf[i]).tolist(), atol=1e-12)
+    # the masked PSNR/SSIM columns need --ref; without it there are none
+    assert "psnr_fg" not in next(iter(rows.values()))
+
+
+def test_argument_errors_are_one_line(folders, capsys, tmp_path):
+    for argv, needle in (
+        ([tmp_path / "nope"], "OUTPUTS"),
+        ([folders / "m1", "--ref", tmp_path / "nope"], "--ref"),
+        ([folders / "m1", "--segmenter", tmp_path / "x.pt", "--classes", 2], "--segmenter needs --masks"),
+        ([folders / "m1", "--classes", 3], "--classes"),
+        ([folders / "m1", "--masks", folders / "masks", "--segmenter", tmp_path / "x.pt", "--classes", 2],
+         "does not exist"),
+    ):
+        rc, _, stderr = _run(capsys, *argv)
+        assert rc == 2 and needle in stderr and len(stderr.strip().splitlines()) == 1, stderr
