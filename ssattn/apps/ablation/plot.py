@@ -16,6 +16,12 @@ SHORT = {"attention": "attention", "alignment": "alignment", "both_paper": "both
          "both, normalized", "eta0": "eta = 0", "baseline_2x": "U-Net 2x steps"}
 
 
+def _nice_step(raw: float) -> float:
+    """The smallest of 1, 2, 5 times a power of ten that is at least raw (tick spacing)."""
+    power = 10 ** math.floor(math.log10(raw))
+    return next(m * power for m in (1, 2, 5, 10) if m * power >= raw)
+
+
 def paired_plot(path: str, table: dict) -> None:
     """Write the PNG: a 2x2 grid of panels (PANELS), one column per variant and guidance (not the baseline)."""
     rows = [r for r in table["rows"] if r["variant"] != "baseline" and r["paired_seeds"]]
@@ -50,13 +56,16 @@ def paired_plot(path: str, table: dict) -> None:
         span = max(hi - lo, 1e-6)
         lo, hi = lo - 0.1 * span, hi + 0.1 * span
         ymap = lambda v: y1 - (v - lo) / (hi - lo) * (y1 - y0)  # noqa: E731
-        ticks = max(digits, math.ceil(-math.log10((hi - lo) / 4)))  # enough decimals to tell the ticks apart
+        step = _nice_step((hi - lo) / 5)
+        ticks = max(0, -math.floor(math.log10(step) + 1e-9))  # decimals of the step
         draw.text((x0 + pw // 2, y0 - 24), title, fill="black", font=font, anchor="ma")
         draw.line([(x0, y0), (x0, y1), (x0 + pw, y1)], fill="black")
-        for k in range(5):
-            v = lo + (hi - lo) * k / 4
+        v = math.ceil(lo / step) * step
+        while v <= hi + 1e-12:
             draw.line([(x0 - 4, ymap(v)), (x0, ymap(v))], fill="black")
-            draw.text((x0 - 6, ymap(v)), f"{v:+.{ticks}f}", fill="black", font=small, anchor="rm")
+            draw.text((x0 - 6, ymap(v)), f"{v:+.{ticks}f}".replace("-0.0", "+0.0") if abs(v) < step / 2 else
+                      f"{v:+.{ticks}f}", fill="black", font=small, anchor="rm")
+            v += step
         for xs in range(x0, x0 + pw, 8):  # zero: no difference from the baseline
             draw.line([(xs, ymap(0)), (min(xs + 4, x0 + pw), ymap(0))], fill="#888888")
         for i, r in enumerate(rows):

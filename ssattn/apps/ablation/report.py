@@ -52,11 +52,19 @@ def _growth(result: dict) -> float | None:
     return max(h["rms"][i] / first[i] for h in hist[1:] for i in range(len(first)) if first[i] > 0)
 
 
-def effect_words(mean: float, std: float, n: int, unit: str = " dB", digits: int = 2) -> str:
+def signs(per_seed) -> str:
+    """How many seeds went up and down: "higher in 1, lower in 4 of 5"."""
+    v = [x for x in per_seed if math.isfinite(x)]
+    return f"higher in {sum(x > 0 for x in v)}, lower in {sum(x < 0 for x in v)} of {len(v)}"
+
+
+def effect_words(mean: float, std: float, n: int, unit: str = " dB", digits: int = 2, per_seed=None) -> str:
     """A paired difference against twice its spread: the rule this table states its findings by."""
     if n < 2 or not math.isfinite(std):
         return f"{mean:+.{digits}f}{unit} (one seed: no spread)"
     text = f"{mean:+.{digits}f} ± {std:.{digits}f}{unit} over {n} seeds"
+    if per_seed is not None:
+        text += f" ({signs(per_seed)})"
     if mean > 2 * std:
         return text + ": a gain larger than twice its spread"
     if mean < -2 * std:
@@ -127,9 +135,10 @@ def findings(table: dict) -> list[str]:
         for r in rows:
             p = r["paired"]
             lines.append(f"{r['label']}, {GUIDANCE_WORDS[r['guidance']]}: foreground PSNR "
-                         f"{effect_words(p['psnr_fg']['mean'], p['psnr_fg']['std'], len(r['paired_seeds']))}; "
+                         f"{effect_words(p['psnr_fg']['mean'], p['psnr_fg']['std'], len(r['paired_seeds']), per_seed=p['psnr_fg']['per_seed'])}; "
                          f"whole image {p['psnr']['mean']:+.2f} ± {p['psnr']['std']:.2f} dB; mIoU "
-                         f"{100 * p['miou']['mean']:+.1f} ± {100 * p['miou']['std']:.1f} points.")
+                         f"{100 * p['miou']['mean']:+.1f} ± {100 * p['miou']['std']:.1f} points "
+                         f"({signs(p['miou']['per_seed'])}).")
     doubled = _row(table, "baseline_2x")
     if doubled and doubled["paired_seeds"]:
         p = doubled["paired"]["psnr_fg"]
@@ -182,8 +191,9 @@ def markdown(table: dict) -> list[str]:
                      f"{_pm(m['ssim'], 4)} | {_pm(m['psnr_fg'], 2)} | {_pm(m['ssim_fg'], 4)} | {_pm(m['psnr_bg'], 2)} | "
                      f"{_pm(m['ssim_bg'], 4)} | {_pm(m['miou'], 3)} | {r['ms_per_step']:.0f} |")
     lines += ["", "## Paired differences from the baseline (variant - U-Net, same seed; mean ± spread)", "",
-              "| model | guidance | seeds | " + " | ".join(h for _, h, _, _ in PAIRED_COLUMNS) + " | fg PSNR vs 2x spread |",
-              "|---|---|---|" + "---|" * (len(PAIRED_COLUMNS) + 1)]
+              "| model | guidance | seeds | " + " | ".join(h for _, h, _, _ in PAIRED_COLUMNS) +
+              " | fg PSNR vs 2x spread | fg PSNR seeds up / down |",
+              "|---|---|---|" + "---|" * (len(PAIRED_COLUMNS) + 2)]
     for r in table["rows"]:
         if r["variant"] == "baseline":
             continue
@@ -193,7 +203,8 @@ def markdown(table: dict) -> list[str]:
         verdict = ("-" if n < 2 else "gain > 2x spread" if fg["mean"] > 2 * fg["std"] else
                    "loss > 2x spread" if fg["mean"] < -2 * fg["std"] else "within 2x spread")
         lines.append(f"| {r['label']} | {r['guidance'] or '-'} | {n} | " +
-                     " | ".join(_signed(p[m], d, s) for m, _, s, d in PAIRED_COLUMNS) + f" | {verdict} |")
+                     " | ".join(_signed(p[m], d, s) for m, _, s, d in PAIRED_COLUMNS) +
+                     f" | {verdict} | {sum(x > 0 for x in fg['per_seed'])} / {sum(x < 0 for x in fg['per_seed'])} |")
     lines += ["", "## Per-class IoU of the segmenter (mean over seeds)", "",
               "| images | guidance | " + " | ".join(classes) + " | mIoU |", "|---|---|" + "---|" * (len(classes) + 1)]
     for name, b in table["bounds"].items():

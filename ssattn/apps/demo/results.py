@@ -43,11 +43,12 @@ def paired_delta(results: dict, model: str, metric: str, against: str = "baselin
     return float(d.mean()), _std(d)
 
 
-# The smallest paired difference the demo calls an effect, besides exceeding twice its seed spread: a few
-# seeds give a small spread by chance (--quick's 3 steps: +0.06 dB with a spread of 0.02). Set from the
-# ablation (benchmarks/RESULTS.md): MIN_EFFECT_NOTE says how.
-MIN_EFFECT = {"psnr_fg": 0.2, "miou": 1.0}  # dB; mIoU points
-MIN_EFFECT_NOTE = "placeholder"
+# The smallest paired difference the demo calls an effect, besides exceeding twice its seed spread (a few
+# seeds can give a small spread by chance: --quick's 3 steps gave +0.06 dB with a spread of 0.02). From the
+# ablation's doubling check (benchmarks/RESULTS.md, 2026-12-03): training the U-Net twice as long moved its
+# foreground PSNR by +0.34 dB and its mIoU by +1.8 points (5 seeds), so smaller differences are within what the
+# budget alone changes.
+MIN_EFFECT = {"psnr_fg": 0.3, "miou": 2.0}  # dB; mIoU points
 
 
 def effect(mean: float, std: float, unit: str, digits: int, seeds: int, minimum: float = 0.0) -> str:
