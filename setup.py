@@ -2,10 +2,14 @@
 
 The extension is built when torch is importable at build time (use
 `pip install --no-build-isolation`); set SSATTN_NO_NATIVE=1 to skip it. Its
-CUDA kernels are built too when torch is a CUDA build and nvcc is found
-(SSATTN_NO_CUDA=1 skips them; TORCH_CUDA_ARCH_LIST defaults to "8.0;9.0").
-A failed extension build does not fail the install: ssattn then warns once
-and uses the reference paths.
+CUDA kernels (minutes of nvcc) are built only where they can run or are asked
+for: torch is a CUDA build, nvcc is found, and a CUDA GPU is visible at build
+time (for its architectures only), or SSATTN_CUDA=1 or TORCH_CUDA_ARCH_LIST
+asks for them (a docker or cluster build without a GPU; default architectures
+"8.0;9.0"). SSATTN_NO_CUDA=1 always skips them. Otherwise one line says the
+C++ part alone is built. ninja, when installed, compiles the sources in
+parallel (MAX_JOBS bounds the jobs). A failed extension build does not fail
+the install: ssattn then warns once and uses the reference paths.
 """
 
 import importlib.util
@@ -33,20 +37,45 @@ def _flag(name: str) -> bool:
     return os.environ.get(name, "0").strip().lower() not in ("", "0", "false", "no")
 
 
+DEFAULT_ARCHS = "8.0;9.0"  # A100 and H100/H200, when the CUDA kernels are asked for without a GPU to detect
+
+
+def cuda_plan(torch_cuda_version, gpu_visible: bool, env) -> tuple[bool, str]:
+    """(build the CUDA kernels?, why) from torch's CUDA version (None for a CPU build), whether a CUDA GPU is
+    visible now, and the environment (SSATTN_NO_CUDA, SSATTN_CUDA, TORCH_CUDA_ARCH_LIST)."""
+    def flag(name):
+        return env.get(name, "0").strip().lower() not in ("", "0", "false", "no")
+
+    if flag("SSATTN_NO_CUDA"):
+        return False, "SSATTN_NO_CUDA is set: building the C++ (CPU) part only"
+    if torch_cuda_version is None:
+        return False, "torch is a CPU build: building the C++ (CPU) part only"
+    if env.get("TORCH_CUDA_ARCH_LIST", "").strip():
+        return True, f"TORCH_CUDA_ARCH_LIST={env['TORCH_CUDA_ARCH_LIST']}: building the CUDA kernels for it"
+    if flag("SSATTN_CUDA"):
+        return True, f"SSATTN_CUDA is set: building the CUDA kernels for {DEFAULT_ARCHS}"
+    if gpu_visible:
+        return True, "a CUDA GPU is visible: building the CUDA kernels for its architecture"
+    return False, ("no CUDA GPU visible: building the C++ (CPU) part only (its CUDA kernels could not run here; "
+                   "SSATTN_CUDA=1 or TORCH_CUDA_ARCH_LIST=... builds them anyway, e.g. in a docker build)")
+
+
 def _cuda_env(torch) -> bool:
-    """Set what torch.utils.cpp_extension needs to compile .cu files here; True when CUDA can be built."""
-    if _flag("SSATTN_NO_CUDA"):
-        _log("SSATTN_NO_CUDA is set: building the C++ (CPU) path only")
-        return False
-    if torch.version.cuda is None:
-        _log("torch is a CPU build: building the C++ (CPU) path only")
+    """Decide whether to build the CUDA kernels (cuda_plan) and set what torch.utils.cpp_extension needs."""
+    try:
+        gpu = torch.version.cuda is not None and torch.cuda.is_available()
+    except Exception:  # a broken driver: no GPU to build for
+        gpu = False
+    want, why = cuda_plan(torch.version.cuda, gpu, os.environ)
+    _log(why)
+    if not want:
         return False
     # /usr/local/bin/nvcc may be a wrapper, and CUDA_HOME=/usr/local then misses cudart: prefer the toolkit dir.
     if not os.environ.get("CUDA_HOME") and not os.environ.get("CUDA_PATH"):
         if os.path.exists("/usr/local/cuda/bin/nvcc"):
             os.environ["CUDA_HOME"] = "/usr/local/cuda"
-    # Without a GPU torch cannot guess the architectures (and fails with an IndexError).
-    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+    if not gpu:  # without a GPU torch cannot detect the architectures (and fails with an IndexError)
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_ARCHS)
     return True
 
 
@@ -128,6 +157,6 @@ def _has_ninja() -> bool:
         return False
 
 
-EXT_MODULES, CMDCLASS = _native()
-
-setup(packages=PACKAGES, package_dir=PACKAGE_DIR, ext_modules=EXT_MODULES, cmdclass=CMDCLASS)
+if __name__ == "__main__":  # pip and setuptools run this file as __main__; tests import cuda_plan
+    EXT_MODULES, CMDCLASS = _native()
+    setup(packages=PACKAGES, package_dir=PACKAGE_DIR, ext_modules=EXT_MODULES, cmdclass=CMDCLASS)

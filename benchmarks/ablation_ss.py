@@ -21,13 +21,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 import time
 
 from ssattn.apps.ablation import VARIANTS, AblationConfig, GUIDANCES, markdown, run_all, summarize
 from ssattn.apps.ablation.plot import paired_plot
+from ssattn.apps.jsonfile import write_json
 
 
 def parse(argv=None) -> argparse.Namespace:
@@ -69,17 +69,6 @@ def config_of(args) -> AblationConfig:
         seg_max_steps=args.seg_max_steps, threads=args.threads)
 
 
-def _json_safe(obj):
-    """inf / NaN are not JSON: null (the reference's PSNR is infinite; a std of one seed is undefined)."""
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if isinstance(obj, dict):
-        return {k: _json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_json_safe(v) for v in obj]
-    return obj
-
-
 def main(argv=None) -> int:
     args = parse(argv)
     try:
@@ -90,11 +79,15 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     if not args.report_only:
         run_all(config, args.out, jobs=args.jobs, progress=not args.no_progress)
-    with open(os.path.join(args.out, "bounds.json")) as f:
+    path = os.path.join(args.out, "bounds.json")
+    if not os.path.isfile(path):
+        print(f"ablation_ss: {args.out} holds no ablation yet (no bounds.json): run it without --report-only first",
+              file=sys.stderr)
+        return 2
+    with open(path) as f:
         bounds = json.load(f)
     table = summarize(config, args.out, bounds)
-    with open(os.path.join(args.out, "table.json"), "w") as f:
-        json.dump(_json_safe(table), f, indent=1)
+    write_json(os.path.join(args.out, "table.json"), table, indent=1)  # strict: inf and NaN as null, with a note
     lines = markdown(table)
     with open(os.path.join(args.out, "table.md"), "w") as f:
         f.write("\n".join(lines) + "\n")

@@ -2,6 +2,18 @@
 
 Run: pytest benchmarks/bench_alignment.py --benchmark-group-by=group
      (add -m "not gpu" on a machine without CUDA, or just let the GPU cases skip).
+CPU ratio on a shared machine (issue 24's problem: B = 4, one thread):
+     python benchmarks/bench_alignment.py [--rounds 200] [--batch 4] [--threads 1] [--channels-last]
+     Eager and native alternate within each round (the order flips every
+     round), so a change in machine load hits both; it prints medians of the
+     wall and thread CPU times and the median of the per-round ratios.
+     The paper form is called without a `form` argument, so the same command
+     also times a build from before that argument existed (PYTHONPATH=<tree>).
+     python benchmarks/bench_alignment.py --kernel [--rounds 200]
+     The op alone (no autograd, no argument checks), hot (run twice in a row)
+     and cold (after writing 64 MiB elsewhere), against F * 2 (one read and
+     one write of F) and F.sum() (one read): how far the kernel is from the
+     memory traffic it cannot avoid.
 
 GPU cases: 4 decoder levels C = 32, 64, 128, 256 at 256, 128, 64, 32 pixels
 square (SPEC's peer table), B = 8 and 16, float32 and bfloat16 (maps in the
@@ -13,7 +25,12 @@ in both forms ("paper" and "normalized", docs/operations.md section 3).
 
 from __future__ import annotations
 
+import argparse
 import functools
+import os
+import resource
+import statistics
+import time
 
 import pytest
 import torch
@@ -120,3 +137,116 @@ def test_alignment_cpu_fwd_bwd_compile(benchmark, dtype):
     benchmark.group = f"alignment cpu B=2 {str(dtype).split('.')[-1]} nchw 4 levels from 64x64 fwd+bwd"
     benchmark.extra_info.update(peer="compile", threads=1)
     _bench(benchmark, "compile", F, M, "cpu", rounds=30)
+
+
+# --------------------------------------------------------------------------- CLI: the CPU ratio, peers alternating
+def _cli_fn(peer, form):
+    kw = {} if form == "paper" else {"form": form}  # paper: also runs on builds without the argument
+    if peer == "eager":
+        return lambda F, M: ref.alignment_loss(F, M, eta=ETA, reduction="mean", **kw)
+    return lambda F, M: ssattn.alignment_loss(F, M, eta=ETA, reduction="mean", backend="native", **kw)
+
+
+def _timed_step(fn, F, M):
+    """(wall, thread CPU) seconds and minor page faults of one forward + backward."""
+    for x in F + M:
+        x.grad = None
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    wall, cpu = time.perf_counter(), time.thread_time()
+    fn(F, M).backward()
+    wall, cpu = time.perf_counter() - wall, time.thread_time() - cpu
+    return wall, cpu, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
+
+
+def cpu_ratio(args):
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    F, M = _inputs(args.batch, CPU_LEVELS, torch.float32, "cpu", channels_last=args.channels_last)
+    forms = [f for f in args.forms.split(",") if f]
+    fns = {(peer, form): _cli_fn(peer, form) for form in forms for peer in ("eager", "native")}
+    times = {key: ([], [], []) for key in fns}
+    load_before = os.getloadavg()
+    for fn in fns.values():  # warm-up
+        for _ in range(3):
+            _timed_step(fn, F, M)
+    for r in range(args.rounds):
+        for form in forms:
+            order = ("eager", "native") if r % 2 == 0 else ("native", "eager")
+            for peer in order:
+                for series, value in zip(times[(peer, form)], _timed_step(fns[(peer, form)], F, M)):
+                    series.append(value)
+    load_after = os.getloadavg()
+    _header(args, F, load_before, load_after)
+    print("| form | eager wall ms | native wall ms | ratio (wall) | eager CPU ms | native CPU ms | ratio (CPU) "
+          "| eager / native page faults per step |")
+    print("|---|---|---|---|---|---|---|---|")
+    for form in forms:
+        (ew, ec, ef), (nw, nc, nf) = times[("eager", form)], times[("native", form)]
+        ratio_w = statistics.median(e / n for e, n in zip(ew, nw))
+        ratio_c = statistics.median(e / n for e, n in zip(ec, nc))
+        print(f"| {form} | {_ms(ew)} | {_ms(nw)} | {ratio_w:.2f}x | {_ms(ec)} | {_ms(nc)} | {ratio_c:.2f}x "
+              f"| {statistics.mean(ef):.0f} / {statistics.mean(nf):.0f} |")
+
+
+def _ms(seconds):
+    return f"{1e3 * statistics.median(seconds):.3f}"
+
+
+def _header(args, F, load_before, load_after):
+    shape = " + ".join(f"{args.batch}x{c}x{s}x{s}" for c, s in CPU_LEVELS)
+    mib = sum(f.numel() * f.element_size() for f in F) / 2**20
+    print(f"# ssattn {ssattn.__file__}; torch {torch.__version__}; threads {torch.get_num_threads()}; "
+          f"{'channels-last' if args.channels_last else 'NCHW'} float32 {shape} ({mib:.2f} MiB of F); "
+          f"{args.rounds} rounds")
+    print(f"# load average before {load_before[0]:.2f}, after {load_after[0]:.2f} (1 min)")
+
+
+def kernel_floor(args):
+    """The op alone, hot and cold, next to one read + one write of F and one read of F (thread CPU time)."""
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    F, M = _inputs(args.batch, CPU_LEVELS, torch.float32, "cpu", channels_last=args.channels_last)
+    F, M = [f.detach() for f in F], [m.detach() for m in M]
+    op = torch.ops.ssattn.alignment_loss_fused
+    w = [1.0] * len(F)
+    cases = {
+        "op, paper: loss, dF, dM": lambda: op(F, M, w, ETA, True, False, True, True),
+        "op, paper: loss only": lambda: op(F, M, w, ETA, True, False, False, False),
+        "op, normalized: loss, dF, dM": lambda: op(F, M, w, ETA, True, True, True, True),
+        "F * 2 (read F, write F-sized)": lambda: [f * 2 for f in F],
+        "F.sum() (read F)": lambda: [f.sum() for f in F],
+    }
+    junk = torch.empty(64 * 2**20 // 4)  # 64 MiB: more than this machine's last-level cache
+    hot, cold = ({k: [] for k in cases} for _ in range(2))
+    load_before = os.getloadavg()
+    for _ in range(args.rounds):
+        for name, fn in cases.items():
+            fn()  # hot: right after the same call
+            t = time.thread_time()
+            fn()
+            hot[name].append(time.thread_time() - t)
+            junk.fill_(1.0)  # cold: after writing more than the cache holds
+            t = time.thread_time()
+            fn()
+            cold[name].append(time.thread_time() - t)
+    _header(args, F, load_before, os.getloadavg())
+    print("| what | hot CPU ms | cold CPU ms |")
+    print("|---|---|---|")
+    for name in cases:
+        print(f"| {name} | {_ms(hot[name])} | {_ms(cold[name])} |")
+
+
+def main():
+    p = argparse.ArgumentParser(description="Alignment loss on CPU: the C++ path against eager PyTorch, fwd+bwd")
+    p.add_argument("--rounds", type=int, default=200)
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--forms", default="paper,normalized", help="comma-separated: paper, normalized")
+    p.add_argument("--channels-last", action="store_true")
+    p.add_argument("--kernel", action="store_true", help="time the op alone, hot and cold, next to F * 2 and F.sum()")
+    args = p.parse_args()
+    kernel_floor(args) if args.kernel else cpu_ratio(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -3,7 +3,7 @@
     python benchmarks/fit_embedded_classifier.py [--n 800] [--size 128] [--seed 1]
 
 A multinomial logistic regression (L-BFGS, L2 penalty) on the standardised
-features of ssattn.routing.features, for the four classes of seed 002 and
+features of ssattn.routing.features, for the routing paper's four classes and
 for all six. Training images: DegradationSet(split="train", seed=SEED),
 kinds x severities 1-5 in turn. The library reads only the written numbers;
 it never imports the generator (ssattn.apps) at run time.

@@ -12,6 +12,7 @@
 namespace ssattn {
 
 void alignment_cpu(const Problem& p, at::ScalarType fdt, at::ScalarType mdt, at::Tensor& loss);
+int64_t alignment_cpu_sweeps();
 #ifdef SSATTN_WITH_CUDA
 void alignment_cuda(const Problem& p, at::ScalarType fdt, at::ScalarType mdt, at::Tensor& loss);
 #endif
@@ -118,6 +119,9 @@ TORCH_LIBRARY_FRAGMENT(ssattn, m) {
   m.def(
       "alignment_loss_fused(Tensor[] features, Tensor[] maps, float[] weights, float eta, bool mean, "
       "bool normalized, bool grad_features, bool grad_maps) -> (Tensor loss, Tensor[] grad_features, Tensor[] grad_maps)");
+  // Passes over the features the CPU kernel has made since the library loaded (a diagnostic
+  // for tests: the paper form makes one per call, the normalized form two when it writes gradients).
+  m.def("alignment_loss_cpu_sweeps() -> int", &ssattn::alignment_cpu_sweeps);
 }
 
 TORCH_LIBRARY_IMPL(ssattn, CPU, m) { m.impl("alignment_loss_fused", &ssattn::alignment_loss_fused); }

@@ -196,6 +196,18 @@ def resolve(op: str, backend: str, device_type: str, dtype: torch.dtype | None =
     return backend if _takes(impl, dtype) else "reference"
 
 
+def auto_unavailable(op: str, device_type: str, dtype: torch.dtype | None = None) -> list[tuple[str, str]]:
+    """(backend, why) for each implementation "auto" would try for op on this device and dtype but cannot
+    run now (a component not built or not importable): why "auto" falls back to the reference."""
+    out = []
+    for impl in _REGISTRY.get(op, {}).values():
+        if device_type in impl.auto_devices and _takes(impl, dtype):
+            reason = impl.missing(device_type)
+            if reason is not None:
+                out.append((impl.backend, reason))
+    return out
+
+
 def available(op: str, backend: str, device_type: str) -> bool:
     """Whether a registered backend of op can run on this device type now (for `ssattn info` and tests)."""
     impl = _REGISTRY.get(op, {}).get(backend)

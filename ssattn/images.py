@@ -3,7 +3,9 @@
 Every image becomes an RGB float tensor (3, H, W) in [0, 1], whatever its
 mode on disk: grayscale, palette, RGBA (alpha dropped, not composited, so
 the colours the camera saw are kept), CMYK, and 16-bit or float images
-(scaled by their own range, not clipped to 8 bits).
+(scaled by their own range, not clipped to 8 bits). PIL reads 16-bit colour
+PNGs and TIFFs reduced to 8 bits, so those are decoded here (PNG: zlib and
+the PNG filters in numpy; TIFF: tifffile, which scikit-image brings).
 """
 
 from __future__ import annotations
@@ -11,6 +13,9 @@ from __future__ import annotations
 import hashlib
 import math
 import os
+import struct
+import warnings
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -44,6 +49,99 @@ def file_sha256(path, chunk: int = 1 << 20) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+# --------------------------------------------------------------------------- 16-bit colour
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def _png_chunks(data: bytes):
+    pos = len(PNG_SIGNATURE)
+    while pos + 8 <= len(data):
+        length, kind = struct.unpack(">I4s", data[pos:pos + 8])
+        yield kind, data[pos + 8:pos + 8 + length]
+        pos += 12 + length
+        if kind == b"IEND":
+            return
+
+
+def _unfilter(filtered: np.ndarray, types: np.ndarray, bpp: int) -> np.ndarray:
+    """Undo the PNG row filters: (H, W, bpp) filtered bytes and each row's filter type -> the image's bytes.
+
+    A byte depends on its left (a), upper (b) and upper-left (c) neighbours, so the pixels are
+    reconstructed one anti-diagonal (row + column = const) at a time, each diagonal in one numpy step:
+    H + W - 1 steps instead of H x W.
+    """
+    h, w, _ = filtered.shape
+    out = np.zeros((h + 1, w + 1, bpp), dtype=np.int32)  # a zero row above and a zero column on the left
+    f = filtered.astype(np.int32)
+    for d in range(h + w - 1):
+        r = np.arange(max(0, d - w + 1), min(h, d + 1))
+        c = d - r
+        a, b, ul = out[r + 1, c], out[r, c + 1], out[r, c]
+        kind = types[r][:, None]
+        p = a + b - ul
+        pa, pb, pc = np.abs(p - a), np.abs(p - b), np.abs(p - ul)
+        paeth = np.where((pa <= pb) & (pa <= pc), a, np.where(pb <= pc, b, ul))
+        pred = np.select([kind == 1, kind == 2, kind == 3, kind == 4], [a, b, (a + b) >> 1, paeth], 0)
+        out[r + 1, c + 1] = (f[r, c] + pred) & 0xFF
+    return out[1:, 1:].astype(np.uint8)
+
+
+def read_png16(path) -> np.ndarray | None:
+    """(H, W, 3 or 4) uint16 of a non-interlaced 16-bit RGB(A) PNG; None for any other file."""
+    with open(path, "rb") as f:
+        data = f.read()
+    if not data.startswith(PNG_SIGNATURE):
+        return None
+    chunks = list(_png_chunks(data))
+    if not chunks or chunks[0][0] != b"IHDR":
+        return None
+    w, h, depth, colour, _, _, interlace = struct.unpack(">IIBBBBB", chunks[0][1])
+    if depth != 16 or colour not in (2, 6) or interlace:
+        return None
+    channels = 3 if colour == 2 else 4
+    rows = np.frombuffer(zlib.decompress(b"".join(d for k, d in chunks if k == b"IDAT")), dtype=np.uint8)
+    rows = rows[: h * (1 + w * 2 * channels)].reshape(h, 1 + w * 2 * channels)
+    if rows[:, 0].max(initial=0) > 4:
+        raise ValueError(f"PNG filter type {int(rows[:, 0].max())} is not one of 0-4")
+    raw = _unfilter(rows[:, 1:].reshape(h, w, 2 * channels), rows[:, 0].astype(np.int32), 2 * channels)
+    return raw.view(">u2").reshape(h, w, channels).astype(np.uint16)
+
+
+# PIL's orientation transposes (ImageOps.exif_transpose), applied to the 16-bit channels one by one.
+_ORIENTATION = {2: "FLIP_LEFT_RIGHT", 3: "ROTATE_180", 4: "FLIP_TOP_BOTTOM", 5: "TRANSPOSE", 6: "ROTATE_270",
+                7: "TRANSVERSE", 8: "ROTATE_90"}
+
+
+def _oriented(a: np.ndarray, orientation) -> np.ndarray:
+    from PIL import Image
+
+    method = _ORIENTATION.get(orientation)
+    if method is None:
+        return a
+    turn = getattr(Image.Transpose, method)
+    return np.stack([np.asarray(Image.fromarray(a[:, :, i]).transpose(turn)) for i in range(a.shape[2])], axis=2)
+
+
+def _deep_colour(path, img) -> np.ndarray | None:
+    """(H, W, C) uint16 of a 16-bit colour PNG or TIFF (which PIL reduces to 8 bits) as a viewer shows it, or None."""
+    if img.mode not in ("RGB", "RGBA"):
+        return None
+    if img.format == "PNG":
+        a = read_png16(path)
+    elif img.format == "TIFF" and max(img.tag_v2.get(258, (8,)) or (8,)) == 16:
+        try:
+            import tifffile
+        except ImportError:
+            warnings.warn(f"{path}: a 16-bit colour TIFF is read at 8 bits (install tifffile to read all 16)",
+                          stacklevel=3)
+            return None
+        a = np.asarray(tifffile.imread(path, key=0))
+        a = a if a.dtype == np.uint16 and a.ndim == 3 and a.shape[2] in (3, 4) else None
+    else:
+        return None
+    return None if a is None else _oriented(a, img.getexif().get(0x0112))
 
 
 def _to_array(img) -> np.ndarray:
@@ -94,12 +192,16 @@ def load_image(path) -> torch.Tensor:
                 raise ImageLoadError(
                     f"image {path!r} has {img.width}x{img.height} pixels, more than the limit of {MAX_PIXELS}"
                 )
-            img = ImageOps.exif_transpose(img)  # camera orientation, as a viewer shows it
-            img.load()
-            arr = _to_array(img)
+            deep = _deep_colour(path, img)
+            if deep is not None:
+                arr = (deep[:, :, :3].astype(np.float64) / 65535.0).astype(np.float32)
+            else:
+                img = ImageOps.exif_transpose(img)  # camera orientation, as a viewer shows it
+                img.load()
+                arr = _to_array(img)
     except ImageLoadError:
         raise
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+    except (OSError, ValueError, SyntaxError, zlib.error, Image.DecompressionBombError) as exc:
         raise ImageLoadError(f"cannot read image {path!r}: {exc}") from exc
     return _to_tensor(arr)
 

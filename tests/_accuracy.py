@@ -56,3 +56,18 @@ def assert_grads_accurate(out, out_ref, out64, inputs, inputs_ref, inputs64,
 def poison_like(x: torch.Tensor) -> torch.Tensor:
     """A tensor of x's shape full of NaN, to catch outputs that are never written."""
     return torch.full_like(x, float("nan"))
+
+
+def assert_same_sums(got: dict, want: dict, *, rel: float = 1e-10) -> None:
+    """Float64 tensors (by name) that are the same computation with sums taken in another order.
+
+    Summing n terms in another order changes the result by at most n * 2**-53 (1.1e-16) times the sum of
+    their magnitudes. For the tests' small networks (n <= 1e4 terms per sum, a few layers deep, terms no
+    larger than the largest gradient entry times a few) that is below 1e-10 of the tensor's largest entry,
+    while a wrong computation (a stage run twice, a missing term) is off by a sizeable fraction of it.
+    """
+    assert got.keys() == want.keys()
+    for n, w in want.items():
+        assert got[n].dtype == w.dtype == torch.float64, n
+        scale = float(w.abs().max()) if w.numel() else 0.0
+        torch.testing.assert_close(got[n], w, rtol=0.0, atol=rel * scale, msg=n)

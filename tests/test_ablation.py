@@ -106,8 +106,11 @@ def test_script_writes_table_findings_and_plot(tmp_path, capsys):
     assert ("No variant shows a foreground gain larger than twice its paired spread." in md
             or "Foreground gains larger than twice their paired spread" in md)
     assert Image.open(out / "paired.png").size[0] > 600
-    # --report-only writes the table again from the finished runs.
+    # --report-only writes the table again from the finished runs; in an empty folder it says what to do.
     assert _script().main(args + ["--report-only"]) == 0
+    capsys.readouterr()
+    assert _script().main(["--out", str(tmp_path / "empty"), "--report-only"]) == 2
+    assert "no ablation yet" in capsys.readouterr().err
 
 
 def test_config_errors_name_the_setting():
@@ -151,3 +154,14 @@ def test_summary_counts_guard_warnings_and_flags_broken_pairing(tmp_path):
     row = next(x for x in table["rows"] if x["variant"] == "both_paper")
     assert row["guard"]["fired"] == 1 and not row["pairing"]
     assert any(line.startswith("PAIRING BROKEN in: both_paper oracle") for line in table["findings"])
+
+
+def test_alignment_only_runs_through_the_public_stages(tmp_path):
+    # unet_ss(attention_levels=(), align_levels=...): no attention block, so no parameter beyond the U-Net's,
+    # and the loss's guard still watches the decoder features.
+    config = dataclasses.replace(AblationConfig(**TINY), seeds=(0,), variants=("baseline", "alignment"))
+    out = str(tmp_path / "abl")
+    assert run_all(config, out, log=lambda s: None, progress=False)["ran"] == 2
+    base, align = read_run(out, config, "baseline", None, 0), read_run(out, config, "alignment", "oracle", 0)
+    assert align["params"] == base["params"] and align["init_digest"] == base["init_digest"]
+    assert align["guard_history"] and align["scores"] != base["scores"]

@@ -6,7 +6,9 @@ levels of different shapes, awkward sizes, layouts, dtypes, weights, eta and
 reductions; plus gradcheck, double backward, determinism, opcheck,
 torch.compile, empty levels, meta tensors, the normalized form's scale
 invariance and lower bound, and the one-warning fallback when the extension
-is missing.
+is missing. The paper form's single pass over F (loss, dF and dM together)
+is checked by the kernel's own count of passes and by the ops a forward and
+backward dispatch, never by timing.
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ import warnings
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 import ssattn
 from ssattn import _backends
@@ -30,6 +34,12 @@ FORMS = ["paper", "normalized"]
 # (B, C, H, W) per level: different shapes and channel counts, awkward sizes.
 LEVELS = [(2, 7, 9, 11), (2, 1, 1, 1), (2, 3, 97, 5), (2, 16, 4, 4)]
 BIG = [(1, 2, 255, 257), (1, 9, 7, 1)]
+# NCHW rows are walked kBlock = 256 pixels at a time (after short rows are folded together, up to
+# 1024) and kGroup = 4 channels at a time (csrc/alignment_cpu.cpp): rows of several blocks with a
+# partial last one, channel counts on and off a multiple of 4.
+WIDE = [(2, 8, 3, 300), (1, 6, 7, 700), (2, 4, 1, 513), (1, 13, 2, 1030)]
+# The CPU benchmark's problem (benchmarks/bench_alignment.py, issue 24): four decoder levels at B = 4.
+DECODER = [(4, 32, 64, 64), (4, 64, 32, 32), (4, 128, 16, 16), (4, 256, 8, 8)]
 
 
 def _make(shapes, dtype, device="cpu", layout="nchw", map_dtype=None):
@@ -100,6 +110,22 @@ def test_matches_reference(dtype, layout, reduction, form):
 def test_large_awkward_levels(dtype, form):
     feats, maps = _make(BIG, dtype)
     _check_against_reference(feats, maps, eta=1.0, reduction="sum", form=form)
+
+
+@needs_native
+@pytest.mark.parametrize("form", FORMS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_wide_rows_in_channel_groups(dtype, form):
+    feats, maps = _make(WIDE, dtype)
+    _check_against_reference(feats, maps, eta=0.9, weights=[1.0, 2.0, 0.5, 1.5], reduction="sum", form=form)
+
+
+@needs_native
+@pytest.mark.parametrize("form", FORMS)
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_decoder_levels_of_the_benchmark(layout, form):
+    feats, maps = _make(DECODER, torch.float32, layout=layout)
+    _check_against_reference(feats, maps, eta=1.0, reduction="mean", form=form)
 
 
 @needs_native
@@ -247,6 +273,57 @@ def test_deterministic_across_runs_and_threads(layout, form):
     for loss, gf, gm in results[1:]:
         assert torch.equal(loss, loss0)
         assert all(torch.equal(a, b) for a, b in zip(gf + gm, gf0 + gm0))
+
+
+# --------------------------------------------------------------------------- one pass over F
+@needs_native
+@pytest.mark.parametrize("layout", ["nchw", "channels_last", "noncontig"])
+@pytest.mark.parametrize(
+    "form, grads, passes",
+    [("paper", True, 1), ("paper", False, 1), ("normalized", True, 2), ("normalized", False, 1)],
+)
+def test_passes_over_the_features(layout, form, grads, passes):
+    # The kernel counts its passes over F. The paper form writes the loss, dF and dM in its one
+    # pass; the normalized form needs each sample's norm before its gradients, so a second pass;
+    # the backward reuses what the forward wrote and makes none.
+    sweeps = torch.ops.ssattn.alignment_loss_cpu_sweeps
+    feats, maps = _make(LEVELS, torch.float32, layout=layout)
+    F, M = _leaf(feats, grad=grads), _leaf(maps, grad=grads)
+    before = sweeps()
+    loss = _native(F, M, eta=0.7, form=form)
+    assert sweeps() - before == passes
+    if grads:
+        loss.backward()
+        assert sweeps() - before == passes
+
+
+class _FeatureSizedOps(TorchDispatchMode):
+    """Records the ops that take or return a tensor with as many elements as some level's features."""
+
+    def __init__(self, numels):
+        super().__init__()
+        self.numels = set(numels)
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if any(isinstance(t, torch.Tensor) and t.numel() in self.numels for t in tree_leaves((args, kwargs, out))):
+            self.ops.append(str(func.overloadpacket))
+        return out
+
+
+@needs_native
+@pytest.mark.parametrize("form", FORMS)
+def test_backward_hands_over_the_kernels_gradients(form):
+    # Around the kernel nothing touches a feature-sized tensor but detach (autograd storing the
+    # op's dF as .grad without a copy): no second pass over F or dF in Python either.
+    feats, maps = _make(LEVELS, torch.float32)
+    F, M = _leaf(feats), _leaf(maps)
+    recorder = _FeatureSizedOps(f.numel() for f in feats if f.shape[1] > 1)  # C > 1: not map-sized
+    with recorder:
+        _native(F, M, eta=0.7, form=form).backward()
+    assert recorder.ops.count("ssattn.alignment_loss_fused") == 1
+    assert set(recorder.ops) == {"ssattn.alignment_loss_fused", "aten.detach"}
 
 
 # --------------------------------------------------------------------------- torch.library integration

@@ -1,7 +1,6 @@
 """`ssattn demo --quick`: the end-to-end path runs and writes results.json in the issue's structure, the tables
 and the figures."""
 
-import json
 import math
 import os
 import warnings
@@ -9,6 +8,7 @@ import warnings
 from PIL import Image
 
 from ssattn.apps.cli import main as cli_main
+from tests.test_jsonfile import strict_load
 
 warnings.filterwarnings("ignore", message=r"ssattn\..*falling back")
 
@@ -23,7 +23,7 @@ def test_demo_quick_writes_results_tables_and_figures(tmp_path, capsys):
     text = capsys.readouterr().out
     assert "fg PSNR" in text and "backends:" in text and "over 3 seeds: foreground PSNR" in text
     assert "wrote figure.png, metrics.png, results.md, results.json, run.json into " in text and text.count(out) == 1
-    res = json.load(open(os.path.join(out, "results.json")))
+    res = strict_load(os.path.join(out, "results.json"))
     assert set(res) == {"seeds", "guidance", "models"} and res["seeds"] == 3
     assert set(res["guidance"]) == {"auc", "iou"} and 0 <= res["guidance"]["auc"] <= 1
     assert set(res["models"]) == MODELS
@@ -33,7 +33,8 @@ def test_demo_quick_writes_results_tables_and_figures(tmp_path, capsys):
         for m in METRICS:
             assert len(r["per_seed"][m]) == 3 and math.isclose(r[m], sum(r["per_seed"][m]) / 3, rel_tol=1e-9)
         assert 0 < r["ssim"] <= 1 and 0 <= r["miou"] <= 1 and r["psnr"] > 0 and r["ms_per_step"] > 0
-    run = json.load(open(os.path.join(out, "run.json")))
+    run = strict_load(os.path.join(out, "run.json"))  # was "psnr": Infinity (the reference scored against itself)
+    assert run["bounds"]["reference"]["psnr"] is None and "unbounded" in run["bounds"]["reference"]["psnr_note"]
     assert run["params"]["ss"] == run["params"]["ss_oracle"] > run["params"]["baseline"]
     assert run["ss_levels"] == ["dec3", "dec2"] and run["training_seeds"] == [0, 1, 2]
     assert run["ss_options"] == {"align_levels": []}  # attention only: what the ablation found not to cost quality

@@ -189,6 +189,31 @@ def test_info_says_compiled_and_usable(capsys):
         assert "CUDA kernels compiled:" in out and "usable:" in out
 
 
+def test_info_names_the_backend_auto_uses_for_each_op(capsys, monkeypatch):
+    import ssattn.ops  # noqa: F401  (registers the backends)
+    from ssattn import _backends
+
+    assert main(["info"]) == 0
+    out = capsys.readouterr().out
+    for op in ("masked_cross_attention", "guidance_pyramid", "alignment_loss", "caption_feature_loss"):
+        for dtype in (torch.float32, torch.bfloat16):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                chosen = _backends.resolve(op, "auto", "cpu", dtype)
+            name = str(dtype).replace("torch.", "")
+            line = next((ln for ln in out.splitlines() if ln.startswith(f"  {op} on cpu (") and name in ln), None)
+            assert line is not None and (f"): {chosen}" in line or f", {chosen} above" in line), (op, name, out)
+    if not torch.cuda.is_available():  # the Triton kernels import here but cannot run: info must not say "ok"
+        kernels = [ln for ln in out.splitlines() if ln.strip().startswith("kernels.")]
+        assert kernels and all("ok" not in ln.split(":", 1)[1] for ln in kernels), kernels
+        assert all("needs a CUDA GPU to run" in ln or "not importable" in ln for ln in kernels), kernels
+    monkeypatch.setattr(_backends, "native_module", lambda: None)  # as without a C++ compiler at install
+    assert main(["info"]) == 0
+    out = capsys.readouterr().out
+    assert "  alignment_loss on cpu (float32, float64, float16, bfloat16): reference (native not available: the " \
+           "extension ssattn._C is not built" in out
+
+
 def test_no_traceback_from_the_installed_command(tmp_path):
     # The real entry point (a fresh interpreter), for one library error that used to surface as a traceback.
     proc = subprocess.run([sys.executable, "-m", "ssattn", "eval", "--checkpoint", str(tmp_path / "nosuch.pt"),

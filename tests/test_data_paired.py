@@ -50,6 +50,55 @@ def test_load_image_modes(tmp_path):
     assert torch.allclose(load_image(tmp_path / "f.tif"), torch.full((3, 1, 1), 0.25))
 
 
+def _write_png16(path, a: np.ndarray, filters) -> None:
+    """A 16-bit RGB(A) PNG written from the PNG specification (PIL cannot write one): row r filtered with
+    filters[r % len(filters)] (0 None, 1 Sub, 2 Up, 3 Average, 4 Paeth), the reconstruction's inverse."""
+    import struct
+    import zlib
+
+    h, w, ch = a.shape
+    orig = [list(a[r].astype(">u2").tobytes()) for r in range(h)]
+    bpp, rows = 2 * ch, []
+    for r in range(h):
+        kind = filters[r % len(filters)]
+        line = [kind]
+        for i, x in enumerate(orig[r]):
+            left = orig[r][i - bpp] if i >= bpp else 0
+            up = orig[r - 1][i] if r > 0 else 0
+            ul = orig[r - 1][i - bpp] if r > 0 and i >= bpp else 0
+            p = left + up - ul
+            paeth = left if abs(p - left) <= min(abs(p - up), abs(p - ul)) else (up if abs(p - up) <= abs(p - ul) else ul)
+            pred = [0, left, up, (left + up) // 2, paeth][kind]
+            line.append((x - pred) % 256)
+        rows.append(bytes(line))
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", w, h, 16, 2 if ch == 3 else 6, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"".join(rows)))
+                     + chunk(b"IEND", b""))
+
+
+def test_16_bit_colour_images_keep_every_bit(tmp_path):
+    rng = np.random.default_rng(0)
+    a = rng.integers(0, 65536, size=(9, 13, 3), dtype=np.uint16)
+    a[0, :4] = [[0, 1, 255], [256, 257, 65535], [32768, 32767, 1000], [65534, 2, 3]]  # low bytes matter
+    exact = torch.from_numpy(a.astype(np.float64) / 65535).permute(2, 0, 1).float()
+    for filters in ([0], [1], [2], [3], [4], [4, 3, 2, 1, 0, 1, 4]):
+        _write_png16(tmp_path / "deep.png", a, filters)
+        assert Image.open(tmp_path / "deep.png").mode == "RGB"  # what PIL makes of it: 8 bits per channel
+        x = load_image(tmp_path / "deep.png")
+        assert torch.equal(x, exact), filters
+        assert torch.equal((x.double() * 65535).round().to(torch.int32), torch.from_numpy(a.astype(np.int32)).permute(2, 0, 1))
+    rgba = np.concatenate([a, rng.integers(0, 65536, size=(9, 13, 1), dtype=np.uint16)], axis=2)
+    _write_png16(tmp_path / "deep_alpha.png", rgba, [4, 1])
+    assert torch.equal(load_image(tmp_path / "deep_alpha.png"), exact)  # alpha dropped, colours kept
+    tifffile = pytest.importorskip("tifffile")
+    tifffile.imwrite(tmp_path / "deep.tif", a, photometric="rgb")
+    assert torch.equal(load_image(tmp_path / "deep.tif"), exact)
+
+
 def test_load_image_errors(tmp_path, monkeypatch):
     (tmp_path / "x.png").write_bytes(b"nope")
     with pytest.raises(ImageLoadError, match="x.png"):

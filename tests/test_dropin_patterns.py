@@ -19,6 +19,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ssattn.dropin import semantic_sensitive
 from ssattn.semantic.modules import SemanticCrossAttention
+from tests._accuracy import assert_same_sums
 
 warnings.filterwarnings("ignore", message=r"ssattn\..*falling back")
 
@@ -309,17 +310,16 @@ class CheckpointedNet(SmallUNet):
 
 def test_activation_checkpointing_recomputes_the_same_stage():
     torch.manual_seed(1)
-    ck = _perturb(semantic_sensitive(CheckpointedNet(), {"dec1": "enc1", "enc2": "enc1"}), std=0.3)
+    ck = _perturb(semantic_sensitive(CheckpointedNet(), {"dec1": "enc1", "enc2": "enc1"}), std=0.3).double()
     plain = copy.deepcopy(ck)
     plain.model.use_checkpoint = False
-    x, g = _inputs()
+    x, g = (t.double() for t in _inputs())
     grads = []
     for ss in (ck, plain):
         out = ss(x, guidance=g)
         (out.square().mean() + ss.alignment_loss()).backward()
         grads.append({n: p.grad for n, p in ss.named_parameters()})
-    for n, grad in grads[1].items():
-        torch.testing.assert_close(grads[0][n], grad, rtol=1e-5, atol=1e-7, msg=n)
+    assert_same_sums(grads[0], grads[1])  # float64: the same terms, summed in another order at most
     assert grads[0]["blocks.dec1.q_proj.weight"].abs().sum() > 0
 
 
@@ -346,7 +346,8 @@ def test_checkpointed_decoder_called_twice_recomputes_each_call(pairs):
     torch.manual_seed(3)
     x, g = _inputs()
     x = x[:, :3]
-    ck = _perturb(semantic_sensitive(CheckpointedSharedDecoder(), pairs), std=0.3)
+    x, g = x.double(), g.double()
+    ck = _perturb(semantic_sensitive(CheckpointedSharedDecoder(), pairs), std=0.3).double()
     plain = copy.deepcopy(ck)
     plain.model.use_checkpoint = False
     grads = []
@@ -356,8 +357,7 @@ def test_checkpointed_decoder_called_twice_recomputes_each_call(pairs):
             out = ss(x, guidance=g)
         (out.square().mean() + ss.alignment_loss()).backward()
         grads.append({n: p.grad for n, p in ss.named_parameters()})
-    for n, grad in grads[1].items():
-        torch.testing.assert_close(grads[0][n], grad, rtol=1e-5, atol=1e-7, msg=n)
+    assert_same_sums(grads[0], grads[1])  # float64: the same terms, summed in another order at most
 
 
 # ----------------------------------------------------------------------------- reused modules

@@ -17,6 +17,7 @@ from torch.utils.checkpoint import checkpoint
 import ssattn
 from ssattn.models import UNet
 from ssattn.text import TextConditioning, TextFeatures
+from tests._accuracy import assert_same_sums
 
 warnings.filterwarnings("ignore", message=r"ssattn\..*falling back")
 CT = 12
@@ -186,17 +187,17 @@ def test_text_stage_channels_measured_or_from_example_inputs_or_channels():
 def test_deepcopy_and_checkpointing_with_text_stages():
     torch.manual_seed(4)
     ck = _perturb(ssattn.text_guided(SmallUNet(use_checkpoint=True), ["enc2", "dec1"], text_channels=CT), 0.3)
+    ck = ck.double()
     plain = copy.deepcopy(ck)
     plain.model.use_checkpoint = False
-    x = torch.randn(2, 3, 8, 8)
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
     words, mask = _text()
-    words.requires_grad_()
+    words = words.double().requires_grad_()
     grads = []
     for ss in (ck, plain):
         ss(x, text=(words, mask)).square().mean().backward()
         grads.append({n: p.grad for n, p in ss.named_parameters()})
-    for n, grad in grads[1].items():
-        torch.testing.assert_close(grads[0][n], grad, rtol=1e-5, atol=1e-7, msg=n)
+    assert_same_sums(grads[0], grads[1])  # float64: the same terms, summed in another order at most
     assert grads[0]["text_blocks.dec1.cross.k_proj.weight"].abs().sum() > 0
 
 
@@ -267,9 +268,10 @@ def test_a_site_with_both_kinds_of_stage_is_refined_by_both_and_recomputed_right
                 p.normal_(0, 0.3)
         return _perturb(ss, 0.3)
 
-    ck, plain = build(True), build(False)
-    x, g = torch.randn(2, 3, 8, 8), torch.rand(2, 1, 8, 8)
+    ck, plain = build(True).double(), build(False).double()
+    x, g = torch.randn(2, 3, 8, 8, dtype=torch.float64), torch.rand(2, 1, 8, 8, dtype=torch.float64)
     words, mask = _text()
+    words = words.double()
     net = plain.model
     e1 = net.enc1(x)
     d = net.dec1(torch.cat([net.up(net.enc2(e1)), e1], 1))
@@ -279,5 +281,4 @@ def test_a_site_with_both_kinds_of_stage_is_refined_by_both_and_recomputed_right
     for ss in (ck, plain):
         (ss(x, guidance=g, text=(words, mask)).square().mean() + ss.alignment_loss()).backward()
         grads.append({n: p.grad for n, p in ss.named_parameters()})
-    for n, grad in grads[1].items():
-        torch.testing.assert_close(grads[0][n], grad, rtol=1e-5, atol=1e-7, msg=n)
+    assert_same_sums(grads[0], grads[1])  # float64: the same terms, summed in another order at most

@@ -58,3 +58,34 @@ def test_readme_dropin_example_runs():
     assert namespace["y"].shape == (2, 3, 32, 32)
     assert namespace["loss"].ndim == 0 and bool(namespace["loss"].isfinite())
     assert ss.model is model and ss.blocks["dec1"].out_proj.weight.abs().sum() > 0  # the optimizer saw the stages
+
+
+def _setup_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("ssattn_setup", ROOT / "setup.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)  # runs no build: setup() runs only as __main__, as pip runs it
+    return module
+
+
+def test_the_cuda_kernels_are_built_only_where_they_can_run_or_are_asked_for():
+    plan = _setup_module().cuda_plan
+    # nvcc present but no GPU (the install that spent minutes compiling kernels that could not run): C++ only
+    build, why = plan("13.0", False, {})
+    assert not build and "no CUDA GPU visible" in why and "SSATTN_CUDA=1" in why
+    assert plan("13.0", True, {})[0]                                   # a GPU here: for its architecture
+    assert plan("13.0", False, {"SSATTN_CUDA": "1"}) == (True, "SSATTN_CUDA is set: building the CUDA kernels "
+                                                               "for 8.0;9.0")  # a docker or cluster build
+    assert plan("13.0", False, {"TORCH_CUDA_ARCH_LIST": "9.0"})[0]
+    assert not plan("13.0", True, {"SSATTN_NO_CUDA": "1"})[0]
+    assert not plan(None, True, {"SSATTN_CUDA": "1"})[0]               # a CPU build of torch cannot
+
+
+def test_ci_compiles_the_cuda_sources_and_the_readme_says_how_to_skip_them():
+    ci = (ROOT / ".ci" / "run").read_text()
+    before = ci.split(_readme_commands()[1], 1)[0]
+    assert "export SSATTN_CUDA=1" in before  # a CUDA compile error cannot land, though CI has no GPU
+    readme = (ROOT / "README.md").read_text()
+    quick = readme.split("## Quick start", 1)[1].split("\n## ", 1)[0]
+    assert "SSATTN_NO_CUDA=1" in quick and "SSATTN_CUDA=1" in quick

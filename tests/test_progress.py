@@ -44,3 +44,22 @@ def test_a_terminal_gets_a_live_bar():
 
 def test_disabled_is_silent():
     assert _run(10, 10, io.StringIO(), disable=True) == ""
+
+
+def test_train_writes_a_few_progress_lines_to_a_log_not_one_per_step(tmp_path):
+    # stderr is a pipe here, as in a CI log or `2> train.log`: 200 steps give a line per tenth, not 200
+    # redraws (the trainer's tqdm bar wrote one per step before).
+    import os
+    import re
+    import subprocess
+    import sys
+
+    steps = 200
+    cmd = [sys.executable, "-m", "ssattn", "train", "--data", "synthetic", "--out", str(tmp_path / "run"),
+           "--size", "16", "--n", "4", "--batch-size", "2", "--width", "4", "--levels", "dec3", "--device", "cpu",
+           "--threads", "1", "--steps", str(steps), "--log-every", "0", "--checkpoint-every", "0"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    records = [r for r in re.split(r"[\r\n]", proc.stderr) if re.search(rf"\b\d+/{steps}\b", r)]
+    assert 1 <= len(records) <= 12, records[:20]
+    assert f"{steps}/{steps}" in records[-1]

@@ -48,6 +48,19 @@ def test_read_captions_errors_name_what_is_missing(tmp_path):
         read_captions(tmp_path / "nope", ["a"])
 
 
+def test_a_caption_given_as_text_is_every_images_caption_and_a_missing_path_is_an_error(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert read_captions("a fish over sand", ["0", "1"]) == ["a fish over sand"] * 2
+    assert read_captions("  two divers. ", ["a"]) == ["two divers."]
+    for typo in ("captions/", "data/captions", "captoins.txt", "names.JSON", "table.tsv"):
+        with pytest.raises(FileNotFoundError, match=f"captions '{typo}': no such file or folder"):
+            read_captions(typo, ["a"])
+    with pytest.raises(ValueError, match="empty"):
+        read_captions("   ", ["a"])
+    (tmp_path / "sea.txt").write_text("the open sea")  # an existing file is still read as one
+    assert read_captions("sea.txt", ["a"]) == ["the open sea"]
+
+
 class _CountingCaptioner:
     settings = {"captioner": "fake", "question": "what is there?"}
 

@@ -92,6 +92,17 @@ def test_train_cli_text_errors(tmp_path, clip_dir, capsys):
     assert "dec9" in capsys.readouterr().err
 
 
+def test_train_cli_with_one_caption_given_as_text(tmp_path, clip_dir, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    base = ["train", "--data", "synthetic", "--out", "run", "--size", "16", "--n", "4", "--steps", "1",
+            "--batch-size", "2", "--width", "4", "--no-progress", "--device", "cpu", "--text-encoder", clip_dir]
+    assert cli_main(base + ["--text", "a fish over sand"]) == 0, capsys.readouterr().err
+    model, ckpt = load_model(os.path.join("run", "checkpoint.pt"))
+    assert model.takes_text
+    assert cli_main(base + ["--out", "run2", "--text", "captions.txt"]) == 2  # a mistyped file is not a caption
+    assert "--text: captions 'captions.txt': no such file or folder" in capsys.readouterr().err
+
+
 def test_train_cli_captions_from_a_vlm(tmp_path, clip_dir, capsys):
     from ssattn.guidance.testing import save_llava
 

@@ -1,4 +1,4 @@
-"""Caption-model regulariser (seed 001): enhanced and reference images agree in a captioner's feature spaces.
+"""The ClipCap-style caption regulariser: enhanced and reference images agree in a captioner's feature spaces.
 
 A ClipCap-style captioner (CLIP vision -> mapping network -> GPT-2, built from
 transformers' modules; captioner.py), CLIP's preprocessing as differentiable

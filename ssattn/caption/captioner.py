@@ -118,33 +118,35 @@ class Captioner(nn.Module):
 
 
 # --------------------------------------------------------------------------- loading and saving
+def _image_processor_name() -> str:
+    import transformers  # the package's top level only (its classes load lazily)
+
+    # transformers 5 names the PIL processor CLIPImageProcessorPil (CLIPImageProcessor then needs torchvision)
+    return "CLIPImageProcessorPil" if hasattr(transformers, "CLIPImageProcessorPil") else "CLIPImageProcessor"
+
+
 def _image_processor_class():
     import transformers
 
-    # transformers 5 names the PIL processor CLIPImageProcessorPil (CLIPImageProcessor then needs torchvision)
-    return getattr(transformers, "CLIPImageProcessorPil", None) or transformers.CLIPImageProcessor
+    return getattr(transformers, _image_processor_name())
 
 
 def load_vision(model_id, dtype=None):
     """(vision model, ClipPreprocess) from a hub id or folder holding a CLIP vision model and its image processor."""
-    import transformers
-
-    processor = hub.from_pretrained(_image_processor_class(), model_id, "CLIP image processor")
+    processor = hub.from_pretrained(_image_processor_name(), model_id, "CLIP image processor")
     kw = {"dtype": dtype} if dtype is not None else {}
-    config = hub.from_pretrained(transformers.AutoConfig, model_id, "CLIP config")
+    config = hub.from_pretrained("AutoConfig", model_id, "CLIP config")
     # The projected 512-d embedding (ClipCap's input) unless the folder holds a plain CLIPVisionModel;
     # a full CLIPModel checkpoint loads into CLIPVisionModelWithProjection too.
     plain = list(getattr(config, "architectures", None) or []) == ["CLIPVisionModel"]
-    cls = transformers.CLIPVisionModel if plain else transformers.CLIPVisionModelWithProjection
+    cls = "CLIPVisionModel" if plain else "CLIPVisionModelWithProjection"
     vision = hub.from_pretrained(cls, model_id, "CLIP vision model", **kw)
     return vision, ClipPreprocess.from_processor(processor)
 
 
 def load_language(model_id, dtype=None):
-    import transformers
-
     kw = {"dtype": dtype} if dtype is not None else {}
-    return hub.from_pretrained(transformers.GPT2Model, model_id, "GPT-2 language model", **kw)
+    return hub.from_pretrained("GPT2Model", model_id, "GPT-2 language model", **kw)
 
 
 def _resolve(base: Path, ref: str) -> str:
@@ -207,12 +209,7 @@ def load_captioner(ref, *, vision=None, language=None, dtype=None, normalize_pre
         if not (path / CONFIG).is_file():
             raise hub.not_available("captioner", ref, FileNotFoundError(f"no {CONFIG} in {str(path)!r}"))
         return _load_folder(path, ref, dtype)
-    try:
-        from huggingface_hub import snapshot_download
-
-        snap = Path(snapshot_download(ref))
-    except Exception as exc:  # offline and not cached, bad id, no network
-        raise hub.not_available("captioner", ref, exc) from exc
+    snap = hub.snapshot(ref, "captioner")
     if not (snap / CONFIG).is_file():
         raise hub.not_available("captioner", ref, FileNotFoundError(f"the repository holds no {CONFIG}"))
     return _load_folder(snap, ref, dtype)

@@ -52,8 +52,6 @@ class BlipAligner(GuideBase):
     def __init__(self, model: str = DEFAULT_ALIGNER, *, prompts=None, captioner=None, joint: bool = False,
                  max_prompts: int = MAX_PROMPTS, fallback=DEFAULT_PROMPTS, device=None, dtype=None,
                  backend: str = "auto"):
-        from transformers import AutoConfig, AutoProcessor
-
         if prompts is not None and (isinstance(prompts, str) or not all(isinstance(p, str) and p.strip() for p in prompts)):
             raise ValueError(f"prompts must be a list of non-empty strings (one text each), got {prompts!r}")
         if prompts is not None and len(prompts) == 0:
@@ -67,10 +65,10 @@ class BlipAligner(GuideBase):
         self.joint = bool(joint)
         self.max_prompts = int(max_prompts)
         self.fallback = list(fallback)
-        config = from_pretrained(AutoConfig, model, "aligner config")
+        config = from_pretrained("AutoConfig", model, "aligner config")
         vc = config.vision_config
         self.grid_size = (vc.image_size // vc.patch_size,) * 2
-        processor = from_pretrained(AutoProcessor, model, "aligner processor")
+        processor = from_pretrained("AutoProcessor", model, "aligner processor")
         self.tokenizer = processor.tokenizer
         ip = processor.image_processor
         self.input_size = _image_size(ip)

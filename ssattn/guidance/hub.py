@@ -13,6 +13,11 @@ class ModelNotAvailableError(OSError):
     """A model (weights, config or processor) that cannot be loaded; the message names it and how to provide it."""
 
 
+# How long a machine without network waits for the Hub before it says so: one TCP connection, no retries
+# (huggingface_hub's own retries took minutes and printed a warning per attempt).
+CONNECT_TIMEOUT_S = 2.0
+
+
 def _hub_state() -> str:
     try:
         from huggingface_hub import constants
@@ -23,36 +28,141 @@ def _hub_state() -> str:
     return f"HF_HUB_CACHE={cache}, HF_HUB_OFFLINE={int(bool(offline))}"
 
 
-def not_available(what: str, model_id: str, exc: BaseException) -> ModelNotAvailableError:
+def _one_line(text: str, limit: int = 300) -> str:
+    text = " ".join(str(text).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _is_repo_id(model_id: str) -> bool:
+    try:
+        from huggingface_hub.utils import validate_repo_id
+
+        validate_repo_id(model_id)
+    except Exception:
+        return False
+    return True
+
+
+def not_available(what: str, model_id: str, exc: BaseException | str) -> ModelNotAvailableError:
+    """The one-line error for a model that cannot be loaded: what it is, why, and how to provide it."""
+    reason = exc if isinstance(exc, str) else f"{type(exc).__name__}: {_one_line(exc)}"
     local = Path(str(model_id)).expanduser()
     if local.exists():
-        hint = (f"the folder {str(local)!r} exists but does not hold a loadable {what} "
-                "(expected config.json, the weights and the processor/tokenizer files, as save_pretrained writes them)")
+        hint = (f"the folder exists but does not hold a loadable {what} (expected config.json, the weights and the "
+                f"processor/tokenizer files, as save_pretrained writes them): {reason}")
+    elif not _is_repo_id(str(model_id)):
+        hint = (f"there is no file or folder at that path, and it is not a Hugging Face repository id "
+                f"(ORG/NAME)")
     else:
-        hint = (
-            f"to provide it: on a machine with network run `hf download {model_id}` (or load it once with "
-            "transformers), then copy its cache folder (HF_HOME, default ~/.cache/huggingface) here and set "
-            f"HF_HOME (or HF_HUB_CACHE) to it with HF_HUB_OFFLINE=1; or save it with save_pretrained into a folder "
-            "and pass that folder's path instead of the repository id"
-        )
-    return ModelNotAvailableError(f"cannot load the {what} {model_id!r}: {type(exc).__name__}: {exc}\n{hint} "
-                                  f"({_hub_state()})")
+        hint = (f"no local folder of that name, and as a hub id {reason}; to provide it, run `hf download {model_id}` "
+                "on a machine with network and copy its "
+                "Hugging Face cache here (set HF_HOME, or HF_HUB_CACHE, to it, and HF_HUB_OFFLINE=1), or pass "
+                f"the path of a folder it was saved to with save_pretrained ({_hub_state()})")
+    return ModelNotAvailableError(f"cannot load the {what} {str(model_id)!r}: {hint}")
+
+
+def hub_unreachable() -> str | None:
+    """Why the Hugging Face Hub cannot be reached now (offline mode, no network), or None when it can.
+
+    One TCP connection to the Hub endpoint (HF_ENDPOINT), or to the HTTPS proxy when one is set, with a
+    CONNECT_TIMEOUT_S timeout: a machine without network learns it in at most that long.
+    """
+    import socket
+    import urllib.request
+    from urllib.parse import urlsplit
+
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return "it is not in the local Hugging Face cache, and HF_HUB_OFFLINE is set"
+    endpoint = urlsplit(constants.ENDPOINT)
+    target = endpoint
+    proxy = urllib.request.getproxies().get(endpoint.scheme)
+    if proxy and not urllib.request.proxy_bypass(endpoint.hostname or ""):
+        target = urlsplit(proxy if "://" in proxy else f"http://{proxy}")
+    port = target.port or (443 if target.scheme == "https" else 80)
+    try:
+        socket.create_connection((target.hostname, port), timeout=CONNECT_TIMEOUT_S).close()
+    except OSError as exc:
+        via = f" through the proxy {target.hostname}:{port}" if target is not endpoint else ""
+        return (f"it is not in the local Hugging Face cache, and the Hub ({constants.ENDPOINT}) cannot be "
+                f"reached{via} ({_one_line(exc) or type(exc).__name__})")
+    return None
+
+
+def _missing(exc: BaseException) -> bool:
+    # huggingface_hub's "not in cache"/"repo not found"/bad-id errors are OSError or ValueError subclasses;
+    # a ValueError raised while building a model that *was* found is a real bug.
+    return isinstance(exc, OSError) or (isinstance(exc, ValueError) and _looks_missing(exc))
+
+
+def _in_cache(model_id: str) -> bool:
+    """Whether the local hub cache holds any snapshot of the repository (no network, no transformers import)."""
+    from huggingface_hub import constants
+
+    snapshots = Path(constants.HF_HUB_CACHE) / ("models--" + model_id.replace("/", "--")) / "snapshots"
+    return snapshots.is_dir() and any(snapshots.iterdir())
+
+
+def _loader(loader):
+    if isinstance(loader, str):  # a transformers class by name: imported only once the model is known to be here
+        import transformers
+
+        return getattr(transformers, loader)
+    return loader
 
 
 def from_pretrained(loader, model_id, what: str, **kwargs):
-    """loader.from_pretrained(model_id, **kwargs), turning 'not found' errors into ModelNotAvailableError."""
+    """loader.from_pretrained(model_id, **kwargs), failing fast and in one line when the model is not here.
+
+    loader: a transformers class, or its name ("AutoProcessor"), imported only after the model is found (a
+    transformers import can take seconds). A local folder loads as it is. A hub id is looked up in the
+    local cache first (no network); only when it is not there is the Hub asked, after hub_unreachable()
+    says it can be reached, so a machine without network fails within CONNECT_TIMEOUT_S with one
+    ModelNotAvailableError that says how to provide the model.
+    """
     if not model_id or not isinstance(model_id, (str, os.PathLike)):
         raise ValueError(f"the {what} must be a repository id or a folder path, got {model_id!r}")
     model_id = os.fspath(model_id)
+    if not Path(model_id).expanduser().exists():
+        if not _is_repo_id(model_id):
+            raise not_available(what, model_id, "not found")
+        if _in_cache(model_id):
+            try:
+                return _loader(loader).from_pretrained(model_id, local_files_only=True, **kwargs)
+            except (OSError, ValueError) as exc:
+                if not _missing(exc):
+                    raise
+        why = hub_unreachable()
+        if why:
+            raise not_available(what, model_id, why)
     try:
-        return loader.from_pretrained(model_id, **kwargs)
+        return _loader(loader).from_pretrained(model_id, **kwargs)
     except ModelNotAvailableError:
         raise
     except (OSError, ValueError) as exc:
-        # huggingface_hub's "not in cache"/"repo not found"/bad-id errors are OSError or ValueError subclasses;
-        # a ValueError raised while building a model that *was* found is a real bug: re-raise it as is.
-        if isinstance(exc, ValueError) and not _looks_missing(exc):
+        if not _missing(exc):
             raise
+        raise not_available(what, model_id, exc) from exc
+
+
+def snapshot(model_id: str, what: str) -> Path:
+    """The local folder of a hub repository (huggingface_hub.snapshot_download), with from_pretrained's checks."""
+    from huggingface_hub import snapshot_download
+
+    if not _is_repo_id(model_id):
+        raise not_available(what, model_id, "not found")
+    if _in_cache(model_id):
+        try:
+            return Path(snapshot_download(model_id, local_files_only=True))
+        except Exception:  # not completely in the cache
+            pass
+    why = hub_unreachable()
+    if why:
+        raise not_available(what, model_id, why)
+    try:
+        return Path(snapshot_download(model_id))
+    except Exception as exc:  # bad id, repository not found, download failed
         raise not_available(what, model_id, exc) from exc
 
 

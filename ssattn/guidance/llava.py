@@ -31,8 +31,6 @@ class LlavaCaptioner:
 
     def __init__(self, model: str = DEFAULT_CAPTIONER, *, question: str = DEFAULT_QUESTION, max_new_tokens: int = 48,
                  device=None, dtype=None, model_class=None, batch_size: int = 8):
-        from transformers import AutoConfig, AutoProcessor
-
         self.model_id = model
         self.question = question
         self.max_new_tokens = int(max_new_tokens)
@@ -40,8 +38,8 @@ class LlavaCaptioner:
         self.device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.dtype = dtype or (torch.float16 if self.device.type == "cuda" else torch.float32)
         self._model_class = model_class
-        config = from_pretrained(AutoConfig, model, "captioner config")
-        self.processor = from_pretrained(AutoProcessor, model, "captioner processor")
+        config = from_pretrained("AutoConfig", model, "captioner config")
+        self.processor = from_pretrained("AutoProcessor", model, "captioner processor")
         if getattr(self.processor, "chat_template", None) is None:
             raise ValueError(f"the captioner processor of {model!r} has no chat template; pass a chat model's processor")
         tok = getattr(self.processor, "tokenizer", None)

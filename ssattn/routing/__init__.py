@@ -1,4 +1,4 @@
-"""Degradation routing (seed 002): classify each image's degradation and send it to the right expert.
+"""VLM degradation routing: classify each image's degradation and send it to the right expert.
 
 Classifiers (all: ``classifier(images) -> (B, C)`` probabilities over
 ``classifier.classes``):

@@ -1,7 +1,7 @@
 """The degradation classes a router tells apart, and how each is described to a model.
 
-The first four are the classes of seed 002 (A-D of its multiple-choice
-prompt); "underwater" (colour cast and haze) and "low_light" are the
+The first four are the classes of the VLM degradation-routing paper (A-D of its
+multiple-choice prompt); "underwater" (colour cast and haze) and "low_light" are the
 underwater additions. Every classifier takes any subset, in any order.
 """
 
@@ -10,7 +10,7 @@ from __future__ import annotations
 PAPER_CLASSES = ("noise_blur_jpeg", "reflection", "motion_blur", "none")
 ALL_CLASSES = PAPER_CLASSES + ("underwater", "low_light")
 
-# The option text of the VLM's multiple-choice prompt (seed 002's wording for A-D).
+# The option text of the VLM's multiple-choice prompt (the routing paper's wording for A-D).
 DESCRIPTIONS = {
     "noise_blur_jpeg": "super-resolution degradation (noise, blur and JPEG compression)",
     "reflection": "reflection artifacts",

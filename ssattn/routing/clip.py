@@ -32,8 +32,6 @@ class ClipClassifier:
 
     def __init__(self, model: str = DEFAULT_CLIP, classes=PAPER_CLASSES, *, prompts: dict | None = None,
                  device=None, dtype=None, batch_size: int = 32):
-        from transformers import AutoModel, AutoProcessor
-
         self.classes = check_classes(classes)
         prompts = dict(CLIP_PROMPTS if prompts is None else prompts)
         missing = [c for c in self.classes if c not in prompts]
@@ -46,8 +44,8 @@ class ClipClassifier:
         self.device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.dtype = dtype or (torch.float16 if self.device.type == "cuda" else torch.float32)
         self.model_id = model
-        self.processor = from_pretrained(AutoProcessor, model, "CLIP processor")
-        self.model = from_pretrained(AutoModel, model, "CLIP model", dtype=self.dtype).to(self.device).eval()
+        self.processor = from_pretrained("AutoProcessor", model, "CLIP processor")
+        self.model = from_pretrained("AutoModel", model, "CLIP model", dtype=self.dtype).to(self.device).eval()
         self.settings = {"classifier": "clip", "model": model_ref(model), "revision": revision_of(model),
                          "classes": list(self.classes), "prompts": self.prompts, "dtype": str(self.dtype)}
         self._text = None

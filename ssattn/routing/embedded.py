@@ -5,7 +5,7 @@ blockiness, reflection ghosts, contrast, brightness and colour cast; a
 multinomial logistic regression fitted on generated degradations
 (benchmarks/fit_embedded_classifier.py, which writes _embedded_fit.py)
 turns them into class probabilities. Two fits ship: the four classes of
-seed 002 and all six; a classifier for a subset uses the smallest fit that
+the routing paper and all six; a classifier for a subset uses the smallest fit that
 covers it, restricted to the requested classes.
 """
 

@@ -1,7 +1,7 @@
 """VLM classifier: a chat model answers a multiple-choice question, read from the letter tokens' logits.
 
-The prompt lists the classes as options "A. ...", "B. ..." (seed 002's
-four by default). Instead of generating and parsing text, one forward pass
+The prompt lists the classes as options "A. ...", "B. ..." (the routing
+paper's four by default). Instead of generating and parsing text, one forward pass
 gives the logits at the first generated position (the end of the chat
 template's generation prompt; prompts are left-padded so that position is
 the last one for every image of a batch); each option's score is the
@@ -55,8 +55,6 @@ class VlmClassifier:
     def __init__(self, model: str = DEFAULT_CAPTIONER, classes=PAPER_CLASSES, *, question: str = QUESTION,
                  descriptions: dict | None = None, instruction: str = INSTRUCTION, letters: str = LETTERS,
                  device=None, dtype=None, model_class="auto", batch_size: int = 8):
-        from transformers import AutoProcessor
-
         self.classes = check_classes(classes)
         desc = dict(DESCRIPTIONS if descriptions is None else descriptions)
         missing = [c for c in self.classes if not isinstance(desc.get(c), str) or not desc[c].strip()]
@@ -73,7 +71,7 @@ class VlmClassifier:
         self.device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.dtype = dtype or (torch.float16 if self.device.type == "cuda" else torch.float32)
         self.model_id, self._model_class = model, model_class
-        self.processor = from_pretrained(AutoProcessor, model, "VLM processor")
+        self.processor = from_pretrained("AutoProcessor", model, "VLM processor")
         if getattr(self.processor, "chat_template", None) is None:
             raise ValueError(f"the processor of {model!r} has no chat template; pass a chat model's processor")
         tok = getattr(self.processor, "tokenizer", self.processor)

@@ -1,4 +1,4 @@
-"""The -SS system (seed 000): a VLM guidance map steers a decoder.
+"""The -SS (semantic-sensitive) system: a VLM guidance map steers a decoder.
 
 One mask-weighted cross-attention stage per decoder level, the guidance
 pyramid that gives each level its map, and the alignment loss on decoder

@@ -1,4 +1,4 @@
-"""Text guidance (seed 003, NaLSuper): image-word cross-attention, intra-modal and fusion attention.
+"""NaLSuper text guidance: image-word cross-attention, intra-modal and fusion attention.
 
 - modules: TextGuidedCrossAttention (TCM's cross-modal attention; the short-key
   kernel on CUDA), IntraModalAttention (image tokens), WordSelfAttention (words),

@@ -6,7 +6,11 @@ stem of each degraded image, or the dataset's item names):
 - a folder: `<name>.txt` for each name (UTF-8, surrounding whitespace dropped);
 - a `.json` file: an object {name: caption};
 - a text file whose lines are `name<TAB>caption`: a table;
-- any other text file: its whole text is the one caption of every image.
+- any other text file: its whole text is the one caption of every image;
+- any other string: the caption itself, for every image ("a fish over sand"). A string that
+  looks like a path (it holds a path separator, or ends in a caption file's extension such as
+  .txt or .json) and names nothing is an error instead, so a mistyped file name is not
+  silently taken for a caption.
 
 Missing names are an error that lists a few of them. caption_images(images,
 captioner, cache_dir) asks a captioner (ssattn.guidance.LlavaCaptioner or
@@ -18,6 +22,7 @@ is deterministic, so an answer never changes).
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -39,10 +44,25 @@ def _missing(names, table: dict, source: str) -> None:
                          f"{missing[:3]}; known names: {sorted(table)[:3]}")
 
 
+CAPTION_FILE_EXTENSIONS = (".txt", ".json", ".tsv", ".csv", ".jsonl")
+
+
+def looks_like_a_path(text: str) -> bool:
+    """Whether a --text value is meant as a file or folder: a path separator, or a caption file's extension."""
+    separators = {"/", os.sep} | ({os.altsep} if os.altsep else set())
+    return any(sep in text for sep in separators) or text.lower().endswith(CAPTION_FILE_EXTENSIONS)
+
+
 def read_captions(source, names) -> list[str]:
     """One caption per name, from `source` (see the module docstring)."""
     names = [str(n) for n in names]
     path = Path(source)
+    if not path.exists() and isinstance(source, str):
+        if looks_like_a_path(source):
+            raise FileNotFoundError(
+                f"captions {source!r}: no such file or folder (a caption given as text has no path separator and "
+                f"no file extension such as {', '.join(CAPTION_FILE_EXTENSIONS[:2])})")
+        return [_clean(source, "the caption text")] * len(names)
     if path.is_dir():
         found = {n: path / f"{n}.txt" for n in names}
         _missing(names, {n: p for n, p in found.items() if p.is_file()}, str(path))

@@ -87,8 +87,6 @@ class TextEncoder:
 
     def __init__(self, model=DEFAULT_TEXT_ENCODER, *, max_length: int = 77, device=None, dtype=None,
                  cache_dir=None, batch_size: int = 64):
-        from transformers import AutoTokenizer, CLIPTextModel
-
         if not isinstance(max_length, int) or max_length < 2:
             raise ValueError(f"max_length must be an integer >= 2 (start and end tokens), got {max_length!r}")
         if not isinstance(batch_size, int) or batch_size < 1:
@@ -97,9 +95,9 @@ class TextEncoder:
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         self.dtype = dtype or torch.float32
         self.batch_size = batch_size
-        self.tokenizer = from_pretrained(AutoTokenizer, model, "CLIP tokenizer")
+        self.tokenizer = from_pretrained("AutoTokenizer", model, "CLIP tokenizer")
         with _quiet_transformers():  # a full CLIP checkpoint's vision weights are expected to stay unused
-            self.model = from_pretrained(CLIPTextModel, model, "CLIP text encoder", dtype=self.dtype)
+            self.model = from_pretrained("CLIPTextModel", model, "CLIP text encoder", dtype=self.dtype)
         self.model.to(self.device).eval().requires_grad_(False)
         limit = int(getattr(self.model.config, "max_position_embeddings", max_length))
         self.max_length = min(max_length, limit)

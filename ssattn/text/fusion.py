@@ -1,4 +1,4 @@
-"""Information Fusion Attention (seed 003, NaLSuper's IFA): channel, pixel and cross-layer attention.
+"""Information Fusion Attention (NaLSuper text guidance's IFA): channel, pixel and cross-layer attention.
 
 Definitions: docs/operations.md, section 6. Plain PyTorch (these are cheap
 next to the attention stages); every module compiles with

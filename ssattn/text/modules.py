@@ -1,4 +1,4 @@
-"""Text guidance modules (seed 003, NaLSuper's TCM): image-word cross-attention and intra-modal attention.
+"""NaLSuper text guidance modules (its TCM): image-word cross-attention and intra-modal attention.
 
 Definitions: docs/operations.md, section 5. Every block is a residual update
 with a zero-initialised output projection, so a new block is the identity.

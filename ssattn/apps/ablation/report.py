@@ -12,6 +12,7 @@ std is the sample standard deviation over seeds; a paired spread is that of the 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -25,8 +26,13 @@ PAIRED_COLUMNS = (("psnr_fg", "fg PSNR (dB)", 1, 2), ("psnr", "PSNR (dB)", 1, 2)
 GUIDANCE_WORDS = {"oracle": "oracle (true masks)", "embedded": "embedded guidance", None: "-"}
 
 
+def _num(x) -> float:
+    """A stored score as a float: null (a non-finite value in strict JSON) is NaN."""
+    return float("nan") if x is None else float(x)
+
+
 def _stats(values) -> dict:
-    v = [float(x) for x in values]
+    v = [_num(x) for x in values]
     finite = [x for x in v if math.isfinite(x)]
     mean = float(np.mean(finite)) if finite else float("nan")
     std = float(np.std(finite, ddof=1)) if len(finite) > 1 else float("nan")
@@ -88,10 +94,11 @@ def summarize(config: AblationConfig, out_dir: str, bounds: dict) -> dict:
             seeds = sorted(got)
             paired_seeds = [s for s in seeds if s in base]
             metrics = {m: _stats(got[s]["scores"][m] for s in seeds) for m in METRICS}
-            paired = {m: _stats(got[s]["scores"][m] - base[s]["scores"][m] for s in paired_seeds) for m in METRICS}
+            paired = {m: _stats(_num(got[s]["scores"][m]) - _num(base[s]["scores"][m]) for s in paired_seeds)
+                      for m in METRICS}
             iou = {c: _stats(got[s]["scores"]["iou"][k] for s in seeds) for k, c in enumerate(CLASSES)}
-            paired_iou = {c: _stats(got[s]["scores"]["iou"][k] - base[s]["scores"]["iou"][k] for s in paired_seeds)
-                          for k, c in enumerate(CLASSES)}
+            paired_iou = {c: _stats(_num(got[s]["scores"]["iou"][k]) - _num(base[s]["scores"]["iou"][k])
+                                    for s in paired_seeds) for k, c in enumerate(CLASSES)}
             growth = [_growth(got[s]) for s in seeds]
             scale = {lv: {side: float(np.mean([got[s]["feature_scale"][lv][side] for s in seeds]))
                           for side in ("in", "out")} for lv in config.levels}
@@ -107,7 +114,7 @@ def summarize(config: AblationConfig, out_dir: str, bounds: dict) -> dict:
                 "ms_per_step": float(np.mean([got[s]["ms_per_step"] for s in seeds])),
                 "pairing": pairing,
             })
-    table = {"config": {k: v for k, v in vars(config).items() if k != "extra"}, "bounds": bounds.get("scores", {}),
+    table = {"config": dataclasses.asdict(config), "bounds": bounds.get("scores", {}),
              "segmenter": bounds.get("segmenter"), "classes": list(CLASSES), "rows": rows}
     table["findings"] = findings(table)
     return table
@@ -156,6 +163,14 @@ def findings(table: dict) -> list[str]:
     return lines
 
 
+def _bound(scores: dict, key: str, digits: int) -> str:
+    """A score of the inputs or references: the reference's PSNR is infinite (null in strict JSON, with a note)."""
+    v = scores[key]
+    if v is None:
+        return "inf" if "+Infinity" in scores.get(f"{key}_note", "") else "-"
+    return "inf" if v == float("inf") else f"{v:.{digits}f}"
+
+
 def _pm(s: dict, digits: int, scale: float = 1) -> str:
     if not math.isfinite(s["mean"]):
         return "-"
@@ -182,9 +197,9 @@ def markdown(table: dict) -> list[str]:
               "| model | guidance | seeds | PSNR | SSIM | fg PSNR | fg SSIM | bg PSNR | bg SSIM | mIoU | ms/step |",
               "|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, b in table["bounds"].items():
-        fmt = (lambda v, d: "inf" if v == float("inf") else f"{v:.{d}f}")  # noqa: E731
-        lines.append(f"| {name} | - | - | {fmt(b['psnr'], 2)} | {b['ssim']:.4f} | {fmt(b['psnr_fg'], 2)} | "
-                     f"{b['ssim_fg']:.4f} | {fmt(b['psnr_bg'], 2)} | {b['ssim_bg']:.4f} | {b['miou']:.3f} | - |")
+        cells = " | ".join(_bound(b, m, d) for m, d in (("psnr", 2), ("ssim", 4), ("psnr_fg", 2), ("ssim_fg", 4),
+                                                          ("psnr_bg", 2), ("ssim_bg", 4), ("miou", 3)))
+        lines.append(f"| {name} | - | - | {cells} | - |")
     for r in table["rows"]:
         m = r["metrics"]
         lines.append(f"| {r['label']} | {r['guidance'] or '-'} | {len(r['seeds'])} | {_pm(m['psnr'], 2)} | "
@@ -208,7 +223,8 @@ def markdown(table: dict) -> list[str]:
     lines += ["", "## Per-class IoU of the segmenter (mean over seeds)", "",
               "| images | guidance | " + " | ".join(classes) + " | mIoU |", "|---|---|" + "---|" * (len(classes) + 1)]
     for name, b in table["bounds"].items():
-        lines.append(f"| {name} | - | " + " | ".join(f"{x:.3f}" for x in b["iou"]) + f" | {b['miou']:.3f} |")
+        lines.append(f"| {name} | - | " + " | ".join("-" if x is None or math.isnan(x) else f"{x:.3f}" for x in b["iou"])
+                     + f" | {_bound(b, 'miou', 3)} |")
     for r in table["rows"]:
         lines.append(f"| {r['label']} | {r['guidance'] or '-'} | " +
                      " | ".join(_pm(r["iou"][k], 3) for k in classes) + f" | {_pm(r['metrics']['miou'], 3)} |")

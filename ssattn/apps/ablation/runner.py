@@ -24,7 +24,7 @@ import json
 import os
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
@@ -64,7 +64,6 @@ class AblationConfig:
     seg_patience: int = 4
     feature_images: int = 32     # held-out scenes on which each run's decoder-feature scales are measured
     threads: int = 1             # torch threads per run
-    extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
         self.levels, self.seeds = tuple(self.levels), tuple(int(s) for s in self.seeds)
@@ -134,9 +133,11 @@ def run_id(variant: str, guidance: str | None, seed: int) -> str:
 
 
 def _write_json(path: str, obj) -> None:
+    """Strict JSON (a non-finite number as null with a note: ssattn.apps.jsonfile), written atomically."""
+    from ssattn.apps.jsonfile import write_json
+
     tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1, allow_nan=True)
+    write_json(tmp, obj, indent=1)
     os.replace(tmp, path)
 
 

@@ -12,7 +12,7 @@ import importlib
 import os
 import sys
 
-from .common import CLIError
+from .common import CLIError, one_line
 
 COMMANDS = ("demo", "guide", "route", "train", "eval", "metrics", "info")
 
@@ -46,7 +46,7 @@ def main(argv=None) -> int:
     except Exception as exc:
         if os.environ.get("SSATTN_DEBUG", "") not in ("", "0"):
             raise
-        text = str(exc) if isinstance(exc, _USER_ERRORS) else f"{type(exc).__name__}: {exc}"
+        text = one_line(exc) if isinstance(exc, _USER_ERRORS) else f"{type(exc).__name__}: {one_line(exc)}"
         hint = "" if isinstance(exc, _USER_ERRORS) else " (SSATTN_DEBUG=1 shows the traceback)"
         print(f"ssattn {args.command}: {text or type(exc).__name__}{hint}", file=sys.stderr)
         return 2

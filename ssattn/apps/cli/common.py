@@ -8,10 +8,17 @@ stderr and exits with code 2, never with a traceback (SSATTN_DEBUG=1 shows it).
 from __future__ import annotations
 
 import argparse
+import math
+import os
 
 
 class CLIError(Exception):
     """A bad argument or input: its message is all the user sees."""
+
+
+def one_line(text: str) -> str:
+    """An error message as the one line the CLI prints (a library message may span several)."""
+    return " ".join(part.strip() for part in str(text).splitlines() if part.strip())
 
 
 def _int_at_least(minimum: int):
@@ -31,3 +38,38 @@ def _int_at_least(minimum: int):
 
 positive_int = _int_at_least(1)
 nonnegative_int = _int_at_least(0)
+
+
+# --------------------------------------------------------------------------- CPU threads
+THREADS_HELP = ("CPU threads (default: OMP_NUM_THREADS when set, which torchrun sets to 1 per process; else the "
+                "cores not busy with other work, from the load average, shared among this machine's processes)")
+
+
+def add_threads_arg(p) -> None:
+    p.add_argument("--threads", type=positive_int, default=None, help=THREADS_HELP)
+
+
+def auto_threads(processes: int = 1) -> int:
+    """The cores not busy with other work (load average), shared by `processes` on this machine: all of them
+    on an idle machine, fewer on a busy one (oversubscribed torch threads spin and can run several times
+    slower than one thread)."""
+    cores = os.cpu_count() or 1
+    try:
+        idle = cores - int(math.floor(os.getloadavg()[0] + 0.5))
+    except OSError:
+        idle = cores
+    return max(1, min(cores, idle) // max(1, processes))
+
+
+def use_threads(requested, device) -> int:
+    """Set torch's CPU threads for a command (see THREADS_HELP) and return the count."""
+    import torch
+
+    if requested:
+        threads = int(requested)
+    elif device.type != "cpu" or os.environ.get("OMP_NUM_THREADS"):
+        threads = torch.get_num_threads()
+    else:
+        threads = auto_threads(int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    torch.set_num_threads(threads)
+    return threads

@@ -11,10 +11,9 @@ writes results.json, results.md, run.json, figure.png and metrics.png into --out
 
 from __future__ import annotations
 
-import math
 import os
 
-from .common import CLIError
+from .common import CLIError, add_threads_arg, use_threads
 
 DEFAULTS = {"steps": 180, "size": 48, "batch_size": 8, "n_train": 192, "n_test": 32, "width": 8, "seeds": 3,
             "seg_steps": 600}
@@ -28,11 +27,13 @@ SEGMENTER = {"val_share": 0.2, "eval_every": 50, "patience": 4, "width": 8, "bat
 # in the ablation (benchmarks/RESULTS.md); --align-weight 0.1 adds the paper's alignment loss back.
 DEFAULT_ALIGN_WEIGHT = 0.0
 DEFAULT_ALIGN_FORM = "normalized"  # when --align-weight > 0: bounded, unlike the paper's form
-# What the ablation measured (benchmarks/ablation_ss/table.json), cited in the demo's last lines.
-ABLATION_NOTE = ("The -SS ablation (benchmarks/RESULTS.md, 2026-12-03: 48 px scenes, 800 steps, 5 paired seeds, the true "
-                 "masks as guidance) measured foreground PSNR against the U-Net: attention only +0.03 ± 0.05 dB (no "
-                 "effect); with the alignment loss lower in every seed, paper form -0.98 ± 0.53 dB, normalized form "
-                 "-0.84 ± 0.65 dB; no variant gained more than twice its spread. This demo's -SS is attention only.")
+# What the ablation measured (benchmarks/ablation_ss/table.json and steps1600/table.json), cited in the demo's
+# last lines.
+ABLATION_NOTE = ("The -SS ablation (benchmarks/RESULTS.md, 2026-12-03: 48 px scenes, 5 paired seeds, the true masks as "
+                 "guidance) measured foreground PSNR against the U-Net at 800 / 1600 steps: attention only "
+                 "+0.03 ± 0.05 / +0.01 ± 0.11 dB (no effect); with the alignment loss lower in every seed, paper form "
+                 "-0.98 ± 0.53 / -1.80 ± 0.66 dB, normalized form -0.84 ± 0.65 / -0.60 ± 0.19 dB; no variant gained "
+                 "more than twice its spread. This demo's -SS is attention only.")
 
 
 def register(sub) -> None:
@@ -62,8 +63,7 @@ def register(sub) -> None:
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N")
     p.add_argument("--amp", choices=("auto", "none", "bf16"), default="auto",
                    help="autocast (default: bf16 on CUDA, none on CPU)")
-    p.add_argument("--threads", type=int, default=None,
-                   help="CPU threads (default: the cores not busy with other work, from the load average)")
+    add_threads_arg(p)
     p.add_argument("--quick", action="store_true", help="a seconds-long smoke run (tiny sizes; for tests)")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     p.set_defaults(func=run)
@@ -82,17 +82,6 @@ def _settings(args) -> dict:
     if args.align_weight is not None and not args.align_weight >= 0:
         raise CLIError(f"--align-weight must be >= 0, got {args.align_weight}")
     return s
-
-
-def auto_threads() -> int:
-    """All cores on an idle machine; fewer when the load average says others use them (oversubscribed torch
-    threads spin and can run several times slower than one thread)."""
-    cores = os.cpu_count() or 1
-    try:
-        load = os.getloadavg()[0]
-    except OSError:
-        return cores
-    return max(1, min(cores, cores - int(math.floor(load + 0.5))))
 
 
 def _backends_used(device) -> dict:
@@ -132,7 +121,6 @@ def _describe_ss(opts: dict) -> str:
 
 
 def run(args) -> int:
-    import json
     import time
     import warnings
 
@@ -140,6 +128,7 @@ def run(args) -> int:
 
     from ssattn.apps.data.scenes import CLASSES
     from ssattn.apps.demo import experiment, figures, results as res
+    from ssattn.apps.jsonfile import METRIC_NOTES, dumps, write_json
     from ssattn.apps.training.guidance_quality import guidance_quality
     from ssattn.metrics import masked_psnr
     from ssattn.guidance.embedded import DEFAULT_METHOD
@@ -149,8 +138,7 @@ def run(args) -> int:
     s = _settings(args)
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if args.device == "auto" else args.device))
-    threads = args.threads or (auto_threads() if device.type == "cpu" else torch.get_num_threads())
-    torch.set_num_threads(threads)
+    threads = use_threads(args.threads, device)
     amp = args.amp if args.amp != "auto" else ("bf16" if device.type == "cuda" else "none")
     if args.levels:
         levels = tuple(v.strip() for v in args.levels.split(",") if v.strip())
@@ -244,10 +232,8 @@ def run(args) -> int:
                 "params": {n: first_outputs[n][2] for n in experiment.MODELS},
                 "loss": {n: first_outputs[n][3] for n in experiment.MODELS},
                 "data_s": t_data, "segmenter_s": t_seg, "total_s": total, "cpu_s": cpu}
-    with open(os.path.join(args.out, "results.json"), "w") as f:
-        json.dump(results, f, indent=2)
-    with open(os.path.join(args.out, "run.json"), "w") as f:
-        json.dump(run_info, f, indent=2)
+    write_json(os.path.join(args.out, "results.json"), results, METRIC_NOTES)
+    write_json(os.path.join(args.out, "run.json"), run_info, METRIC_NOTES)
     with open(os.path.join(args.out, "results.md"), "w") as f:
         f.write("# ssattn demo: does -SS help on the objects? (synthetic underwater scenes, held-out)\n\n")
         f.write(f"Mean ± sample std over {s['seeds']} training seeds; fg = inside the object masks; mIoU of a "
@@ -255,9 +241,9 @@ def run(args) -> int:
                 f"masks: AUC {quality['auc']:.3f}, best-threshold IoU {quality['iou']:.3f}.\n\n")
         f.write("\n".join(table) + "\n\n")
         f.write("\n".join(verdict) + "\n\n")
-        f.write(f"Settings: {json.dumps(s)}, data seed {args.seed}, device {device}, {threads} thread(s), "
-                f"autocast {amp}, -SS stages {','.join(levels)}, -SS options {json.dumps(ss_options)}.\n"
-                f"Backends: {json.dumps(backends)}.\nLoss (-SS): {first_outputs['ss'][3]}.\n")
+        f.write(f"Settings: {dumps(s)}, data seed {args.seed}, device {device}, {threads} thread(s), "
+                f"autocast {amp}, -SS stages {','.join(levels)}, -SS options {dumps(ss_options)}.\n"
+                f"Backends: {dumps(backends)}.\nLoss (-SS): {first_outputs['ss'][3]}.\n")
     print("\n" + "\n".join(table) + "\n")
     print(f"backends: attention {backends['masked_cross_attention']}, alignment loss {backends['alignment_loss']}")
     print(f"wrote figure.png, metrics.png, results.md, results.json, run.json into {args.out} "

@@ -17,7 +17,7 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    import json
+    from ssattn.apps.jsonfile import METRIC_NOTES, write_json
 
     from ssattn.apps.training import evaluate, load_model
 
@@ -47,6 +47,5 @@ def run(args) -> int:
     print(f"{ckpt['spec']['arch']} at step {ckpt['step']} on {desc}: PSNR {ev['psnr']:.2f} dB, SSIM {ev['ssim']:.4f} "
           f"(degraded input: {ev['input_psnr']:.2f} dB, {ev['input_ssim']:.4f})")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(res, f, indent=2)
+        write_json(args.json, res, METRIC_NOTES)
     return 0

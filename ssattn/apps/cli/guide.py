@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-from .common import CLIError, positive_int
+from .common import CLIError, one_line, positive_int
 
 
 def register(sub) -> None:
@@ -89,7 +89,7 @@ def run(args) -> int:
                            captioner=args.captioner or "llava-hf/llava-1.5-7b-hf", question=args.question or DEFAULT_QUESTION,
                            joint=args.joint, max_prompts=args.max_prompts, device=device, dtype=dtype)
     except (ModelNotAvailableError, ValueError) as exc:
-        print(f"ssattn guide: {exc}", file=sys.stderr)
+        print(f"ssattn guide: {one_line(exc)}", file=sys.stderr)
         return 2
     try:
         stats = precompute(args.images, args.out, guide, batch_size=args.batch_size, workers=args.workers,
@@ -97,7 +97,7 @@ def run(args) -> int:
                            combine=args.combine, rank=rank, world_size=world, progress=not args.no_progress,
                            limit=args.limit)
     except FileNotFoundError as exc:
-        print(f"ssattn guide: {exc}", file=sys.stderr)
+        print(f"ssattn guide: {one_line(exc)}", file=sys.stderr)
         return 2
     except PermissionError as exc:  # a read-only cache (entries already there or not)
         raise CLIError(f"cannot write to CACHE_DIR {args.out!r}: {exc.strerror or exc}"

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 
-from .common import CLIError, positive_int
+from .common import CLIError, one_line, positive_int
 
 
 def register(sub) -> None:
@@ -131,7 +131,7 @@ def run(args) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
     def fail(msg: str) -> int:
-        print(f"ssattn route: {msg}", file=sys.stderr)
+        print(f"ssattn route: {one_line(msg)}", file=sys.stderr)
         return 2
 
     if not os.path.isdir(args.images):

@@ -6,7 +6,7 @@ one process per device; only rank 0 writes the run folder and prints.
 
 from __future__ import annotations
 
-from .common import CLIError, nonnegative_int, positive_int
+from .common import CLIError, add_threads_arg, nonnegative_int, positive_int, use_threads
 
 
 def add_data_args(p, *, n_default: int) -> None:
@@ -47,11 +47,13 @@ DEFAULT_TEXT_LEVELS = ("dec3", "dec2")
 
 
 def add_text_args(p, *, training: bool) -> None:
-    g = p.add_argument_group("text guidance (seed 003)")
-    g.add_argument("--text", default=None, metavar="FILE_OR_DIR",
+    g = p.add_argument_group("NaLSuper text guidance")
+    g.add_argument("--text", default=None, metavar="CAPTIONS",
                    help="captions of the images: a folder of <name>.txt, a .json {name: caption}, a name<TAB>caption "
-                        "table, or one text for every image (names: the degraded files' stems; synthetic items: "
-                        "their index); or 'vlm': ask the captioner (--text-captioner) about each degraded image" + ("; adds text stages to the model" if training else
+                        "table, a text file whose text is every image's caption, or the caption itself for every "
+                        "image (--text 'a fish over sand'; a value with a '/' or ending in .txt, .json, .tsv or .csv "
+                        "must name an existing file or folder); names: the degraded files' stems, synthetic items: "
+                        "their index; or 'vlm': ask the captioner (--text-captioner) about each degraded image" + ("; adds text stages to the model" if training else
                                           "; needed for a model trained with --text"))
     g.add_argument("--text-encoder", default=None, metavar="ID_OR_DIR",
                    help="CLIP text encoder (hub id or local folder; default openai/clip-vit-base-patch32"
@@ -97,7 +99,7 @@ def vlm_captions(data, captioner_id, cache_dir) -> list[str]:
 
 
 def add_caption_args(p) -> None:
-    g = p.add_argument_group("caption-model feature regularisation (seed 001)")
+    g = p.add_argument_group("ClipCap-style caption regulariser")
     g.add_argument("--caption-loss", type=float, default=0.0, metavar="WEIGHT",
                    help="add WEIGHT * CaptionFeatureLoss(output, reference): the two images must agree in the "
                         "captioner's visual, prefix and language spaces (default 0: off)")
@@ -230,13 +232,13 @@ def register(sub) -> None:
                    help="log a line of metrics every N steps; 0: off (default %(default)s)")
     p.add_argument("--no-resume", action="store_true", help="start over even if RUN_DIR/checkpoint.pt exists")
     p.add_argument("--no-progress", action="store_true")
+    add_threads_arg(p)
     add_text_args(p, training=True)
     add_caption_args(p)
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
-    import json
     import logging
     import os
     import sys
@@ -244,6 +246,7 @@ def run(args) -> int:
     import torch
 
     from ssattn.apps.distributed import setup, teardown
+    from ssattn.apps.jsonfile import METRIC_NOTES, write_json
     from ssattn.apps.training import TrainConfig, build_model, train
     from ssattn.apps.training.trainer import CheckpointMismatch, RankFailure
 
@@ -252,6 +255,7 @@ def run(args) -> int:
     if not args.eta >= 0:
         raise CLIError(f"--eta must be >= 0, got {args.eta}")
     ctx = setup(args.device, timeout_s=args.dist_timeout)
+    threads = use_threads(args.threads, ctx.device)
     # Rank 0 speaks for the job; the other ranks only report their own failures.
     logging.basicConfig(level=logging.INFO if ctx.is_main else logging.WARNING, format="%(message)s")
     who = f"ssattn train (rank {ctx.rank} of {ctx.world_size})" if ctx.distributed else "ssattn train"
@@ -293,8 +297,9 @@ def run(args) -> int:
         if levels:
             guided = (f", attention at {','.join(levels['attention_levels']) or 'none'}, alignment at "
                       f"{','.join(levels['align_levels']) or 'none'}") + guided
+        cpu = f" ({threads} thread(s){' each' if ctx.distributed else ''})" if ctx.device.type == "cpu" else ""
         print(f"ssattn train: {args.model} (width {args.width}{guided}) on {desc}, {args.steps} steps, "
-              f"device {ctx.device}{ranks}")
+              f"device {ctx.device}{cpu}{ranks}")
     try:
         hist = train(model, data, cfg, args.out, spec=spec, resume=not args.no_resume, unsafe=args.unsafe_checkpoint,
                      text=text, caption=caption)
@@ -314,8 +319,8 @@ def run(args) -> int:
     summary = {"steps": hist["steps"], "final_loss": hist["loss"][-1] if hist["loss"] else None,
                "step_time_s": hist["step_time_s"], "images_per_s": hist["images_per_s"],
                "world_size": hist["world_size"], "loss": hist["loss_description"], "spec": spec}
-    with open(os.path.join(args.out, "history.json"), "w") as f:
-        json.dump({**summary, "loss_per_step": hist["loss"], "psnr_per_step": hist["psnr"]}, f)
+    write_json(os.path.join(args.out, "history.json"), {**summary, "loss_per_step": hist["loss"],
+                                                         "psnr_per_step": hist["psnr"]}, METRIC_NOTES, indent=None)
     timing = (f"{1000 * hist['step_time_s']:.1f} ms/step, {hist['images_per_s']:.1f} images/s over "
               f"{hist['world_size']} process(es)" if hist["steps_run"] > 0
               else f"no new steps (the checkpoint in {args.out} was already at step {hist['steps']})")

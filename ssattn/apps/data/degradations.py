@@ -1,6 +1,6 @@
 """Generated degradations for routing: a kind, a severity (1-5) and a seed; deterministic and offline.
 
-Kinds (the four classes of seed 002, then two underwater ones):
+Kinds (the routing paper's four classes, then two underwater ones):
 
     noise_blur_jpeg  Gaussian blur, then Gaussian noise, then JPEG (the
                      super-resolution family of degradations)

@@ -184,6 +184,8 @@ class Source:
 
 # --------------------------------------------------------------------------- config
 AMP_MODES = ("none", "bf16", "fp16")
+# "sgd" (plain, no momentum) makes a step linear in the gradient: tests compare runs through it exactly.
+OPTIMIZERS = {"adam": torch.optim.Adam, "sgd": torch.optim.SGD}
 
 
 @dataclass
@@ -199,6 +201,7 @@ class TrainConfig:
     device: str = "cpu"
     amp: str = "none"              # "none" | "bf16" | "fp16" (fp16 with a GradScaler)
     accum: int = 1                 # gradient accumulation: micro-steps per optimizer step
+    optimizer: str = "adam"        # "adam" | "sgd" (no momentum)
     find_unused_parameters: bool = False  # DDP: only for models that skip a stage in some forward
     log_every: int = 0             # log a line of metrics every N steps (rank 0); 0: progress bar only
     progress: bool = True
@@ -216,6 +219,8 @@ class TrainConfig:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         if self.amp not in AMP_MODES:
             raise ValueError(f"amp must be one of {AMP_MODES}, got {self.amp!r}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {tuple(OPTIMIZERS)}, got {self.optimizer!r}")
 
 
 def _autocast(config: TrainConfig, device: torch.device):
@@ -469,11 +474,11 @@ def train(model: nn.Module, data, config: TrainConfig, out_dir: str | None = Non
                          f"accum {k} x {w} rank(s) = {per_step}; lower the batch size or accum")
     model.to(device).train()
     criterion = ReconstructionLoss(config.vgg_weights, perceptual_weight=config.perceptual_weight).to(device)
-    if caption is not None:  # + weight * CaptionFeatureLoss (seed 001): the captioner stays out of the optimiser
+    if caption is not None:  # + weight * CaptionFeatureLoss (the caption regulariser): the captioner stays out of the optimiser
         from .caption import WithCaption
 
         criterion = WithCaption(criterion, caption).to(device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
+    optimizer = OPTIMIZERS[config.optimizer](model.parameters(), lr=config.lr)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: config.lr_at(s) / config.lr)
     scaler = torch.amp.GradScaler(device.type) if config.amp == "fp16" else None
     kinds = guidance_kinds(model)
