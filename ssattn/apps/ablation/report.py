@@ -22,7 +22,8 @@ from .runner import VARIANTS, AblationConfig, read_run
 METRICS = ("psnr", "ssim", "psnr_fg", "ssim_fg", "psnr_bg", "ssim_bg", "miou")
 # The paired-difference table: metric, header, scale (mIoU in points), decimals.
 PAIRED_COLUMNS = (("psnr_fg", "fg PSNR (dB)", 1, 2), ("psnr", "PSNR (dB)", 1, 2), ("psnr_bg", "bg PSNR (dB)", 1, 2),
-                  ("ssim_fg", "fg SSIM", 1, 4), ("ssim", "SSIM", 1, 4), ("miou", "mIoU (points)", 100, 1))
+                  ("ssim_fg", "fg SSIM", 1, 4), ("ssim", "SSIM", 1, 4), ("ssim_bg", "bg SSIM", 1, 4),
+                  ("miou", "mIoU (points)", 100, 1))
 GUIDANCE_WORDS = {"oracle": "oracle (true masks)", "embedded": "embedded guidance", None: "-"}
 
 

@@ -3,10 +3,13 @@ ground-truth masks (the oracle), end to end on synthetic underwater scenes.
 
 Renders scenes with objects and masks (ssattn.apps.data.scenes), scores the
 embedded guidance against the masks (ROC-AUC, best-threshold IoU), trains a
-small segmenter once on the clean references (frozen; the downstream score),
-trains the three models on identical data for each seed, scores them on
-held-out scenes (PSNR / SSIM over the image and inside the masks, mIoU), and
-writes results.json, results.md, run.json, figure.png and metrics.png into --out.
+small segmenter of the scenes' object classes once on the clean references
+(early stopping on held-back scenes; frozen: the downstream score), trains the
+three models on identical data for each seed, scores them on held-out scenes
+(PSNR / SSIM over the image and inside the masks, mIoU), and writes
+results.json, results.md, run.json, figure.png and metrics.png into --out. Its
+-SS is the attention stages alone by default: what the -SS ablation
+(benchmarks/ablation_ss.py) found not to cost quality.
 """
 
 from __future__ import annotations
