@@ -37,6 +37,8 @@ def test_demo_quick_writes_results_tables_and_figures(tmp_path, capsys):
     assert run["bounds"]["reference"]["psnr"] is None and "unbounded" in run["bounds"]["reference"]["psnr_note"]
     assert run["params"]["ss"] == run["params"]["ss_oracle"] > run["params"]["baseline"]
     assert run["ss_levels"] == ["dec3", "dec2"] and run["training_seeds"] == [0, 1, 2]
+    assert run["ss_options"] == {"align_levels": []}  # attention only: what the ablation found not to cost quality
+    assert "(attention only)" in text and "The -SS ablation" in text
     md = open(os.path.join(out, "results.md")).read()
     for label in ("| U-Net |", "| U-Net-SS |", "| U-Net-SS oracle |", "| reference |", "| degraded input |"):
         assert label in md
@@ -47,7 +49,8 @@ def test_demo_quick_writes_results_tables_and_figures(tmp_path, capsys):
 
 
 def test_demo_bad_options_exit_2(tmp_path, capsys):
-    for bad in (["--size", "30"], ["--seeds", "0"], ["--eta", "-1"]):
+    for bad in (["--size", "30"], ["--seeds", "0"], ["--eta", "-1"], ["--align-weight", "-1"],
+                ["--align-form", "paper"]):  # a form without an alignment loss (--align-weight 0, the default)
         assert cli_main(["demo", "--quick", "--out", str(tmp_path), *bad]) == 2
         err = capsys.readouterr().err
         assert err.startswith("ssattn demo: --") and "Traceback" not in err

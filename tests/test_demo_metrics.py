@@ -55,6 +55,64 @@ def test_miou_hand_case_and_perfect_prediction():
         miou(labels.float(), labels)
 
 
+class _Fixed(torch.nn.Module):
+    """A "segmenter" that predicts the given label maps (one-hot logits), whatever the images."""
+
+    def __init__(self, labels, num_classes):
+        super().__init__()
+        self.logits = torch.nn.Parameter(torch.nn.functional.one_hot(labels, num_classes).permute(0, 3, 1, 2).float())
+
+    def forward(self, x):
+        return self.logits[: x.shape[0]]
+
+
+def test_segmenter_per_class_iou_on_hand_made_label_maps():
+    from ssattn.apps.training.segmentation import segmentation_scores
+
+    # Two 2x4 images, classes 0..3, counted over all pixels of both images (dataset-level IoU).
+    target = torch.tensor([[[0, 0, 1, 1], [0, 2, 2, 1]],
+                           [[0, 0, 0, 0], [3, 3, 0, 0]]])
+    pred = torch.tensor([[[0, 1, 1, 1], [0, 2, 0, 1]],
+                         [[0, 0, 0, 2], [3, 0, 0, 0]]])
+    images = torch.zeros(2, 3, 2, 4)
+    # class 0: 7 pixels in both of 11 in either (9 true, 9 predicted); 1: 3 of 4; 2: 1 of 3; 3: 1 of 2
+    scores = segmentation_scores(_Fixed(pred, 4), images, target, 4)
+    assert scores["iou"] == pytest.approx([7 / 11, 3 / 4, 1 / 3, 1 / 2])
+    assert scores["miou"] == pytest.approx((7 / 11 + 3 / 4 + 1 / 3 + 1 / 2) / 4)
+    assert scores["miou"] == pytest.approx(miou(pred, target, 4))
+    # A class in neither map is NaN and left out of the mean; a class predicted where it is absent scores 0.
+    five = segmentation_scores(_Fixed(pred, 5), images, target, 5)
+    assert math.isnan(five["iou"][4]) and five["miou"] == pytest.approx(scores["miou"])
+    wrong = segmentation_scores(_Fixed(torch.full((1, 2, 2), 4), 5), torch.zeros(1, 3, 2, 2),
+                                torch.zeros(1, 2, 2, dtype=torch.long), 5)
+    assert wrong["iou"] == pytest.approx([0.0, math.nan, math.nan, math.nan, 0.0], nan_ok=True)
+
+
+def test_segmenter_stops_when_validation_stops_rising_and_keeps_the_best():
+    from ssattn.apps.training import segmentation as seg
+
+    # Scenes whose class is the colour of a square: learnable in a few hundred steps at 16 px.
+    g = torch.Generator().manual_seed(0)
+    n, size = 24, 16
+    labels = torch.zeros(n, size, size, dtype=torch.long)
+    images = torch.rand(n, 3, size, size, generator=g) * 0.2
+    for i in range(n):
+        c = 1 + i % 2
+        y, x = (int(v) for v in torch.randint(0, 8, (2,), generator=g))
+        labels[i, y:y + 6, x:x + 6] = c
+        images[i, c - 1, y:y + 6, x:x + 6] += 0.8
+    net, fit = seg.train_segmenter(images[:16], labels[:16], num_classes=3, val=(images[16:], labels[16:]),
+                                   max_steps=2000, eval_every=20, patience=3, batch_size=8, width=4, seed=0)
+    assert fit.stopped_early and fit.steps_run < 2000
+    steps, scores = zip(*fit.val_miou)
+    best = max(range(len(scores)), key=lambda k: (scores[k], -k))  # the first evaluation with the top score
+    assert fit.best_step == steps[best] and fit.best_miou == scores[best]
+    assert all(s <= fit.best_miou for s in scores[best + 1:]) and len(scores) - 1 - best == 3  # patience 3
+    # The kept weights are those of the best evaluation: they score its mIoU again.
+    assert seg.segmentation_scores(net, images[16:], labels[16:], 3)["miou"] == pytest.approx(fit.best_miou)
+    assert fit.best_miou > 0.6 and not net.training
+
+
 def _auc_brute(s, y):
     pos, neg = s[y], s[~y]
     diff = pos[:, None] - neg[None, :]

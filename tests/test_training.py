@@ -301,6 +301,26 @@ def test_a_checkpoint_with_the_older_levels_spec_loads_and_resumes(tmp_path, old
     assert torch.load(run_dir / "checkpoint.pt", weights_only=True)["step"] == 2
 
 
+def test_train_cli_align_form_and_eta(tmp_path, capsys):
+    run_dir = str(tmp_path / "run")
+    common = ["train", "--data", "synthetic", "--out", run_dir, "--size", "16", "--n", "4", "--steps", "1",
+              "--batch-size", "2", "--width", "4", "--levels", "dec3", "--no-progress", "--device", "cpu"]
+    assert cli_main(common + ["--align-form", "normalized", "--eta", "0"]) == 0
+    model, ckpt = load_model(os.path.join(run_dir, "checkpoint.pt"))
+    assert model.align.form == "normalized" and model.align.eta == 0.0
+    assert ckpt["spec"]["align_form"] == "normalized" and ckpt["spec"]["eta"] == 0.0
+    capsys.readouterr()
+    assert cli_main(common + ["--steps", "2"]) == 2  # the paper form is another objective: not resumed into
+    assert "another model or objective" in capsys.readouterr().err
+    # The defaults leave the spec as runs written before these options had it, so those resume.
+    default_dir = str(tmp_path / "default")
+    assert cli_main(common[:4] + [default_dir] + common[5:]) == 0
+    assert load_model(os.path.join(default_dir, "checkpoint.pt"))[1]["spec"] == {
+        "arch": "unet-ss", "width": 4, "align_weight": 0.1, "attention_levels": ["dec3"], "align_levels": ["dec3"]}
+    assert cli_main(common + ["--eta", "-1", "--out", str(tmp_path / "bad")]) == 2
+    assert "--eta must be >= 0" in capsys.readouterr().err
+
+
 def test_baseline_and_ss_start_identical():
     torch.manual_seed(0)
     base = UNet(width=4)

@@ -118,16 +118,17 @@ class SemanticAlignmentLoss(nn.Module):
     check_values (True): check that the maps lie in [0, 1] (one host sync per level).
 
     Divergence guard: every `guard_every` calls with grad enabled (0: never)
-    the scale of each level's features (their RMS weighted by the map) is
-    compared with its value at the first such call, and one RuntimeWarning is
-    raised the first time a level has grown by `guard_factor` or more. It
-    costs one host sync per check, none in between, and is skipped while
-    torch.compile traces.
+    the scale (RMS) of each level's features is compared with its value at
+    the first such call, and one RuntimeWarning is raised the first time a
+    level has grown by `guard_factor` or more (docs/operations.md section 3
+    says how the statistic and the threshold were chosen). Each check is
+    recorded in `guard_history`. It costs one host sync per check, none in
+    between, and is skipped while torch.compile traces.
     """
 
     def __init__(self, eta: float = 1.0, weight: float = 0.1, level_weights=None, reduction: str = "mean",
                  form: str = "paper", *, backend: str = "auto", check_values: bool = True,
-                 guard_every: int = 100, guard_factor: float = 100.0):
+                 guard_every: int = 50, guard_factor: float = 8.0):
         super().__init__()
         self.eta = _checks.number("eta", eta, minimum=0)
         self.weight = _checks.number("weight", weight)
@@ -146,6 +147,11 @@ class SemanticAlignmentLoss(nn.Module):
         return (f"eta={self.eta}, weight={self.weight}, level_weights={self.level_weights}, "
                 f"reduction={self.reduction!r}, form={self.form!r}")
 
+    @property
+    def guard_history(self) -> list[dict]:
+        """The divergence guard's checks: {"call": n, "rms": [per level], "rms_in_map": [per level]} each."""
+        return self._guard.history
+
     def forward(self, features, maps) -> Tensor:
         features = _checks.nonempty_list("features", features)
         levels = self.level_weights if self.level_weights is not None else [1.0] * len(features)
@@ -163,47 +169,51 @@ class SemanticAlignmentLoss(nn.Module):
 class _ScaleGuard:
     """Warns once when a level's feature scale grows by orders of magnitude (see SemanticAlignmentLoss).
 
-    The scale is the RMS of F weighted by the map, sqrt(sum M F^2 / (C sum M)): the paper's form
-    inflates the features inside the map, and a plain RMS dilutes that by the background's share.
-    The normalized form only moves energy into the map, which grows this by at most
-    1 / sqrt(map fraction); a change of scale comes from elsewhere.
+    The scale is the features' RMS, sqrt(mean F^2) over the level. The paper form's failure is a change of
+    scale (it lowers the loss by inflating the features inside the map); the normalized form is scale
+    invariant, and moving energy into the map, which it asks for, leaves the RMS unchanged. The RMS inside the
+    map (weighted by it, sqrt(sum M F^2 / (C sum M))) is recorded too: it names where the growth is.
     """
 
     def __init__(self):
         self.calls = 0
-        self.first: list[float] | None = None
+        self.first: list[list[float]] | None = None
         self.warned = False
+        self.history: list[dict] = []
 
     @staticmethod
-    def scale(f: Tensor, m: Tensor) -> Tensor:
+    def scales(f: Tensor, m: Tensor) -> Tensor:
+        """(RMS of f, RMS of f weighted by the map m; the plain RMS when the map is all zero)."""
         f = f.detach().to(torch.promote_types(f.dtype, torch.float32))  # fp16 squares overflow
         m = m.detach().to(f.dtype)
-        energy, mass = (m * f.square()).sum(), m.sum() * f.shape[1]
-        plain = f.square().sum() / max(f.numel(), 1)
-        return torch.where(mass > 0, energy / mass.clamp_min(1e-30), plain).sqrt()
+        sq = f.square()
+        plain = sq.sum() / max(f.numel(), 1)
+        energy, mass = (m * sq).sum(), m.sum() * f.shape[1]
+        return torch.stack([plain, torch.where(mass > 0, energy / mass.clamp_min(1e-30), plain)]).sqrt()
 
     def step(self, features, maps, every: int, factor: float, form: str) -> None:
         self.calls += 1
-        if self.warned or (self.calls - 1) % every:
+        if (self.calls - 1) % every:
             return
         if any(_checks.is_shape_only(x) for x in list(features) + list(maps)):
             return
-        scales = torch.stack([self.scale(f, m).float() for f, m in zip(features, maps)]).tolist()  # one sync
+        scales = torch.stack([self.scales(f, m).float() for f, m in zip(features, maps)]).tolist()  # one sync
+        self.history.append({"call": self.calls, "rms": [s[0] for s in scales], "rms_in_map": [s[1] for s in scales]})
         if self.first is None or len(self.first) != len(scales):
             self.first = scales
             return
-        for level, (now, then) in enumerate(zip(scales, self.first)):
-            if then > 0 and now >= factor * then:
+        for level, ((now, now_in), (then, then_in)) in enumerate(zip(scales, self.first)):
+            if then == 0:
+                self.first[level] = [now, now_in]  # an all-zero start says nothing about scale: take the next value
+                continue
+            if not self.warned and now >= factor * then:
                 self.warned = True
-                advice = ("the paper's form is unbounded below, so training can lower it by inflating the "
-                          "features inside the map; form='normalized' is scale invariant"
+                advice = ("the paper's form is unbounded below where the map is 1, so training can lower it by "
+                          "inflating the features inside the map: use form='normalized' (scale invariant)"
                           if form == "paper" else "the normalized form does not reward this: look at the other losses")
                 warnings.warn(
-                    f"ssattn.SemanticAlignmentLoss: the scale (map-weighted RMS) of level {level}'s features grew "
-                    f"from {then:.3g} to {now:.3g} ({now / then:.3g}x) since the first check, {self.calls - 1} "
-                    f"calls ago; {advice}",
+                    f"ssattn.SemanticAlignmentLoss: the features of level {level} grew in scale (RMS) from {then:.3g} "
+                    f"to {now:.3g} ({now / then:.3g}x, the warning's threshold is {factor:g}x) in {self.calls - 1} "
+                    f"calls; inside the map their RMS went from {then_in:.3g} to {now_in:.3g}; {advice}",
                     RuntimeWarning, stacklevel=3,
                 )
-                return
-            if then == 0:
-                self.first[level] = now  # an all-zero start says nothing about scale: take the next value

@@ -213,6 +213,11 @@ def register(sub) -> None:
                    help="local VGG-19 weights (torchvision state_dict) for the perceptual loss; without it the term is off")
     p.add_argument("--perceptual-weight", type=float, default=0.1, help="weight of the VGG term (default %(default)s)")
     p.add_argument("--align-weight", type=float, default=0.1, help="lambda_align (default 0.1, the paper's)")
+    p.add_argument("--align-form", choices=("paper", "normalized"), default="paper",
+                   help="alignment loss form: the paper's formula, or normalized (scale invariant, bounded; "
+                        "docs/operations.md section 3) (default %(default)s)")
+    p.add_argument("--eta", type=float, default=1.0,
+                   help="alignment loss eta, the weight of its foreground term (default %(default)s)")
     p.add_argument("--checkpoint-every", type=nonnegative_int, default=200,
                    help="save a checkpoint every N steps; 0: only at the end (default %(default)s)")
     p.add_argument("--amp", choices=("none", "bf16", "fp16"), default="none",
@@ -247,6 +252,8 @@ def run(args) -> int:
 
     resolve_device(args.device)  # a clear error for a device that cannot run here
     levels = stage_levels(args)  # checked before any process group starts
+    if not args.eta >= 0:
+        raise CLIError(f"--eta must be >= 0, got {args.eta}")
     ctx = setup(args.device, timeout_s=args.dist_timeout)
     threads = use_threads(args.threads, ctx.device)
     # Rank 0 speaks for the job; the other ranks only report their own failures.
@@ -257,6 +264,11 @@ def run(args) -> int:
     if args.model == "unet-ss":
         spec["align_weight"] = args.align_weight
         spec.update(levels)
+        # Only when not the default: a run folder written before these options resumes with the same spec.
+        if args.align_form != "paper":
+            spec["align_form"] = args.align_form
+        if args.eta != 1.0:
+            spec["eta"] = args.eta
     text = None
     if args.text is not None:
         from ssattn.text import DEFAULT_TEXT_ENCODER

@@ -1,6 +1,7 @@
 """The demo's experiment: baseline U-Net, its -SS version with the embedded guidance, and its -SS version with
 the ground-truth masks as guidance (the oracle), trained on identical scenes and seeds and scored on held-out
-scenes: PSNR / SSIM over the image and inside the object masks, and a frozen segmenter's mIoU.
+scenes: PSNR / SSIM over the image, inside the object masks (foreground) and outside them (background), and a
+frozen segmenter's per-class IoU and mIoU. The ablation (ssattn.apps.ablation) runs on the same scenes and scores.
 """
 
 from __future__ import annotations
@@ -18,14 +19,15 @@ IMAGE_METRICS = ("psnr", "ssim", "psnr_fg", "ssim_fg", "miou")
 
 
 def make_scenes(size: int, n_train: int, n_test: int, seed: int) -> dict:
-    """{"train"/"test": {"degraded", "reference", "guidance", "mask"}}: scenes.UnderwaterScenes, embedded guidance."""
+    """{"train"/"test": {"degraded", "reference", "guidance", "mask", "labels"}}: scenes.UnderwaterScenes with the
+    embedded guidance; labels are the per-pixel classes (scenes.CLASSES)."""
     from ssattn.apps.data.scenes import UnderwaterScenes
 
     out = {}
     for split, n in (("train", n_train), ("test", n_test)):
         ds = UnderwaterScenes(size, n, seed, split)
         deg, ref, guide = ds.tensors()
-        out[split] = {"degraded": deg, "reference": ref, "guidance": guide, "mask": ds.masks()}
+        out[split] = {"degraded": deg, "reference": ref, "guidance": guide, "mask": ds.masks(), "labels": ds.labels()}
     return out
 
 
@@ -48,15 +50,36 @@ def _nanmean(values) -> float:
 
 
 def score_images(images: Tensor, test: dict, segmenter: nn.Module) -> dict:
-    """Whole-image and foreground PSNR / SSIM (means over images) and the segmenter's mIoU, of images vs test."""
+    """Scores of images against test's references (means over images): PSNR / SSIM over the whole image, inside
+    the masks (fg) and outside them (bg); the segmenter's per-class IoU ("iou", scenes.CLASSES order) and mIoU."""
+    from ssattn.apps.data.scenes import CLASSES
+    from ssattn.apps.training.segmentation import segmentation_scores
     from ssattn.metrics import masked_psnr, masked_ssim, psnr, ssim
-    from ssattn.apps.training.segmentation import segmentation_miou
 
     ref, mask = test["reference"], test["mask"]
-    fg = masked_psnr(images, ref, mask)
+    fg, bg = masked_psnr(images, ref, mask), masked_psnr(images, ref, 1 - mask)
+    seg = segmentation_scores(segmenter, images, test["labels"], len(CLASSES))
     return {"psnr": _nanmean(psnr(images, ref)), "ssim": _nanmean(ssim(images, ref)),
             "psnr_fg": _nanmean(fg), "ssim_fg": _nanmean(masked_ssim(images, ref, mask)),
-            "miou": segmentation_miou(segmenter, images, mask), "psnr_fg_per_image": fg.tolist()}
+            "psnr_bg": _nanmean(bg), "ssim_bg": _nanmean(masked_ssim(images, ref, 1 - mask)),
+            "miou": seg["miou"], "iou": seg["iou"], "psnr_fg_per_image": fg.tolist()}
+
+
+def fit_segmenter(train: dict, *, val_share: float, max_steps: int, eval_every: int, patience: int, width: int,
+                  batch_size: int, seed: int, device="cpu"):
+    """The downstream segmenter (segmentation.train_segmenter, all scenes.CLASSES): trained on the references and
+    labels of the first (1 - val_share) of the training scenes, stopped when its mIoU on the rest stops rising.
+    Returns (segmenter on the CPU, frozen; its SegmenterFit)."""
+    from ssattn.apps.data.scenes import CLASSES
+    from ssattn.apps.training.segmentation import train_segmenter
+
+    n = train["reference"].shape[0]
+    n_fit = n - max(1, int(n * val_share))
+    net, fit = train_segmenter(train["reference"][:n_fit], train["labels"][:n_fit], num_classes=len(CLASSES),
+                               val=(train["reference"][n_fit:], train["labels"][n_fit:]), max_steps=max_steps,
+                               eval_every=eval_every, patience=patience, batch_size=batch_size, width=width,
+                               seed=seed, device=device)
+    return net.cpu(), fit
 
 
 def run_model(name: str, data: dict, segmenter: nn.Module, *, seed: int, steps: int, batch_size: int, width: int,

@@ -97,7 +97,8 @@ def build_model(spec: dict) -> nn.Module:
 
     "unet-ss": "attention_levels" and "align_levels" (or an older spec's
     "levels", both parts) pick the decoder stages with an attention block and
-    those that feed the alignment loss (see ss_levels).
+    those that feed the alignment loss (see ss_levels); "eta", "align_weight"
+    (lambda_align) and "align_form" ("paper" | "normalized") set the alignment loss.
     spec["text"] = {"channels": Ct, "stages": [...]} adds text stages (ssattn.text_guided) to either arch.
     """
     from ssattn import text_guided
@@ -114,6 +115,8 @@ def build_model(spec: dict) -> nn.Module:
         opts = {k: spec[k] for k in ("heads", "backend", "eta") if k in spec}
         if "align_weight" in spec:
             opts["weight"] = spec["align_weight"]
+        if "align_form" in spec:
+            opts["form"] = spec["align_form"]
         attention, align = ss_levels(spec)
         return unet_ss(3, 3, width, attention_levels=attention, align_levels=align, **opts, **text_opts)
     raise ValueError(f"model arch must be 'unet' or 'unet-ss', got {arch!r}")
