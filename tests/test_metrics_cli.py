@@ -170,10 +170,10 @@ def test_lpips_column_with_a_weight_file(folders, capsys, tmp_path):
 def test_segmenter_adds_per_class_iou(folders, capsys, tmp_path, kind):
     from ssattn.apps.training.segmentation import train_segmenter
 
-    # The demo's segmenter (one binary logit per pixel), briefly trained on the references and their masks.
+    # The demo's segmenter (a logit per class and pixel), briefly trained on the references and their masks.
     refs = _load(*[folders / "ref" / f"{s}.png" for s in "abc"]).float()
-    masks = (_load(*[folders / "masks" / f"{s}.png" for s in "abc"])[:, :1] > 0.5).float()
-    net = train_segmenter(refs, masks, steps=3, batch_size=3, width=4, seed=0)
+    labels = (_load(*[folders / "masks" / f"{s}.png" for s in "abc"])[:, 0] > 0.5).long()
+    net, _ = train_segmenter(refs, labels, num_classes=2, max_steps=3, batch_size=3, width=4, seed=0)
     path = tmp_path / f"seg-{kind}.pt"
     if kind == "torchscript":
         with warnings.catch_warnings():
@@ -192,7 +192,7 @@ def test_segmenter_adds_per_class_iou(folders, capsys, tmp_path, kind):
     rows = _csv(out / "metrics.csv")
     x = _load(*[folders / "m1" / f"{s}.png" for s in "abc"]).float()
     with torch.no_grad():
-        pred = (net(x)[:, 0] > 0).long()
+        pred = net(x).argmax(1)
     target = (_load(*[folders / "masks" / f"{s}.png" for s in "abc"])[:, 0] > 0.5).long()
     conf = confusion_matrix(pred, target, 2)
     for i, s in enumerate("abc"):
@@ -235,6 +235,34 @@ def test_multiclass_segmenter_with_low_resolution_logits(folders, capsys, tmp_pa
                                    iou_per_class(conf[i]).tolist(), atol=1e-12)
     # the masked PSNR/SSIM columns need --ref; without it there are none
     assert "psnr_fg" not in next(iter(rows.values()))
+
+
+class _RedLogit(torch.nn.Module):
+    """One binary logit channel (a segmenter trained with BCE): class 1 where red exceeds one half."""
+
+    def forward(self, x):
+        return x[:, :1] - 0.5
+
+
+def test_a_single_logit_channel_is_binary(folders, capsys, tmp_path):
+    path = tmp_path / "red.pt"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.jit.script(_RedLogit()).save(str(path))
+    out = folders / "out"
+    rc, _, stderr = _run(capsys, folders / "m1", "--masks", folders / "masks", "--segmenter", path, "--classes", 2,
+                         "--out", out)
+    assert rc == 0, stderr
+    x = _load(*[folders / "m1" / f"{s}.png" for s in "abc"]).float()
+    target = (_load(*[folders / "masks" / f"{s}.png" for s in "abc"])[:, 0] > 0.5).long()
+    conf = confusion_matrix((x[:, 0] > 0.5).long(), target, 2)
+    rows = _csv(out / "metrics.csv")
+    for i, s in enumerate("abc"):
+        assert float(rows[("m1", s)]["miou"]) == pytest.approx(float(mean_iou(conf[i])), abs=1e-12)
+    # the same logit with --classes 3 is refused: one channel means two classes
+    rc, _, stderr = _run(capsys, folders / "m1", "--masks", folders / "masks", "--segmenter", path, "--classes", 3,
+                         "--out", out)
+    assert rc == 2 and "for --classes 3" in stderr
 
 
 def test_argument_errors_are_one_line(folders, capsys, tmp_path):
