@@ -54,3 +54,14 @@ def test_demo_bad_options_exit_2(tmp_path, capsys):
         assert cli_main(["demo", "--quick", "--out", str(tmp_path), *bad]) == 2
         err = capsys.readouterr().err
         assert err.startswith("ssattn demo: --") and "Traceback" not in err
+
+
+def test_demo_last_line_names_the_ss_it_ran(tmp_path, capsys):
+    # The closing line said "This demo's -SS is attention only." even when --align-weight added the loss back.
+    out = str(tmp_path / "demo")
+    rc = cli_main(["demo", "--quick", "--out", out, "--no-progress", "--device", "cpu", "--threads", "1",
+                   "--align-weight", "0.1", "--align-form", "paper"])
+    assert rc == 0
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert "attention only" not in last
+    assert last == "This demo's -SS: attention + alignment, paper form, lambda 0.1, eta 1 (set by --align-weight)."

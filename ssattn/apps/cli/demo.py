@@ -27,7 +27,7 @@ ALIGN_FORMS = ("paper", "normalized")
 # Smaller than the ablation's (width 16, benchmarks/ablation_ss.py) to fit the demo's five minutes.
 SEGMENTER = {"val_share": 0.2, "eval_every": 50, "patience": 4, "width": 8, "batch_size": 16}
 # The demo's -SS: attention stages only (lambda_align 0), the only -SS configuration that did not cost quality
-# in the ablation (benchmarks/RESULTS.md); --align-weight 0.1 adds the paper's alignment loss back.
+# in the ablation (benchmarks/RESULTS.md); --align-weight 0.1 --align-form paper adds the paper's alignment loss back.
 DEFAULT_ALIGN_WEIGHT = 0.0
 DEFAULT_ALIGN_FORM = "normalized"  # when --align-weight > 0: bounded, unlike the paper's form
 # What the ablation measured (benchmarks/ablation_ss/table.json and steps1600/table.json), cited in the demo's
@@ -36,7 +36,7 @@ ABLATION_NOTE = ("The -SS ablation (benchmarks/RESULTS.md, 2026-12-03: 48 px sce
                  "guidance) measured foreground PSNR against the U-Net at 800 / 1600 steps: attention only "
                  "+0.03 ± 0.05 / +0.01 ± 0.11 dB (no effect); with the alignment loss lower in every seed, paper form "
                  "-0.98 ± 0.53 / -1.80 ± 0.66 dB, normalized form -0.84 ± 0.65 / -0.60 ± 0.19 dB; no variant gained "
-                 "more than twice its spread. This demo's -SS is attention only.")
+                 "more than twice its spread.")
 
 
 def register(sub) -> None:
@@ -254,4 +254,6 @@ def run(args) -> int:
     for line in verdict:
         print(line)
     print(ABLATION_NOTE)
+    chosen = "" if ss_options.get("align_levels") == () else " (set by --align-weight)"
+    print(f"This demo's -SS: {_describe_ss(ss_options)}{chosen}.")
     return 0
