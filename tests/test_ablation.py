@@ -146,13 +146,17 @@ def test_summary_counts_guard_warnings_and_flags_broken_pairing(tmp_path):
     run_all(config, out, log=lambda s: None, progress=False)
     path = os.path.join(out, "runs", "both_paper-oracle-s0.json")
     r = json.load(open(path))
-    r["guard_warnings"] = ["ssattn.SemanticAlignmentLoss: the features of level 1 grew in scale"]
+    # checks of a run whose features grew 4x inside the map and 1.5x over the level: the paper form's guard warns
+    r["guard_history"] = [{"call": 1, "rms": [1.0, 1.0], "rms_in_map": [1.0, 1.0]},
+                          {"call": 51, "rms": [1.0, 1.2], "rms_in_map": [1.0, 2.0]},
+                          {"call": 101, "rms": [1.0, 1.5], "rms_in_map": [1.0, 4.0]}]
     r["batch_digest"] = "something else"
     json.dump(r, open(path, "w"))
     bounds = json.load(open(os.path.join(out, "bounds.json")))
     table = summarize(config, out, bounds)
     row = next(x for x in table["rows"] if x["variant"] == "both_paper")
     assert row["guard"]["fired"] == 1 and not row["pairing"]
+    assert row["guard"]["per_seed"] == [{"rms_growth": 1.5, "rms_in_map_growth": 4.0, "warns_at": 101}]
     assert any(line.startswith("PAIRING BROKEN in: both_paper oracle") for line in table["findings"])
 
 

@@ -118,17 +118,19 @@ class SemanticAlignmentLoss(nn.Module):
     check_values (True): check that the maps lie in [0, 1] (one host sync per level).
 
     Divergence guard: every `guard_every` calls with grad enabled (0: never)
-    the scale (RMS) of each level's features is compared with its value at
-    the first such call, and one RuntimeWarning is raised the first time a
-    level has grown by `guard_factor` or more (docs/operations.md section 3
-    says how the statistic and the threshold were chosen). Each check is
-    recorded in `guard_history`. It costs one host sync per check, none in
-    between, and is skipped while torch.compile traces.
+    the scale of each level's features is compared with its value at the
+    first such call, and one RuntimeWarning is raised the first time a level
+    has grown by `guard_factor` or more (None: the form's own, GUARD_FACTORS).
+    The scale is the statistic the form's failure inflates (GUARD_STATISTICS):
+    for the paper form the RMS inside the map, for the normalized form the RMS
+    over the level (docs/operations.md section 3 says how both were chosen).
+    Each check is recorded in `guard_history`. It costs one host sync per
+    check, none in between, and is skipped while torch.compile traces.
     """
 
     def __init__(self, eta: float = 1.0, weight: float = 0.1, level_weights=None, reduction: str = "mean",
                  form: str = "paper", *, backend: str = "auto", check_values: bool = True,
-                 guard_every: int = 50, guard_factor: float = 8.0):
+                 guard_every: int = 50, guard_factor: float | None = None):
         super().__init__()
         self.eta = _checks.number("eta", eta, minimum=0)
         self.weight = _checks.number("weight", weight)
@@ -137,7 +139,8 @@ class SemanticAlignmentLoss(nn.Module):
         _checks.choice("form", form, functional.ALIGNMENT_FORMS)
         if isinstance(guard_every, bool) or not isinstance(guard_every, int) or guard_every < 0:
             raise ValueError(f"guard_every must be an integer >= 0 (0 turns the guard off), got {guard_every!r}")
-        self.guard_factor = _checks.number("guard_factor", guard_factor, minimum=1)
+        self.guard_factor = (GUARD_FACTORS[form] if guard_factor is None
+                             else _checks.number("guard_factor", guard_factor, minimum=1))
         self.reduction, self.form, self.backend = reduction, form, backend
         self.check_values = bool(check_values)
         self.guard_every = guard_every
@@ -166,13 +169,32 @@ class SemanticAlignmentLoss(nn.Module):
         return loss
 
 
+# What the divergence guard watches per loss form, and the growth over its first check that warns (measured in
+# the -SS ablation, docs/operations.md section 3). The paper form is unbounded below where the map is 1: it
+# rewards inflating the features inside the map, so its guard watches their RMS there. The normalized form asks
+# for energy to move into the map (the RMS there rises by design) and is scale invariant: its guard watches the
+# RMS over the whole level.
+GUARD_STATISTICS = {"paper": "rms_in_map", "normalized": "rms"}
+GUARD_FACTORS = {"paper": 3.0, "normalized": 8.0}
+
+
+def guard_warning_call(history: list[dict], form: str, factor: float | None = None) -> int | None:
+    """The call at which the guard warns, replayed from `guard_history` (None: it does not): the same rule."""
+    guard = _ScaleGuard()
+    for check in history:
+        found = guard.observe(check["call"], check["rms"], check["rms_in_map"], form,
+                              GUARD_FACTORS[form] if factor is None else factor)
+        if found is not None:
+            return check["call"]
+    return None
+
+
 class _ScaleGuard:
     """Warns once when a level's feature scale grows by orders of magnitude (see SemanticAlignmentLoss).
 
-    The scale is the features' RMS, sqrt(mean F^2) over the level. The paper form's failure is a change of
-    scale (it lowers the loss by inflating the features inside the map); the normalized form is scale
-    invariant, and moving energy into the map, which it asks for, leaves the RMS unchanged. The RMS inside the
-    map (weighted by it, sqrt(sum M F^2 / (C sum M))) is recorded too: it names where the growth is.
+    Two scales per level are measured and recorded: the features' RMS, sqrt(mean F^2) over the level, and
+    their RMS weighted by the map, sqrt(sum M F^2 / (C sum M)). GUARD_STATISTICS names the one each form's
+    warning watches.
     """
 
     def __init__(self):
@@ -198,22 +220,39 @@ class _ScaleGuard:
         if any(_checks.is_shape_only(x) for x in list(features) + list(maps)):
             return
         scales = torch.stack([self.scales(f, m).float() for f, m in zip(features, maps)]).tolist()  # one sync
-        self.history.append({"call": self.calls, "rms": [s[0] for s in scales], "rms_in_map": [s[1] for s in scales]})
+        rms, rms_in = [s[0] for s in scales], [s[1] for s in scales]
+        self.history.append({"call": self.calls, "rms": rms, "rms_in_map": rms_in})
+        found = self.observe(self.calls, rms, rms_in, form, factor)
+        if found is None:
+            return
+        level, (then, now), (then_in, now_in) = found
+        if form == "paper":
+            what = (f"grew inside the map (their RMS weighted by the map) from {then_in:.3g} to {now_in:.3g} "
+                    f"({now_in / then_in:.3g}x, the warning's threshold for the paper form is {factor:g}x) in "
+                    f"{self.calls - 1} calls; over the whole level their RMS went from {then:.3g} to {now:.3g}")
+            advice = ("the paper's form is unbounded below where the map is 1, so training can lower it by "
+                      "inflating the features inside the map: use form='normalized' (scale invariant)")
+        else:
+            what = (f"grew in scale (RMS) from {then:.3g} to {now:.3g} ({now / then:.3g}x, the warning's threshold "
+                    f"is {factor:g}x) in {self.calls - 1} calls; inside the map their RMS went from {then_in:.3g} "
+                    f"to {now_in:.3g}")
+            advice = "the normalized form does not reward this: look at the other losses"
+        warnings.warn(f"ssattn.SemanticAlignmentLoss: the features of level {level} {what}; {advice}",
+                      RuntimeWarning, stacklevel=3)
+
+    def observe(self, call: int, rms: list[float], rms_in: list[float], form: str, factor: float):
+        """Record one check; the first time a level's watched scale reaches factor x its first value:
+        (level, (first RMS, RMS now), (first RMS in the map, now)), else None."""
+        scales = [list(s) for s in zip(rms, rms_in)]
         if self.first is None or len(self.first) != len(scales):
             self.first = scales
-            return
-        for level, ((now, now_in), (then, then_in)) in enumerate(zip(scales, self.first)):
-            if then == 0:
-                self.first[level] = [now, now_in]  # an all-zero start says nothing about scale: take the next value
+            return None
+        watched = 1 if GUARD_STATISTICS[form] == "rms_in_map" else 0
+        for level, (now, then) in enumerate(zip(scales, self.first)):
+            if then[watched] == 0:
+                self.first[level] = now  # an all-zero start says nothing about scale: take the next value
                 continue
-            if not self.warned and now >= factor * then:
+            if not self.warned and now[watched] >= factor * then[watched]:
                 self.warned = True
-                advice = ("the paper's form is unbounded below where the map is 1, so training can lower it by "
-                          "inflating the features inside the map: use form='normalized' (scale invariant)"
-                          if form == "paper" else "the normalized form does not reward this: look at the other losses")
-                warnings.warn(
-                    f"ssattn.SemanticAlignmentLoss: the features of level {level} grew in scale (RMS) from {then:.3g} "
-                    f"to {now:.3g} ({now / then:.3g}x, the warning's threshold is {factor:g}x) in {self.calls - 1} "
-                    f"calls; inside the map their RMS went from {then_in:.3g} to {now_in:.3g}; {advice}",
-                    RuntimeWarning, stacklevel=3,
-                )
+                return level, (then[0], now[0]), (then[1], now[1])
+        return None

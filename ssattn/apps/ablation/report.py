@@ -5,7 +5,9 @@ table.json holds:
     config, bounds (the segmenter on the degraded inputs and on the references), classes,
     rows: [{variant, guidance, label, train_flags, seeds, metrics: {m: {mean, std, per_seed}},
             paired: {m: {mean, std, per_seed}} (variant - baseline), iou / paired_iou: {class: {mean, std}},
-            guard: {fired, runs, max_growth}, feature_scale: {level: {in, out}}, ms_per_step, pairing}],
+            guard: {fired, runs, max_growth, max_growth_in_map, per_seed: [{rms_growth, rms_in_map_growth,
+            warns_at}]} (the library's guard replayed from each run's recorded checks),
+            feature_scale: {level: {in, out}}, ms_per_step, pairing}],
     findings: [lines]
 std is the sample standard deviation over seeds; a paired spread is that of the per-seed differences.
 """
@@ -16,6 +18,8 @@ import dataclasses
 import math
 
 import numpy as np
+
+from ssattn.semantic.modules import GUARD_FACTORS, guard_warning_call
 
 from .runner import VARIANTS, AblationConfig, read_run
 
@@ -50,13 +54,22 @@ def collect(config: AblationConfig, out_dir: str) -> dict:
     return found
 
 
-def _growth(result: dict) -> float | None:
-    """The largest growth of a level's feature RMS over the first guard check, in one run (None: no checks)."""
+def _growth(result: dict, key: str = "rms") -> float | None:
+    """The largest growth of a level's feature scale (`key`: "rms" or "rms_in_map") over the guard's first check,
+    in one run (None: no checks)."""
     hist = result.get("guard_history") or []
     if len(hist) < 2:
         return None
-    first = hist[0]["rms"]
-    return max(h["rms"][i] / first[i] for h in hist[1:] for i in range(len(first)) if first[i] > 0)
+    first = hist[0][key]
+    return max(h[key][i] / first[i] for h in hist[1:] for i in range(len(first)) if first[i] > 0)
+
+
+def guard_of(result: dict, form: str) -> dict:
+    """One run's guard: the growth of both scales and the call at which the library's guard warns, replayed from
+    the run's recorded checks (the rule of this ssattn, whatever rule the run was made with)."""
+    hist = result.get("guard_history") or []
+    return {"rms_growth": _growth(result), "rms_in_map_growth": _growth(result, "rms_in_map"),
+            "warns_at": guard_warning_call(hist, form) if hist else None}
 
 
 def signs(per_seed) -> str:
@@ -100,7 +113,8 @@ def summarize(config: AblationConfig, out_dir: str, bounds: dict) -> dict:
             iou = {c: _stats(got[s]["scores"]["iou"][k] for s in seeds) for k, c in enumerate(CLASSES)}
             paired_iou = {c: _stats(_num(got[s]["scores"]["iou"][k]) - _num(base[s]["scores"]["iou"][k])
                                     for s in paired_seeds) for k, c in enumerate(CLASSES)}
-            growth = [_growth(got[s]) for s in seeds]
+            guards = [guard_of(got[s], v.form) for s in seeds]
+            growth = [g["rms_growth"] for g in guards]
             scale = {lv: {side: float(np.mean([got[s]["feature_scale"][lv][side] for s in seeds]))
                           for side in ("in", "out")} for lv in config.levels}
             pairing = all(got[s]["init_digest"] == base[s]["init_digest"] and
@@ -110,8 +124,11 @@ def summarize(config: AblationConfig, out_dir: str, bounds: dict) -> dict:
                 "variant": name, "guidance": g, "label": v.label, "train_flags": v.train_flags(config.levels),
                 "seeds": seeds, "paired_seeds": paired_seeds, "metrics": metrics, "paired": paired, "iou": iou,
                 "paired_iou": paired_iou, "feature_scale": scale,
-                "guard": {"fired": sum(bool(got[s]["guard_warnings"]) for s in seeds), "runs": len(seeds),
-                          "max_growth": max((x for x in growth if x is not None), default=None)},
+                "guard": {"fired": sum(g["warns_at"] is not None for g in guards), "runs": len(seeds),
+                          "max_growth": max((x for x in growth if x is not None), default=None),
+                          "max_growth_in_map": max((g["rms_in_map_growth"] for g in guards
+                                                    if g["rms_in_map_growth"] is not None), default=None),
+                          "per_seed": guards},
                 "ms_per_step": float(np.mean([got[s]["ms_per_step"] for s in seeds])),
                 "pairing": pairing,
             })
@@ -237,18 +254,22 @@ def markdown(table: dict) -> list[str]:
                          " | ".join(_signed(r["paired_iou"][k], 1, 100) for k in classes) + " |")
     levels = table["config"]["levels"]
     lines += ["", "## Decoder features and the divergence guard", "",
-              "Mean |F| inside / outside the object masks on held-out scenes (mean over seeds); the guard's "
-              "largest growth of a level's RMS over its first check during training (max over seeds), and in "
-              "how many runs it warned.", "",
-              "| model | guidance | " + " | ".join(f"{lv} in / out" for lv in levels) + " | RMS growth | guard warned |",
-              "|---|---|" + "---|" * (len(levels) + 2)]
+              "Mean |F| inside / outside the object masks on held-out scenes (mean over seeds); the largest "
+              "growth of a level's feature RMS, over the level and inside the map, over the guard's first check "
+              "during training (max over seeds); in how many runs the guard warns, replayed from the runs' "
+              "recorded checks with this ssattn's rule (paper form: the RMS inside the map, "
+              f"{GUARD_FACTORS['paper']:g}x; normalized form: the RMS, {GUARD_FACTORS['normalized']:g}x).", "",
+              "| model | guidance | " + " | ".join(f"{lv} in / out" for lv in levels)
+              + " | RMS growth | in the map | guard warns |",
+              "|---|---|" + "---|" * (len(levels) + 3)]
     for r in table["rows"]:
         g = r["guard"]
         growth = "-" if g["max_growth"] is None else f"{g['max_growth']:.1f}x"
+        inside = "-" if g.get("max_growth_in_map") is None else f"{g['max_growth_in_map']:.1f}x"
         warned = "-" if g["max_growth"] is None else f"{g['fired']}/{g['runs']}"
         lines.append(f"| {r['label']} | {r['guidance'] or '-'} | " +
                      " | ".join(f"{r['feature_scale'][lv]['in']:.2f} / {r['feature_scale'][lv]['out']:.2f}"
-                                for lv in levels) + f" | {growth} | {warned} |")
+                                for lv in levels) + f" | {growth} | {inside} | {warned} |")
     lines += ["", "## Each variant as `ssattn train` options", ""]
     lines += [f"- {r['label']}: `{r['train_flags']}`" for r in table["rows"] if r["guidance"] in (None, "oracle")]
     seg = table.get("segmenter") or {}
