@@ -200,6 +200,7 @@ def load_captioner(ref, *, vision=None, language=None, dtype=None, normalize_pre
     """
     if not ref or not isinstance(ref, (str, os.PathLike)):
         raise ValueError(f"captioner must be a folder, a ClipCap checkpoint file or a hub id, got {ref!r}")
+    hub.require_transformers("caption", "the ClipCap-style caption regulariser (its captioner)")
     ref = os.fspath(ref)
     path = Path(ref).expanduser()
     if path.is_file():

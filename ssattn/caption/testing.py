@@ -19,6 +19,10 @@ def tiny_captioner(*, hidden: int = 32, proj: int = 16, embed: int = 32, prefix_
                    vocab: int = 64, layers: int = 1, heads: int = 2):
     """(Captioner, image processor) with random weights; `layers`/`heads` for both CLIP and GPT-2."""
     import torch
+
+    from ..guidance.hub import require_transformers
+
+    require_transformers("caption", "the ClipCap-style caption regulariser (a tiny captioner)")
     from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection, GPT2Config, GPT2Model
 
     from .captioner import Captioner, _image_processor_class

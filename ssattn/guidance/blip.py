@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from .base import GuideBase, as_image_list, normalized_grid
-from .hub import DEFAULT_ALIGNER, from_pretrained, model_ref, revision_of
+from .hub import DEFAULT_ALIGNER, from_pretrained, model_ref, require_transformers, revision_of
 from .prompts import DEFAULT_PROMPTS, MAX_PROMPTS, prompts_from_caption
 
 log = logging.getLogger("ssattn.guidance")
@@ -65,6 +65,7 @@ class BlipAligner(GuideBase):
         self.joint = bool(joint)
         self.max_prompts = int(max_prompts)
         self.fallback = list(fallback)
+        require_transformers("guidance", "BLIP guidance maps")
         config = from_pretrained("AutoConfig", model, "aligner config")
         vc = config.vision_config
         self.grid_size = (vc.image_size // vc.patch_size,) * 2

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import importlib.util
+import logging
 import os
+import sys
 from pathlib import Path
 
 DEFAULT_ALIGNER = "Salesforce/blip-itm-base-coco"
@@ -16,6 +20,17 @@ class ModelNotAvailableError(OSError):
 # How long a machine without network waits for the Hub before it says so: one TCP connection, no retries
 # (huggingface_hub's own retries took minutes and printed a warning per attempt).
 CONNECT_TIMEOUT_S = 2.0
+
+
+def require_transformers(extra: str, system: str) -> None:
+    """A one-line error naming the extra to install when transformers is missing (found without importing it)."""
+    try:
+        found = sys.modules.get("transformers", True) is not None and importlib.util.find_spec("transformers")
+    except (ImportError, ValueError):
+        found = False
+    if not found:
+        raise ModuleNotFoundError(f"{system} needs the transformers package: pip install 'ssattn[{extra}]'",
+                                  name="transformers")
 
 
 def _hub_state() -> str:
@@ -54,7 +69,8 @@ def not_available(what: str, model_id: str, exc: BaseException | str) -> ModelNo
         hint = (f"there is no file or folder at that path, and it is not a Hugging Face repository id "
                 f"(ORG/NAME)")
     else:
-        hint = (f"no local folder of that name, and as a hub id {reason}; to provide it, run `hf download {model_id}` "
+        hint = (f"no local folder of that name, and loading it as a hub id failed ({reason}); to provide it, run "
+                f"`hf download {model_id}` "
                 "on a machine with network and copy its "
                 "Hugging Face cache here (set HF_HOME, or HF_HUB_CACHE, to it, and HF_HUB_OFFLINE=1), or pass "
                 f"the path of a folder it was saved to with save_pretrained ({_hub_state()})")
@@ -106,10 +122,58 @@ def _in_cache(model_id: str) -> bool:
 
 def _loader(loader):
     if isinstance(loader, str):  # a transformers class by name: imported only once the model is known to be here
-        import transformers
+        try:
+            import transformers
+        except ImportError as exc:
+            raise ModuleNotFoundError(
+                f"loading a model needs the transformers package ({_one_line(exc)}): pip install the extra of the "
+                "system you use, 'ssattn[guidance]', 'ssattn[text]', 'ssattn[caption]' or 'ssattn[routing]'",
+                name="transformers") from exc
 
         return getattr(transformers, loader)
     return loader
+
+
+@contextlib.contextmanager
+def _loading_bars():
+    """transformers draws a "Loading weights" bar with carriage returns; written to a log each redraw is a line.
+    Shown on a terminal only, as ssattn's own progress (ssattn._progress)."""
+    if sys.stderr.isatty():
+        yield
+        return
+    from transformers.utils import logging as hf_logging
+
+    was = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was:
+            hf_logging.enable_progress_bar()
+
+
+# Failures of the download itself (a proxy that refuses, a connection dropped mid-way) come as the HTTP
+# client's own exceptions, which are not OSError: recognised by the module that defines them.
+_NETWORK_MODULES = ("httpx", "httpx2", "httpcore", "httpcore2", "requests", "urllib3", "huggingface_hub")
+
+
+def _quiet_http_logs() -> None:
+    """The HTTP clients log each request at INFO ("HTTP Request: HEAD ..."), which a command's INFO log would
+    show; unless the user set their level, they say only warnings."""
+    for name in _NETWORK_MODULES[:4]:
+        log = logging.getLogger(name)
+        if log.level == logging.NOTSET:
+            log.setLevel(logging.WARNING)
+
+
+def _network_error(exc: BaseException) -> bool:
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, (ConnectionError, TimeoutError)) or type(exc).__module__.split(".")[0] in _NETWORK_MODULES:
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
 
 
 def from_pretrained(loader, model_id, what: str, **kwargs):
@@ -123,13 +187,15 @@ def from_pretrained(loader, model_id, what: str, **kwargs):
     """
     if not model_id or not isinstance(model_id, (str, os.PathLike)):
         raise ValueError(f"the {what} must be a repository id or a folder path, got {model_id!r}")
+    _quiet_http_logs()
     model_id = os.fspath(model_id)
     if not Path(model_id).expanduser().exists():
         if not _is_repo_id(model_id):
             raise not_available(what, model_id, "not found")
         if _in_cache(model_id):
             try:
-                return _loader(loader).from_pretrained(model_id, local_files_only=True, **kwargs)
+                with _loading_bars():
+                    return _loader(loader).from_pretrained(model_id, local_files_only=True, **kwargs)
             except (OSError, ValueError) as exc:
                 if not _missing(exc):
                     raise
@@ -137,19 +203,21 @@ def from_pretrained(loader, model_id, what: str, **kwargs):
         if why:
             raise not_available(what, model_id, why)
     try:
-        return _loader(loader).from_pretrained(model_id, **kwargs)
-    except ModelNotAvailableError:
+        with _loading_bars():
+            return _loader(loader).from_pretrained(model_id, **kwargs)
+    except (ModelNotAvailableError, ModuleNotFoundError):
         raise
-    except (OSError, ValueError) as exc:
-        if not _missing(exc):
-            raise
-        raise not_available(what, model_id, exc) from exc
+    except Exception as exc:
+        if isinstance(exc, (OSError, ValueError)) and _missing(exc) or _network_error(exc):
+            raise not_available(what, model_id, exc) from exc
+        raise
 
 
 def snapshot(model_id: str, what: str) -> Path:
     """The local folder of a hub repository (huggingface_hub.snapshot_download), with from_pretrained's checks."""
     from huggingface_hub import snapshot_download
 
+    _quiet_http_logs()
     if not _is_repo_id(model_id):
         raise not_available(what, model_id, "not found")
     if _in_cache(model_id):

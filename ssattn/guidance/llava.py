@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from ..images import to_image_tensor
-from .hub import DEFAULT_CAPTIONER, from_pretrained, model_ref, revision_of
+from .hub import DEFAULT_CAPTIONER, from_pretrained, model_ref, require_transformers, revision_of
 from .prompts import DEFAULT_QUESTION
 
 
@@ -38,6 +38,7 @@ class LlavaCaptioner:
         self.device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.dtype = dtype or (torch.float16 if self.device.type == "cuda" else torch.float32)
         self._model_class = model_class
+        require_transformers("guidance", "LLaVA captions for the guidance maps")
         config = from_pretrained("AutoConfig", model, "captioner config")
         self.processor = from_pretrained("AutoProcessor", model, "captioner processor")
         if getattr(self.processor, "chat_template", None) is None:

@@ -12,6 +12,8 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
+from .hub import require_transformers
+
 CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
 CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 WORDS = ("fish diver coral robot turtle reef sea water a an the and of with some two there is are in on "
@@ -20,6 +22,7 @@ WORDS = ("fish diver coral robot turtle reef sea water a an the and of with some
 
 def blip_config(hidden: int = 32, layers: int = 1, heads: int = 2, image_size: int = 384, patch: int = 16,
                 vocab_size: int | None = None, proj: int = 16):
+    require_transformers("guidance", "BLIP guidance maps (a tiny BLIP)")
     from transformers import BlipConfig
 
     vocab_size = vocab_size or len(WORDS) + 5
@@ -39,6 +42,7 @@ def blip_base_config():
 def save_blip(folder, config=None, seed: int = 0):
     """A random BlipForImageTextRetrieval + BlipProcessor (BERT word tokenizer, PIL image processor) in `folder`."""
     import torch
+    require_transformers("guidance", "BLIP guidance maps (a tiny BLIP)")
     from transformers import BertTokenizer, BlipForImageTextRetrieval, BlipImageProcessorPil, BlipProcessor
 
     config = config or blip_config()
@@ -66,6 +70,7 @@ def save_llava(folder, hidden: int = 32, seed: int = 0, extra_chars: str = ""):
     extra_chars are added to the character vocabulary (e.g. "ABCD" for multiple-choice letters).
     """
     import torch
+    require_transformers("guidance", "LLaVA captions (a tiny LLaVA)")
     from transformers import (CLIPImageProcessorPil, LlamaTokenizer, LlavaConfig, LlavaForConditionalGeneration,
                               LlavaProcessor)
 

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..guidance.hub import from_pretrained, model_ref, revision_of
+from ..guidance.hub import from_pretrained, model_ref, require_transformers, revision_of
 from .base import batches, check_batch_size, device_of, image_list, to_pil
 from .classes import CLIP_PROMPTS, PAPER_CLASSES, check_classes
 
@@ -44,6 +44,7 @@ class ClipClassifier:
         self.device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.dtype = dtype or (torch.float16 if self.device.type == "cuda" else torch.float32)
         self.model_id = model
+        require_transformers("routing", "VLM degradation routing with CLIP")
         self.processor = from_pretrained("AutoProcessor", model, "CLIP processor")
         self.model = from_pretrained("AutoModel", model, "CLIP model", dtype=self.dtype).to(self.device).eval()
         self.settings = {"classifier": "clip", "model": model_ref(model), "revision": revision_of(model),

@@ -10,6 +10,9 @@ from ..guidance.testing import CLIP_MEAN, CLIP_STD
 def save_clip(folder, hidden: int = 32, seed: int = 0, image_size: int = 224, patch: int = 32):
     """A random CLIPModel (1 layer each side) + CLIPProcessor (letter-level BPE vocabulary) in `folder`."""
     import torch
+    from ..guidance.hub import require_transformers
+
+    require_transformers("routing", "VLM degradation routing (a tiny CLIP)")
     from transformers import CLIPConfig, CLIPImageProcessorPil, CLIPModel, CLIPProcessor, CLIPTokenizer
 
     chars = list("abcdefghijklmnopqrstuvwxyz")

@@ -19,7 +19,7 @@ import inspect
 import torch
 from torch import Tensor
 
-from ..guidance.hub import DEFAULT_CAPTIONER, from_pretrained, model_ref, revision_of
+from ..guidance.hub import DEFAULT_CAPTIONER, from_pretrained, model_ref, require_transformers, revision_of
 from .base import batches, check_batch_size, device_of, image_list, to_pil
 from .classes import DESCRIPTIONS, PAPER_CLASSES, check_classes
 
@@ -71,6 +71,7 @@ class VlmClassifier:
         self.device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.dtype = dtype or (torch.float16 if self.device.type == "cuda" else torch.float32)
         self.model_id, self._model_class = model, model_class
+        require_transformers("routing", "VLM degradation routing with a chat VLM")
         self.processor = from_pretrained("AutoProcessor", model, "VLM processor")
         if getattr(self.processor, "chat_template", None) is None:
             raise ValueError(f"the processor of {model!r} has no chat template; pass a chat model's processor")

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from ..guidance.feature_cache import FeatureCache, content_key
-from ..guidance.hub import from_pretrained, model_ref, revision_of
+from ..guidance.hub import from_pretrained, model_ref, require_transformers, revision_of
 
 DEFAULT_TEXT_ENCODER = "openai/clip-vit-base-patch32"
 
@@ -95,6 +95,7 @@ class TextEncoder:
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         self.dtype = dtype or torch.float32
         self.batch_size = batch_size
+        require_transformers("text", "NaLSuper text guidance (its CLIP text encoder)")
         self.tokenizer = from_pretrained("AutoTokenizer", model, "CLIP tokenizer")
         with _quiet_transformers():  # a full CLIP checkpoint's vision weights are expected to stay unused
             self.model = from_pretrained("CLIPTextModel", model, "CLIP text encoder", dtype=self.dtype)
