@@ -113,7 +113,35 @@ def test_masks_are_used(folders, capsys):
     assert all(float(rows[("m2", s)]["psnr_fg"]) == math.inf for s in "ab")
     assert all(float(rows[("m1", s)]["psnr_fg"]) < float(rows[("m1", s)]["psnr"]) for s in "abc")
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["methods"]["m2"]["metrics"]["psnr_fg"] == {"mean": None, "std": None, "count": 0, "nonfinite": 2}
+    assert summary["methods"]["m2"]["metrics"]["psnr_fg"] == {
+        "mean": None, "std": None, "count": 0, "nonfinite": 2, "nonfinite_by_kind": {"+inf": 2},
+        "nonfinite_note": "2 left out of the mean and std: +inf for a, b (the output equals its reference inside the "
+                          "mask)"}
+
+
+def test_summary_gives_each_metrics_count_and_why_values_were_left_out(folders, capsys):
+    """An output identical to its reference has PSNR +inf: the summary averages the other images and says so."""
+    (folders / "m3").mkdir()
+    (folders / "m3" / "a.png").write_bytes((folders / "ref" / "a.png").read_bytes())   # identical: PSNR +inf
+    for s in "bc":
+        (folders / "m3" / f"{s}.png").write_bytes((folders / "m1" / f"{s}.png").read_bytes())
+    out = folders / "out"
+    rc, _, stderr = _run(capsys, folders / "m3", "--ref", folders / "ref", "--out", out, "--no-lpips")
+    assert rc == 0, stderr
+    summary = json.loads((out / "summary.json").read_text())   # strict JSON: json.loads takes it
+    stats = summary["methods"]["m3"]["metrics"]
+    want = psnr(_load(*[folders / "m3" / f"{s}.png" for s in "bc"]), _load(*[folders / "ref" / f"{s}.png" for s in "bc"]))
+    assert stats["psnr"]["count"] == 2 and stats["psnr"]["nonfinite"] == 1
+    assert stats["psnr"]["nonfinite_by_kind"] == {"+inf": 1}
+    assert math.isclose(stats["psnr"]["mean"], float(want.mean()), rel_tol=1e-12)
+    assert stats["psnr"]["nonfinite_note"] == ("1 left out of the mean and std: +inf for a (the output equals its "
+                                               "reference)")
+    assert stats["ssim"]["count"] == 3 and stats["ssim"]["nonfinite"] == 0 and "nonfinite_note" not in stats["ssim"]
+    md = (out / "summary.md").read_text()
+    # the table of counts: n per metric (the finite values averaged), the left-out ones in brackets
+    assert "| method | images | PSNR | SSIM | UIQM | UCIQE |" in md
+    assert "| m3 | 3 | 2 (+1 inf) | 3 | 3 | 3 |" in md
+    assert "- m3, PSNR: 1 left out of the mean and std: +inf for a (the output equals its reference)" in md
 
 
 def test_a_corrupt_image_is_skipped_and_reported(folders, capsys):
