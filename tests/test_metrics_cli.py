@@ -304,3 +304,16 @@ def test_argument_errors_are_one_line(folders, capsys, tmp_path):
     ):
         rc, _, stderr = _run(capsys, *argv)
         assert rc == 2 and needle in stderr and len(stderr.strip().splitlines()) == 1, stderr
+
+
+def test_empty_weight_and_segmenter_files_are_named(folders, capsys, tmp_path):
+    pytest.importorskip("lpips")
+    empty = tmp_path / "empty.pt"
+    empty.write_bytes(b"")
+    for argv, flag in (([folders / "m1", "--ref", folders / "ref", "--lpips-weights", empty], "LPIPS backbone weights"),
+                       ([folders / "m1", "--masks", folders / "masks", "--segmenter", empty, "--classes", 2],
+                        "--segmenter")):
+        rc, _, stderr = _run(capsys, *argv, "--out", folders / "out")
+        lines = stderr.strip().splitlines()
+        assert rc == 2 and len(lines) == 1, stderr
+        assert flag in lines[0] and lines[0].endswith(f"{str(empty)!r} is empty (0 bytes)"), lines[0]

@@ -91,6 +91,9 @@ def test_bad_weight_files_are_named(tmp_path):
     torch.save({"classifier.1.weight": torch.zeros(1)}, tmp_path / "other.pth")
     with pytest.raises(ValueError, match=r"not torchvision's AlexNet state dict.*features.0.weight"):
         LPIPS("alex", tmp_path / "other.pth")
+    (tmp_path / "empty.pth").write_bytes(b"")
+    with pytest.raises(ValueError, match=r"empty.pth' is empty \(0 bytes\)$"):
+        LPIPS("alex", tmp_path / "empty.pth")
     (tmp_path / "junk.pth").write_bytes(b"junk")
     with pytest.raises(ValueError, match="cannot read LPIPS backbone weights"):
         LPIPS("alex", tmp_path / "junk.pth")

@@ -144,6 +144,8 @@ class Segmenter:
 
         if not os.path.isfile(path):
             raise FileNotFoundError(f"--segmenter {path!r} does not exist or is not a file")
+        if os.path.getsize(path) == 0:  # torch.load's own error says nothing
+            raise ValueError(f"--segmenter {path!r} is empty (0 bytes)")
         if cls._is_torchscript(path):
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", FutureWarning)  # "torch.jit is deprecated": loading still works
@@ -152,11 +154,11 @@ class Segmenter:
             obj = torch.load(path, map_location=device, weights_only=not unsafe)
         except pickle.UnpicklingError as exc:
             if unsafe:
-                raise ValueError(f"--segmenter {path!r} cannot be loaded: {exc}") from None
+                raise ValueError(f"--segmenter {path!r} cannot be loaded: {exc or type(exc).__name__}") from None
             raise ValueError(f"--segmenter {path!r} is not TorchScript; loading a module saved whole with torch.save "
                              f"runs code from the file: pass --unsafe-checkpoint if you trust it") from None
         except Exception as exc:
-            raise ValueError(f"--segmenter {path!r} cannot be loaded: {exc}") from None
+            raise ValueError(f"--segmenter {path!r} cannot be loaded: {exc or type(exc).__name__}") from None
         if isinstance(obj, nn.Module):
             return obj.to(device).eval()
         what = "a state dict" if isinstance(obj, dict) else f"a {type(obj).__name__}"
