@@ -11,7 +11,9 @@ lpips_pkg = pytest.importorskip("lpips")
 
 from ssattn.metrics import LPIPS, MissingWeightsError, backbone_weights_path, lpips  # noqa: E402
 
-FILES = {"alex": "alexnet-owt-7be5be79.pth", "squeeze": "squeezenet1_1-b8a52dc0.pth"}
+FILES = {"alex": "alexnet-owt-7be5be79.pth", "vgg": "vgg16-397923af.pth", "squeeze": "squeezenet1_1-b8a52dc0.pth"}
+# VGG-16: building one (lpips builds torchvision's whole network, 138 M parameters) takes ~5 s on one CPU thread.
+NETS = ["alex", pytest.param("vgg", marks=pytest.mark.slow), "squeeze"]
 
 
 def _package_model(net, seed):
@@ -28,7 +30,7 @@ def _save_backbone(model, path):
     return path
 
 
-@pytest.mark.parametrize("net", ["alex", "squeeze"])
+@pytest.mark.parametrize("net", NETS)
 def test_matches_the_package_on_a_random_backbone(tmp_path, net):
     ref = _package_model(net, seed=0)
     weights = _save_backbone(ref, tmp_path / FILES[net])
@@ -47,7 +49,7 @@ def test_matches_the_package_on_a_random_backbone(tmp_path, net):
     assert not torch.allclose(other(x, y), want)
 
 
-@pytest.mark.parametrize("net", ["alex", "squeeze"])
+@pytest.mark.parametrize("net", NETS)
 def test_smallest_image_each_backbone_takes(tmp_path, net):
     from ssattn.metrics.perceptual import MIN_SIDE
 
