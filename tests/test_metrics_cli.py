@@ -130,7 +130,8 @@ def test_summary_gives_each_metrics_count_and_why_values_were_left_out(folders, 
     assert rc == 0, stderr
     summary = json.loads((out / "summary.json").read_text())   # strict JSON: json.loads takes it
     stats = summary["methods"]["m3"]["metrics"]
-    want = psnr(_load(*[folders / "m3" / f"{s}.png" for s in "bc"]), _load(*[folders / "ref" / f"{s}.png" for s in "bc"]))
+    want = psnr(_load(*[folders / "m3" / f"{s}.png" for s in "bc"]),
+                _load(*[folders / "ref" / f"{s}.png" for s in "bc"]))
     assert stats["psnr"]["count"] == 2 and stats["psnr"]["nonfinite"] == 1
     assert stats["psnr"]["nonfinite_by_kind"] == {"+inf": 1}
     assert math.isclose(stats["psnr"]["mean"], float(want.mean()), rel_tol=1e-12)
