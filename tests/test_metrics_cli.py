@@ -384,3 +384,16 @@ def test_the_demos_segmenter_file_loads_without_ssattn(folders, tmp_path):
     with torch.no_grad():
         want = net(x)
     torch.testing.assert_close(torch.load(tmp_path / "y.pt"), want)   # float32 tolerances: thread counts may differ
+
+
+def test_a_state_dict_points_to_the_torchscript_copy_beside_it(folders, capsys, tmp_path):
+    """The ablation's segmenter.pt holds a state dict (for resuming); the error names the copy the command reads."""
+    from ssattn.apps.training.segmentation import TORCHSCRIPT_FILE
+
+    net, path = _demo_segmenter(folders, tmp_path)
+    state = path.parent / "segmenter.pt"
+    torch.save({"hash": "x", "state": net.state_dict()}, state)
+    rc, _, stderr = _run(capsys, folders / "m1", "--masks", folders / "labels", "--segmenter", state, "--classes", 5)
+    lines = stderr.strip().splitlines()
+    assert rc == 2 and len(lines) == 1 and "holds a state dict, not a network" in lines[0]
+    assert lines[0].endswith(f"a TorchScript copy is beside it: --segmenter {str(path.parent / TORCHSCRIPT_FILE)!r}")

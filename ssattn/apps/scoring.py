@@ -161,9 +161,14 @@ class Segmenter:
             raise ValueError(f"--segmenter {path!r} cannot be loaded: {exc or type(exc).__name__}") from None
         if isinstance(obj, nn.Module):
             return obj.to(device).eval()
+        from ssattn.apps.training.segmentation import TORCHSCRIPT_FILE
+
         what = "a state dict" if isinstance(obj, dict) else f"a {type(obj).__name__}"
-        raise ValueError(f"--segmenter {path!r} holds {what}, not a network: save the module whole "
-                         f"(torch.save(model)) or as TorchScript (torch.jit.trace / torch.jit.script)")
+        hint = "save the module whole (torch.save(model)) or as TorchScript (torch.jit.trace / torch.jit.script)"
+        beside = os.path.join(os.path.dirname(path), TORCHSCRIPT_FILE)  # the demo's and the ablation's
+        if os.path.isfile(beside) and not os.path.samefile(beside, path):
+            hint = f"a TorchScript copy is beside it: --segmenter {beside!r}"
+        raise ValueError(f"--segmenter {path!r} holds {what}, not a network: {hint}")
 
     @torch.no_grad()
     def labels(self, images: torch.Tensor) -> torch.Tensor:
