@@ -154,11 +154,11 @@ class Segmenter:
             obj = torch.load(path, map_location=device, weights_only=not unsafe)
         except pickle.UnpicklingError as exc:
             if unsafe:
-                raise ValueError(f"--segmenter {path!r} cannot be loaded: {exc or type(exc).__name__}") from None
+                raise ValueError(f"--segmenter {path!r} cannot be loaded: {str(exc) or type(exc).__name__}") from None
             raise ValueError(f"--segmenter {path!r} is not TorchScript; loading a module saved whole with torch.save "
                              f"runs code from the file: pass --unsafe-checkpoint if you trust it") from None
         except Exception as exc:
-            raise ValueError(f"--segmenter {path!r} cannot be loaded: {exc or type(exc).__name__}") from None
+            raise ValueError(f"--segmenter {path!r} cannot be loaded: {str(exc) or type(exc).__name__}") from None
         if isinstance(obj, nn.Module):
             return obj.to(device).eval()
         from ssattn.apps.training.segmentation import TORCHSCRIPT_FILE

@@ -108,7 +108,7 @@ class LPIPS(nn.Module):
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as exc:  # a truncated or foreign file: say which one
-            raise ValueError(f"cannot read LPIPS backbone weights {path!r}: {exc or type(exc).__name__}") from exc
+            raise ValueError(f"cannot read LPIPS backbone weights {path!r}: {str(exc) or type(exc).__name__}") from exc
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # torchvision's "pretrained is deprecated", from lpips
             model = lpips.LPIPS(net=net, pretrained=True, pnet_rand=True, verbose=False)
