@@ -12,7 +12,8 @@ lpips_pkg = pytest.importorskip("lpips")
 from ssattn.metrics import LPIPS, MissingWeightsError, backbone_weights_path, lpips  # noqa: E402
 
 FILES = {"alex": "alexnet-owt-7be5be79.pth", "vgg": "vgg16-397923af.pth", "squeeze": "squeezenet1_1-b8a52dc0.pth"}
-# VGG-16: building one (lpips builds torchvision's whole network, 138 M parameters) takes ~5 s on one CPU thread.
+# VGG-16: lpips builds torchvision's whole network (138 M parameters) each time; the comparison builds three: 7.5 s
+# on one idle CPU thread, ~20 s on a loaded one.
 NETS = ["alex", pytest.param("vgg", marks=pytest.mark.slow), "squeeze"]
 
 
