@@ -169,3 +169,29 @@ def test_alignment_only_runs_through_the_public_stages(tmp_path):
     base, align = read_run(out, config, "baseline", None, 0), read_run(out, config, "alignment", "oracle", 0)
     assert align["params"] == base["params"] and align["init_digest"] == base["init_digest"]
     assert align["guard_history"] and align["scores"] != base["scores"]
+
+
+def test_the_segmenter_is_also_written_as_torchscript(tmp_path):
+    """Beside segmenter.pt (the state dict resuming reads), a TorchScript copy for `ssattn metrics --segmenter`;
+    a folder written before it existed gets it on the next run, from the saved weights (nothing retrained)."""
+    from ssattn.apps.ablation.runner import SEGMENTER_FILE, load_scenes, segmenter
+    from ssattn.apps.training.segmentation import TORCHSCRIPT_FILE
+
+    config = AblationConfig(**TINY)
+    data = load_scenes(config)
+    out = tmp_path / "abl"
+    net = segmenter(config, data, str(out), log=lambda s: None)
+    x = data["test"]["reference"][:2]
+    with torch.no_grad():
+        want = net(x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)   # torch.jit's deprecation notice
+        torch.testing.assert_close(torch.jit.load(str(out / TORCHSCRIPT_FILE))(x), want)
+    (out / TORCHSCRIPT_FILE).unlink()
+    state_written = (out / SEGMENTER_FILE).stat().st_mtime_ns
+    said = []
+    segmenter(config, data, str(out), log=said.append)
+    assert not said and (out / SEGMENTER_FILE).stat().st_mtime_ns == state_written   # loaded, not retrained
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        torch.testing.assert_close(torch.jit.load(str(out / TORCHSCRIPT_FILE))(x), want)

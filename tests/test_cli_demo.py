@@ -22,7 +22,8 @@ def test_demo_quick_writes_results_tables_and_figures(tmp_path, capsys):
     assert rc == 0
     text = capsys.readouterr().out
     assert "fg PSNR" in text and "backends:" in text and "over 3 seeds: foreground PSNR" in text
-    assert "wrote figure.png, metrics.png, results.md, results.json, run.json into " in text and text.count(out) == 1
+    assert ("wrote figure.png, metrics.png, results.md, results.json, run.json, segmenter.torchscript.pt into "
+            in text and text.count(out) == 1)
     res = strict_load(os.path.join(out, "results.json"))
     assert set(res) == {"seeds", "guidance", "models"} and res["seeds"] == 3
     assert set(res["guidance"]) == {"auc", "iou"} and 0 <= res["guidance"]["auc"] <= 1
@@ -42,6 +43,10 @@ def test_demo_quick_writes_results_tables_and_figures(tmp_path, capsys):
     md = open(os.path.join(out, "results.md")).read()
     for label in ("| U-Net |", "| U-Net-SS |", "| U-Net-SS oracle |", "| reference |", "| degraded input |"):
         assert label in md
+    # The segmenter, as a file the metrics command reads, and the command that scores images with it.
+    seg = os.path.join(out, "segmenter.torchscript.pt")
+    assert run["segmenter"]["file"] == seg and os.path.isfile(seg)
+    assert f"`ssattn metrics OUTPUTS --masks LABELS --segmenter {seg} --classes 5`" in md
     fig = Image.open(os.path.join(out, "figure.png"))
     # 7 columns (input, guidance, mask, 3 models, reference) of 4 held-out scenes, 32 px crops shown at 4x.
     assert fig.size[0] > 7 * 128 and fig.size[1] > 4 * 128

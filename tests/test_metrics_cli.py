@@ -113,7 +113,36 @@ def test_masks_are_used(folders, capsys):
     assert all(float(rows[("m2", s)]["psnr_fg"]) == math.inf for s in "ab")
     assert all(float(rows[("m1", s)]["psnr_fg"]) < float(rows[("m1", s)]["psnr"]) for s in "abc")
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["methods"]["m2"]["metrics"]["psnr_fg"] == {"mean": None, "std": None, "count": 0, "nonfinite": 2}
+    assert summary["methods"]["m2"]["metrics"]["psnr_fg"] == {
+        "mean": None, "std": None, "count": 0, "nonfinite": 2, "nonfinite_by_kind": {"+inf": 2},
+        "nonfinite_note": "2 left out of the mean and std: +inf for a, b (the output equals its reference inside the "
+                          "mask)"}
+
+
+def test_summary_gives_each_metrics_count_and_why_values_were_left_out(folders, capsys):
+    """An output identical to its reference has PSNR +inf: the summary averages the other images and says so."""
+    (folders / "m3").mkdir()
+    (folders / "m3" / "a.png").write_bytes((folders / "ref" / "a.png").read_bytes())   # identical: PSNR +inf
+    for s in "bc":
+        (folders / "m3" / f"{s}.png").write_bytes((folders / "m1" / f"{s}.png").read_bytes())
+    out = folders / "out"
+    rc, _, stderr = _run(capsys, folders / "m3", "--ref", folders / "ref", "--out", out, "--no-lpips")
+    assert rc == 0, stderr
+    summary = json.loads((out / "summary.json").read_text())   # strict JSON: json.loads takes it
+    stats = summary["methods"]["m3"]["metrics"]
+    want = psnr(_load(*[folders / "m3" / f"{s}.png" for s in "bc"]),
+                _load(*[folders / "ref" / f"{s}.png" for s in "bc"]))
+    assert stats["psnr"]["count"] == 2 and stats["psnr"]["nonfinite"] == 1
+    assert stats["psnr"]["nonfinite_by_kind"] == {"+inf": 1}
+    assert math.isclose(stats["psnr"]["mean"], float(want.mean()), rel_tol=1e-12)
+    assert stats["psnr"]["nonfinite_note"] == ("1 left out of the mean and std: +inf for a (the output equals its "
+                                               "reference)")
+    assert stats["ssim"]["count"] == 3 and stats["ssim"]["nonfinite"] == 0 and "nonfinite_note" not in stats["ssim"]
+    md = (out / "summary.md").read_text()
+    # the table of counts: n per metric (the finite values averaged), the left-out ones in brackets
+    assert "| method | images | PSNR | SSIM | UIQM | UCIQE |" in md
+    assert "| m3 | 3 | 2 (+1 inf) | 3 | 3 | 3 |" in md
+    assert "- m3, PSNR: 1 left out of the mean and std: +inf for a (the output equals its reference)" in md
 
 
 def test_a_corrupt_image_is_skipped_and_reported(folders, capsys):
@@ -276,3 +305,95 @@ def test_argument_errors_are_one_line(folders, capsys, tmp_path):
     ):
         rc, _, stderr = _run(capsys, *argv)
         assert rc == 2 and needle in stderr and len(stderr.strip().splitlines()) == 1, stderr
+
+
+def test_empty_weight_and_segmenter_files_are_named(folders, capsys, tmp_path):
+    pytest.importorskip("lpips")
+    empty = tmp_path / "empty.pt"
+    empty.write_bytes(b"")
+    for argv, flag in (([folders / "m1", "--ref", folders / "ref", "--lpips-weights", empty], "LPIPS backbone weights"),
+                       ([folders / "m1", "--masks", folders / "masks", "--segmenter", empty, "--classes", 2],
+                        "--segmenter")):
+        rc, _, stderr = _run(capsys, *argv, "--out", folders / "out")
+        lines = stderr.strip().splitlines()
+        assert rc == 2 and len(lines) == 1, stderr
+        assert flag in lines[0] and lines[0].endswith(f"{str(empty)!r} is empty (0 bytes)"), lines[0]
+
+
+def _demo_segmenter(folders, tmp_path):
+    """A tiny segmenter trained and saved the demo's way (5 classes, TorchScript), with 5-class label maps."""
+    from ssattn.apps.training.segmentation import TORCHSCRIPT_FILE, save_torchscript, train_segmenter
+
+    rng = np.random.default_rng(3)
+    for s in "abc":
+        labels = np.zeros((H, W), np.uint8)
+        for c in range(1, 5):   # a box per class
+            y, x = rng.integers(0, H - 8), rng.integers(0, W - 8)
+            labels[y:y + 8, x:x + 8] = c
+        _save(folders / "labels" / f"{s}.png", labels)
+    refs = _load(*[folders / "ref" / f"{s}.png" for s in "abc"]).float()
+    target = torch.stack([torch.from_numpy(np.array(Image.open(folders / "labels" / f"{s}.png"))).long()
+                          for s in "abc"])
+    net, _ = train_segmenter(refs, target, num_classes=5, max_steps=3, batch_size=3, width=4, seed=0)
+    path = tmp_path / "demo" / TORCHSCRIPT_FILE
+    save_torchscript(net, path)
+    return net, path
+
+
+def test_the_demos_segmenter_file_gives_the_modules_miou(folders, capsys, tmp_path):
+    net, path = _demo_segmenter(folders, tmp_path)
+    # An image whose sides are not multiples of 8 (the U-Net's): the file pads it (edge pixels repeated) and crops.
+    rng = np.random.default_rng(4)
+    _save(folders / "m1" / "odd.png", rng.integers(0, 255, (H + 4, W + 4, 3)))
+    _save(folders / "labels" / "odd.png", rng.integers(0, 5, (H + 4, W + 4)))
+    out = folders / "out"
+    rc, _, stderr = _run(capsys, folders / "m1", "--masks", folders / "labels", "--segmenter", path, "--classes", 5,
+                         "--out", out)
+    assert rc == 0, stderr
+    rows = _csv(out / "metrics.csv")
+    stems = ["a", "b", "c", "odd"]
+    labels = {s: torch.from_numpy(np.array(Image.open(folders / "labels" / f"{s}.png"))).long() for s in stems}
+    x = _load(*[folders / "m1" / f"{s}.png" for s in "abc"]).float()
+    odd = _load(folders / "m1" / "odd.png").float()
+    with torch.no_grad():
+        pred = list(net(x).argmax(1))
+        padded = torch.nn.functional.pad(odd, (0, 4, 0, 4), mode="replicate")
+        pred.append(net(padded)[..., :H + 4, :W + 4].argmax(1)[0])
+    conf = torch.stack([confusion_matrix(p[None], labels[s][None], 5)[0] for p, s in zip(pred, stems)])
+    for i, s in enumerate(stems):
+        assert float(rows[("m1", s)]["miou"]) == pytest.approx(float(mean_iou(conf[i])), abs=1e-12), s
+    entry = json.loads((out / "summary.json").read_text())["methods"]["m1"]
+    assert entry["miou_pooled"] == pytest.approx(float(mean_iou(conf.sum(0))), abs=1e-12)
+
+
+@pytest.mark.slow   # a second interpreter importing torch: a few seconds, more on a loaded machine
+def test_the_demos_segmenter_file_loads_without_ssattn(folders, tmp_path):
+    import subprocess
+    import sys
+
+    net, path = _demo_segmenter(folders, tmp_path)
+    x = torch.rand(2, 3, 24, 16)
+    torch.save(x, tmp_path / "x.pt")
+    code = ("import sys; sys.modules['ssattn'] = None\n"   # importing ssattn fails in this interpreter
+            "import torch\n"
+            f"net = torch.jit.load({str(path)!r})\n"
+            f"torch.save(net(torch.load({str(tmp_path / 'x.pt')!r})), {str(tmp_path / 'y.pt')!r})\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path,
+                          env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr
+    with torch.no_grad():
+        want = net(x)
+    torch.testing.assert_close(torch.load(tmp_path / "y.pt"), want)   # float32 tolerances: thread counts may differ
+
+
+def test_a_state_dict_points_to_the_torchscript_copy_beside_it(folders, capsys, tmp_path):
+    """The ablation's segmenter.pt holds a state dict (for resuming); the error names the copy the command reads."""
+    from ssattn.apps.training.segmentation import TORCHSCRIPT_FILE
+
+    net, path = _demo_segmenter(folders, tmp_path)
+    state = path.parent / "segmenter.pt"
+    torch.save({"hash": "x", "state": net.state_dict()}, state)
+    rc, _, stderr = _run(capsys, folders / "m1", "--masks", folders / "labels", "--segmenter", state, "--classes", 5)
+    lines = stderr.strip().splitlines()
+    assert rc == 2 and len(lines) == 1 and "holds a state dict, not a network" in lines[0]
+    assert lines[0].endswith(f"a TorchScript copy is beside it: --segmenter {str(path.parent / TORCHSCRIPT_FILE)!r}")

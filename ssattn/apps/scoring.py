@@ -144,6 +144,8 @@ class Segmenter:
 
         if not os.path.isfile(path):
             raise FileNotFoundError(f"--segmenter {path!r} does not exist or is not a file")
+        if os.path.getsize(path) == 0:  # torch.load's own error says nothing
+            raise ValueError(f"--segmenter {path!r} is empty (0 bytes)")
         if cls._is_torchscript(path):
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", FutureWarning)  # "torch.jit is deprecated": loading still works
@@ -152,16 +154,21 @@ class Segmenter:
             obj = torch.load(path, map_location=device, weights_only=not unsafe)
         except pickle.UnpicklingError as exc:
             if unsafe:
-                raise ValueError(f"--segmenter {path!r} cannot be loaded: {exc}") from None
+                raise ValueError(f"--segmenter {path!r} cannot be loaded: {str(exc) or type(exc).__name__}") from None
             raise ValueError(f"--segmenter {path!r} is not TorchScript; loading a module saved whole with torch.save "
                              f"runs code from the file: pass --unsafe-checkpoint if you trust it") from None
         except Exception as exc:
-            raise ValueError(f"--segmenter {path!r} cannot be loaded: {exc}") from None
+            raise ValueError(f"--segmenter {path!r} cannot be loaded: {str(exc) or type(exc).__name__}") from None
         if isinstance(obj, nn.Module):
             return obj.to(device).eval()
+        from ssattn.apps.training.segmentation import TORCHSCRIPT_FILE
+
         what = "a state dict" if isinstance(obj, dict) else f"a {type(obj).__name__}"
-        raise ValueError(f"--segmenter {path!r} holds {what}, not a network: save the module whole "
-                         f"(torch.save(model)) or as TorchScript (torch.jit.trace / torch.jit.script)")
+        hint = "save the module whole (torch.save(model)) or as TorchScript (torch.jit.trace / torch.jit.script)"
+        beside = os.path.join(os.path.dirname(path), TORCHSCRIPT_FILE)  # the demo's and the ablation's
+        if os.path.isfile(beside) and not os.path.samefile(beside, path):
+            hint = f"a TorchScript copy is beside it: --segmenter {beside!r}"
+        raise ValueError(f"--segmenter {path!r} holds {what}, not a network: {hint}")
 
     @torch.no_grad()
     def labels(self, images: torch.Tensor) -> torch.Tensor:
@@ -351,16 +358,51 @@ def _hw(t: torch.Tensor) -> str:
 
 
 # ------------------------------------------------------------------------------------------------ summaries
+# Why a metric can be non-finite, by metric and value ("+inf" or "nan"); iou_<c> by IOU_NAN.
+NONFINITE_REASONS = {
+    ("psnr", "+inf"): "the output equals its reference",
+    ("psnr_fg", "+inf"): "the output equals its reference inside the mask",
+    ("psnr_fg", "nan"): "the mask is empty",
+    ("ssim_fg", "nan"): "the mask is empty",
+    ("miou", "nan"): "no label of the label map is a class",
+}
+IOU_NAN = "the class is in neither the prediction nor the label map"
+
+
+def _kind(v: float) -> str:
+    return "nan" if math.isnan(v) else ("+inf" if v > 0 else "-inf")
+
+
+def nonfinite_note(col: str, left_out: list[tuple[str, float]]) -> str:
+    """What summary.json and summary.md say of the values of a metric left out of its mean: how many, which
+    images, and why, e.g. "1 left out of the mean and std: +inf for a (the output equals its reference)"."""
+    by_kind: dict[str, list[str]] = defaultdict(list)
+    for image, v in left_out:
+        by_kind[_kind(v)].append(image)
+    parts = []
+    for kind, images in by_kind.items():
+        why = IOU_NAN if col.startswith("iou_") and kind == "nan" else NONFINITE_REASONS.get((col, kind))
+        shown = ", ".join(images[:10]) + (f" and {len(images) - 10} more" if len(images) > 10 else "")
+        parts.append(f"{kind} for {shown}" + (f" ({why})" if why else ""))
+    return f"{len(left_out)} left out of the mean and std: " + "; ".join(parts)
+
+
 def summarise(rows: list[dict], columns: list[str]) -> dict:
     """Per metric: mean and std (population, ddof 0) over the finite values (None without any), their count,
-    and how many were not finite (PSNR of an identical image is +inf; a foreground metric of an empty mask is NaN)."""
+    how many were not finite (PSNR of an identical image is +inf; a foreground metric of an empty mask is NaN)
+    and, when some were, a note saying which images and why."""
     out = {}
     for col in columns:
-        values = [r[col] for r in rows if r.get(col) is not None]
-        finite = [v for v in values if math.isfinite(v)]
+        values = [(r["image"], r[col]) for r in rows if r.get(col) is not None]
+        finite = [v for _, v in values if math.isfinite(v)]
         mean = sum(finite) / len(finite) if finite else None
         std = math.sqrt(sum((v - mean) ** 2 for v in finite) / len(finite)) if finite else None
         out[col] = {"mean": mean, "std": std, "count": len(finite), "nonfinite": len(values) - len(finite)}
+        left_out = [(i, v) for i, v in values if not math.isfinite(v)]
+        if left_out:
+            kinds = [_kind(v) for _, v in left_out]
+            out[col]["nonfinite_by_kind"] = {k: kinds.count(k) for k in dict.fromkeys(kinds)}
+            out[col]["nonfinite_note"] = nonfinite_note(col, left_out)
     return out
 
 
@@ -385,10 +427,14 @@ def _cell(stats: dict | None, digits: int) -> str:
 DIGITS = {"psnr": 2, "psnr_fg": 2, "ssim": 4, "ssim_fg": 4, "lpips": 4, "miou": 4, "uiqm": 4, "uciqe": 4}
 
 
+def _table_columns(summary: dict) -> list[tuple[str, str]]:
+    return [(k, title) for k, title in TABLE if any(k in m["metrics"] for m in summary["methods"].values())]
+
+
 def markdown_table(summary: dict) -> str:
     """summary.md's table: a row per method, mean ± std of each metric (the columns some method has)."""
     methods = summary["methods"]
-    cols = [(k, title) for k, title in TABLE if any(k in m["metrics"] for m in methods.values())]
+    cols = _table_columns(summary)
     pooled = any(m.get("miou_pooled") is not None for m in methods.values())
     head = ["method", "images"] + [t for _, t in cols] + (["mIoU (pooled)"] if pooled else [])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -397,6 +443,26 @@ def markdown_table(summary: dict) -> str:
         if pooled:
             cells.append("-" if m.get("miou_pooled") is None else f"{m['miou_pooled']:.4f}")
         lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _count_cell(stats: dict | None) -> str:
+    """n, and the values left out by kind: "2 (+1 inf)"."""
+    if not stats:
+        return "-"
+    left = ", ".join(f"+{n} {kind.lstrip('+')}" for kind, n in stats.get("nonfinite_by_kind", {}).items())
+    return f"{stats['count']}" + (f" ({left})" if left else "")
+
+
+def counts_table(summary: dict) -> str:
+    """summary.md's second table: per method and metric the number of images averaged (n: the finite values),
+    with the values left out in brackets."""
+    cols = _table_columns(summary)
+    head = ["method", "images"] + [t for _, t in cols]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, m in summary["methods"].items():
+        lines.append("| " + " | ".join([name, str(m["scored"])] + [_count_cell(m["metrics"].get(k))
+                                                                    for k, _ in cols]) + " |")
     return "\n".join(lines)
 
 
@@ -428,12 +494,20 @@ def write_reports(out, rows: list[dict], columns: list[str], summary: dict) -> l
 
 def summary_markdown(summary: dict) -> str:
     lines = ["# Image metrics", "", markdown_table(summary), "",
-             "Mean ± standard deviation over the images (population std, non-finite values left out); "
-             "definitions: docs/metrics.md."]
+             "Mean ± standard deviation over the images (population std, non-finite values left out: see the "
+             "counts below); definitions: docs/metrics.md."]
     if any(m.get("miou_pooled") is not None for m in summary["methods"].values()):
         lines.append("mIoU (pooled): from one confusion matrix over all images of the method.")
+    lines += ["", "## Images per metric", "",
+              "n: the images each mean and std are over (their finite values); in brackets, the values left out "
+              "(inf: PSNR of an image equal to its reference; nan: e.g. an empty mask).", "", counts_table(summary)]
     notes = []
+    titles = dict(TABLE)
     for name, m in summary["methods"].items():
+        for key, title in titles.items():
+            note = (m["metrics"].get(key) or {}).get("nonfinite_note")
+            if note:
+                notes.append(f"- {name}, {title}: {note}")
         for key, what in (("no_reference", "without a reference"), ("missing", "references without an output"),
                           ("no_mask", "without a mask")):
             if m.get(key):

@@ -103,10 +103,12 @@ class LPIPS(nn.Module):
         super().__init__()
         lpips = _import_lpips()
         path = backbone_weights_path(net, weights)
+        if os.path.getsize(path) == 0:  # an interrupted download; torch.load's own error says nothing
+            raise ValueError(f"LPIPS backbone weights {path!r} is empty (0 bytes)")
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as exc:  # a truncated or foreign file: say which one
-            raise ValueError(f"cannot read LPIPS backbone weights {path!r}: {exc}") from exc
+            raise ValueError(f"cannot read LPIPS backbone weights {path!r}: {str(exc) or type(exc).__name__}") from exc
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # torchvision's "pretrained is deprecated", from lpips
             model = lpips.LPIPS(net=net, pretrained=True, pnet_rand=True, verbose=False)

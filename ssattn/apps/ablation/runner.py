@@ -9,7 +9,8 @@ so the pairing is checked, not assumed.
 Resume: each run writes runs/<variant>-<guidance>-s<seed>.json (atomically)
 with a hash of everything it depends on (the run's settings, the data, the
 segmenter, FORMAT); a run whose file exists with the same hash is not redone.
-The segmenter is trained once per folder (segmenter.pt, same rule).
+The segmenter is trained once per folder (segmenter.pt, same rule), with a
+TorchScript copy for `ssattn metrics --segmenter` (segmenter.torchscript.pt).
 
 Runs go to `jobs` worker processes (each single-threaded by default: on a
 CPU, several one-thread trainings use the cores better than one
@@ -167,16 +168,19 @@ def segmenter(config: AblationConfig, data: dict, out_dir: str, log=print) -> nn
     (references of the training scenes, early stopping on a validation share of them) and saved."""
     from ssattn.apps.data.scenes import CLASSES
     from ssattn.apps.demo.experiment import fit_segmenter
+    from ssattn.apps.training.segmentation import TORCHSCRIPT_FILE, save_torchscript
     from ssattn.apps.training.trainer import write_checkpoint
     from ssattn.models import UNet
 
-    path = os.path.join(out_dir, SEGMENTER_FILE)
+    path, scripted = os.path.join(out_dir, SEGMENTER_FILE), os.path.join(out_dir, TORCHSCRIPT_FILE)
     key = digest(config.data_key())
     if os.path.isfile(path):
         saved = torch.load(path, map_location="cpu", weights_only=True)
         if saved.get("hash") == key:
             net = UNet(3, len(CLASSES), config.seg_width, residual=False)
             net.load_state_dict(saved["state"])
+            if not os.path.isfile(scripted):  # a folder from before the copy was written
+                save_torchscript(net, scripted)
             return net.eval().requires_grad_(False)
     t0 = time.perf_counter()
     net, fit = fit_segmenter(data["train"], val_share=config.seg_val, max_steps=config.seg_max_steps,
@@ -184,6 +188,7 @@ def segmenter(config: AblationConfig, data: dict, out_dir: str, log=print) -> nn
                              batch_size=config.seg_batch, seed=config.data_seed)
     log(f"segmenter: {fit.steps_run} steps ({'stopped early' if fit.stopped_early else 'step limit'}), kept step "
         f"{fit.best_step}, validation mIoU {fit.best_miou:.3f}, {time.perf_counter() - t0:.0f} s")
+    save_torchscript(net, scripted)  # first: stopped before segmenter.pt, its old hash makes the next run redo both
     write_checkpoint(path, {"hash": key, "state": net.state_dict(), "fit": dataclasses.asdict(fit)})
     return net
 

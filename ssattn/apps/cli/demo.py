@@ -7,7 +7,8 @@ small segmenter of the scenes' object classes once on the clean references
 (early stopping on held-back scenes; frozen: the downstream score), trains the
 three models on identical data for each seed, scores them on held-out scenes
 (PSNR / SSIM over the image and inside the masks, mIoU), and writes
-results.json, results.md, run.json, figure.png and metrics.png into --out. Its
+results.json, results.md, run.json, figure.png, metrics.png and the segmenter
+(segmenter.torchscript.pt, for `ssattn metrics --segmenter`) into --out. Its
 -SS is the attention stages alone by default: what the -SS ablation
 (benchmarks/ablation_ss.py) found not to cost quality.
 """
@@ -133,6 +134,7 @@ def run(args) -> int:
     from ssattn.apps.demo import experiment, figures, results as res
     from ssattn.apps.jsonfile import METRIC_NOTES, dumps, write_json
     from ssattn.apps.training.guidance_quality import guidance_quality
+    from ssattn.apps.training.segmentation import TORCHSCRIPT_FILE, save_torchscript
     from ssattn.metrics import masked_psnr
     from ssattn.guidance.embedded import DEFAULT_METHOD
     from ssattn.guidance.saliency import saliency_guidance
@@ -171,6 +173,8 @@ def run(args) -> int:
     t0 = time.perf_counter()
     segmenter, seg_fit = experiment.fit_segmenter(data["train"], max_steps=s["seg_steps"], seed=args.seed,
                                                   device=device, **SEGMENTER)
+    seg_file = os.path.join(args.out, TORCHSCRIPT_FILE)  # for `ssattn metrics --segmenter` (results.md says how)
+    save_torchscript(segmenter, seg_file)
     bounds = {"degraded input": experiment.score_images(test["degraded"], test, segmenter),
               "reference": experiment.score_images(test["reference"], test, segmenter)}
     t_seg = time.perf_counter() - t0
@@ -229,8 +233,8 @@ def run(args) -> int:
                 "guidance_method": DEFAULT_METHOD, "guidance_spectral_residual": {k: spectral[k] for k in ("auc", "iou")},
                 "guidance_per_image": {k: quality[k] for k in ("auc_per_image", "iou_per_image")},
                 "bounds": {k: {m: v[m] for m in experiment.IMAGE_METRICS} for k, v in bounds.items()},
-                "segmenter": {"classes": list(CLASSES), "steps_run": seg_fit.steps_run, "kept_step": seg_fit.best_step,
-                              "validation_miou": seg_fit.best_miou,
+                "segmenter": {"file": seg_file, "classes": list(CLASSES), "steps_run": seg_fit.steps_run,
+                              "kept_step": seg_fit.best_step, "validation_miou": seg_fit.best_miou,
                               "iou": {k: v["iou"] for k, v in bounds.items()}},
                 "params": {n: first_outputs[n][2] for n in experiment.MODELS},
                 "loss": {n: first_outputs[n][3] for n in experiment.MODELS},
@@ -247,9 +251,13 @@ def run(args) -> int:
         f.write(f"Settings: {dumps(s)}, data seed {args.seed}, device {device}, {threads} thread(s), "
                 f"autocast {amp}, -SS stages {','.join(levels)}, -SS options {dumps(ss_options)}.\n"
                 f"Backends: {dumps(backends)}.\nLoss (-SS): {first_outputs['ss'][3]}.\n")
+        classes = ", ".join(f"{i} {c}" for i, c in enumerate(CLASSES))
+        f.write(f"\nThe segmenter: {seg_file} (TorchScript; classes {classes}). Its mIoU on other images (a "
+                f"folder OUTPUTS, label maps of these classes in LABELS): "
+                f"`ssattn metrics OUTPUTS --masks LABELS --segmenter {seg_file} --classes {len(CLASSES)}`.\n")
     print("\n" + "\n".join(table) + "\n")
     print(f"backends: attention {backends['masked_cross_attention']}, alignment loss {backends['alignment_loss']}")
-    print(f"wrote figure.png, metrics.png, results.md, results.json, run.json into {args.out} "
+    print(f"wrote figure.png, metrics.png, results.md, results.json, run.json, {TORCHSCRIPT_FILE} into {args.out} "
           f"({total:.1f} s total, {cpu:.1f} s CPU)")
     for line in verdict:
         print(line)

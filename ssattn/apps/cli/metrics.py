@@ -48,7 +48,8 @@ def register(sub) -> None:
     p.add_argument("--no-lpips", action="store_true", help="skip LPIPS (it needs the lpips package and weights)")
     p.add_argument("--segmenter", default=None, metavar="CKPT",
                    help="segmentation network: TorchScript, or a module saved whole with torch.save "
-                        "(--unsafe-checkpoint); maps images (B, 3, H, W) in [0, 1] to logits (B, K, H, W)")
+                        "(--unsafe-checkpoint); maps images (B, 3, H, W) in [0, 1] to logits (B, K, H, W). "
+                        "ssattn demo writes its segmenter as segmenter.torchscript.pt (--classes 5)")
     p.add_argument("--classes", type=_classes, default=None, metavar="K", help="number of classes of --segmenter")
     p.add_argument("--unsafe-checkpoint", action="store_true",
                    help="allow a --segmenter saved whole with torch.save (loading it runs code from the file: only "

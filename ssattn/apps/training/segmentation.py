@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import copy
 import math
+import os
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -23,6 +25,8 @@ from ssattn.metrics import confusion_matrix, iou_per_class, mean_iou
 
 # Object pixels are rare (a few % of a scene): weigh rare classes up, but not without bound.
 MAX_CLASS_WEIGHT = 10.0
+# The trained segmenter as a file `ssattn metrics --segmenter FILE --classes K` reads (save_torchscript).
+TORCHSCRIPT_FILE = "segmenter.torchscript.pt"
 
 
 def batch_indices(n: int, batch_size: int, seed: int, step: int) -> Tensor:
@@ -135,3 +139,41 @@ def segmentation_scores(net: nn.Module, images: Tensor, labels: Tensor, num_clas
     of the segmenter's labels on images against labels (n, S, S), counted over all pixels of all images."""
     conf = confusion_matrix(segment(net, images), labels, num_classes).sum(0)
     return {"iou": iou_per_class(conf).tolist(), "miou": float(mean_iou(conf))}
+
+
+class _AnySize(nn.Module):
+    """The U-Net for images of any size: pads the bottom and right edges (edge pixels repeated) to its multiple
+    of 8 and crops the logits back. Images whose sides are multiples of 8 pass unchanged."""
+
+    def __init__(self, net: nn.Module, multiple: int = 8):
+        super().__init__()
+        self.net, self.multiple = net, multiple
+
+    def forward(self, x: Tensor) -> Tensor:
+        h, w = x.shape[-2], x.shape[-1]
+        pad_h, pad_w = (-h) % self.multiple, (-w) % self.multiple
+        if pad_h > 0 or pad_w > 0:
+            x = F.pad(x, [0, pad_w, 0, pad_h], mode="replicate")
+        return self.net(x)[:, :, :h, :w]
+
+
+def save_torchscript(net: nn.Module, path) -> None:
+    """Save a trained segmenter (the project's U-Net) as TorchScript for `ssattn metrics --segmenter`: images
+    (B, 3, H, W) in [0, 1] of any size -> class logits (B, K, H, W). Loading it needs torch alone, not ssattn
+    (torch.jit.load). Written on the CPU, to a temporary file renamed into place."""
+    net = copy.deepcopy(net).cpu().float().eval().requires_grad_(False)
+    with warnings.catch_warnings():
+        # torch.jit's deprecation notice, and the tracer's about the U-Net's shape checks (they hold for the
+        # example, and _AnySize makes them hold for every image)
+        warnings.simplefilter("ignore")
+        traced = torch.jit.trace(net, torch.zeros(1, 3, 32, 32))
+        scripted = torch.jit.script(_AnySize(traced))
+    path = os.fspath(path)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        scripted.save(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
