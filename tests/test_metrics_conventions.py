@@ -287,8 +287,10 @@ def test_authors_uciqe_matches_the_transcription(index):
     got = uciqe_terms(x, "authors")
     want = authors_uciqe(_lab(_u8(x)))
     for name, g_, w in zip(("uciqe", "chroma", "contrast", "saturation"), got, want):
-        # Only the order of the sums differs (numpy's pairwise, torch's own): float64 rounding, far below 1e-12.
-        assert float(g_) == pytest.approx(w, rel=1e-12, abs=1e-14), name
+        # Only the order of the sums differs (numpy's pairwise, torch's own): each mean is off by ~1e-15
+        # relative. The chroma term t = sqrt(mean |1 - (mean C / C)^2|) cancels: that becomes ~1e-15 / t^2
+        # relative, under 1e-13 for these images (t = 0.12 .. 0.55). 1e-10 leaves a margin.
+        assert float(g_) == pytest.approx(w, rel=1e-10, abs=1e-14), name
 
 
 def test_authors_uciqe_of_a_flat_image_and_of_two_levels():
@@ -319,7 +321,7 @@ def test_authors_uciqe_order_statistics_at_every_size(n):
     got = uciqe_terms(img, "authors")
     want = authors_uciqe(_lab(v))
     assert float(got.luminance_contrast) == pytest.approx(want[2], abs=1e-15)
-    assert float(got.uciqe) == pytest.approx(want[0], rel=1e-12)
+    assert float(got.uciqe) == pytest.approx(want[0], rel=1e-10)
 
 
 def test_authors_uciqe_as_the_code_runs_it_from_a_file(tmp_path):
@@ -329,7 +331,7 @@ def test_authors_uciqe_as_the_code_runs_it_from_a_file(tmp_path):
     Image.fromarray(_u8(x)).save(path)
     img_bgr = cv2.imread(str(path))                                   # UCIQE.py's two lines
     want = authors_uciqe(cv2.cvtColor(img_bgr, cv2.COLOR_BGR2LAB))[0]
-    assert float(uciqe(load_image(path)[None], "authors")) == pytest.approx(want, rel=1e-12)
+    assert float(uciqe(load_image(path)[None], "authors")) == pytest.approx(want, rel=1e-10)
 
 
 # ------------------------------------------------------------------------------------------ OpenCV's Lab
