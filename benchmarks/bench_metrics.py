@@ -1,5 +1,7 @@
 """Throughput of ssattn.metrics on CPU: images per second at 256x256 (UIQM, UCIQE, PSNR + SSIM, LPIPS).
 
+UIQM and UCIQE are timed by the papers' definitions and under the public code's conventions (convention=).
+
     python benchmarks/bench_metrics.py [--size 256] [--batch 16] [--threads 1] [--out metrics.md]
 
 Images are synthetic underwater scenes (ssattn.apps.data.scenes, the degraded inputs and their references),
@@ -62,6 +64,8 @@ def main(argv=None):
     rows = [("UIQM (with its three terms)", lambda: metrics.uiqm_terms(x)),
             ("UCIQE (with its three terms)", lambda: metrics.uciqe_terms(x)),
             ("UIQM + UCIQE", lambda: (metrics.uiqm_terms(x), metrics.uciqe_terms(x))),
+            ("UIQM, convention funiegan", lambda: metrics.uiqm_terms(x, "funiegan")),
+            ("UCIQE, convention authors", lambda: metrics.uciqe_terms(x, "authors")),
             ("PSNR + SSIM (float64)", lambda: (metrics.psnr(x.double(), y.double()),
                                                metrics.ssim(x.double(), y.double())))]
     with tempfile.TemporaryDirectory() as tmp:

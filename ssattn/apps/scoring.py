@@ -198,6 +198,14 @@ class Settings:
     lpips: nn.Module | None = None
     segmenter: Segmenter | None = None
     num_classes: int | None = None
+    uiqm_convention: str = "paper"     # whose UIQM / UCIQE choices (ssattn.metrics.uiqm / uciqe's convention)
+    uciqe_convention: str = "paper"
+
+
+def conventions_line(summary: dict) -> str:
+    """Which UIQM and UCIQE conventions a table used (summary.json's uiqm_convention, uciqe_convention)."""
+    return (f"Conventions: UIQM: {summary.get('uiqm_convention', 'paper')}, UCIQE: "
+            f"{summary.get('uciqe_convention', 'paper')} (docs/metrics.md, \"Reproducing published numbers\").")
 
 
 def _load_many(paths, loader, workers: int):
@@ -289,7 +297,7 @@ class Scorer:
         for group in _by_size(ok, outs):
             x = torch.stack([outs[i] for i in group]).to(dev)
             if min(x.shape[-2:]) >= metrics.underwater.BLOCK:
-                u, c = metrics.uiqm_terms(x), metrics.uciqe_terms(x)
+                u, c = metrics.uiqm_terms(x, s.uiqm_convention), metrics.uciqe_terms(x, s.uciqe_convention)
                 self._put(rows, group, {"uiqm": u.uiqm, "uicm": u.uicm, "uism": u.uism, "uiconm": u.uiconm,
                                         "uciqe": c.uciqe, "uciqe_chroma_std": c.chroma_std,
                                         "uciqe_contrast": c.luminance_contrast,
@@ -488,7 +496,7 @@ def write_reports(out, rows: list[dict], columns: list[str], summary: dict) -> l
         writer.writerow([r["method"], r["image"], *("" if r.get(c) is None else repr(float(r[c])) for c in columns)])
     _write_atomic(out / "metrics.csv", buf.getvalue())
     _write_atomic(out / "summary.json", json.dumps(summary, indent=2, allow_nan=False) + "\n")
-    _write_atomic(out / "summary.md", summary_markdown(summary))
+    _write_atomic(out / "summary.md", summary_markdown(summary) + "\n" + conventions_line(summary) + "\n")
     return ["metrics.csv", "summary.json", "summary.md"]
 
 

@@ -11,6 +11,9 @@ import os
 
 from .common import CLIError, positive_int
 
+UIQM_CONVENTIONS = ("paper", "funiegan")    # ssattn.metrics.underwater's, kept here so that --help imports no torch
+UCIQE_CONVENTIONS = ("paper", "authors")
+
 
 def _classes(text: str) -> int:
     import argparse
@@ -54,6 +57,12 @@ def register(sub) -> None:
     p.add_argument("--unsafe-checkpoint", action="store_true",
                    help="allow a --segmenter saved whole with torch.save (loading it runs code from the file: only "
                         "for files you trust)")
+    p.add_argument("--uiqm-convention", choices=UIQM_CONVENTIONS, default="paper",
+                   help="paper: Panetta et al.'s definitions (default); funiegan: the choices of FUnIE-GAN's "
+                        "uqim_utils.py, to reproduce published UIQM values (docs/metrics.md)")
+    p.add_argument("--uciqe-convention", choices=UCIQE_CONVENTIONS, default="paper",
+                   help="paper: Yang and Sowmya's definitions (default); authors: the choices of the authors' "
+                        "released UCIQE.py, to reproduce published UCIQE values (docs/metrics.md)")
     p.add_argument("--batch-size", type=positive_int, default=8, help="images per batch (default %(default)s)")
     p.add_argument("--workers", type=positive_int, default=min(4, os.cpu_count() or 1),
                    help="threads reading images (default %(default)s)")
@@ -116,7 +125,8 @@ def run(args) -> int:
         else:
             masks = found
     settings = scoring.Settings(device=device, batch_size=args.batch_size, workers=args.workers,
-                                num_classes=args.classes)
+                                num_classes=args.classes, uiqm_convention=args.uiqm_convention,
+                                uciqe_convention=args.uciqe_convention)
     if refs is not None and not args.no_lpips:
         settings.lpips = _lpips(args, device)
     if args.segmenter is not None:
@@ -138,7 +148,9 @@ def run(args) -> int:
     all_rows, summary = [], {"reference": args.ref, "masks": args.masks, "device": str(device),
                              "lpips": None if settings.lpips is None else {"net": args.lpips_net,
                                                                           "weights": settings.lpips.weights_path},
-                             "segmenter": args.segmenter, "classes": args.classes, "methods": {}, "problems": problems}
+                             "segmenter": args.segmenter, "classes": args.classes,
+                             "uiqm_convention": args.uiqm_convention, "uciqe_convention": args.uciqe_convention,
+                             "methods": {}, "problems": problems}
     try:
         for m in methods:
             rows, found, pooled = scorer.score(m, bar)
@@ -160,5 +172,7 @@ def run(args) -> int:
                 print(f"ssattn metrics: {m['folder']}: {len(m[key])} {what}: {', '.join(m[key][:10])}"
                       f"{' ...' if len(m[key]) > 10 else ''}", file=sys.stderr)
     print(scoring.markdown_table(summary))
+    if (args.uiqm_convention, args.uciqe_convention) != ("paper", "paper"):
+        print(scoring.conventions_line(summary))
     print(f"wrote {', '.join(names)} into {args.out}")
     return 0
