@@ -1,9 +1,11 @@
 """Paired call sites of the drop-in: "name", "name#k", "name[0]", "name['key']#k".
 
-A site names a module (as in model.named_modules()), optionally one of its
-calls in a forward pass (`#k`, counted from 0) and one element of a
-structured output (`[i]` for a tuple or list, `[key]` / `['key']` for a
-dict; selectors chain: `m[0][1]`). This module parses site strings, reads
+A site names a module (any name model.get_submodule resolves: a module
+registered under several names, e.g. appended to a ModuleList several
+times, answers to each; the wrapper hooks it once, under the first name
+model.named_modules() lists), optionally one of its calls in a forward pass
+(`#k`, counted from 0) and one element of a structured output (`[i]` for a
+tuple or list, `[key]` / `['key']` for a dict; selectors chain: `m[0][1]`). This module parses site strings, reads
 and replaces the selected element, and reads channel counts from module
 definitions.
 """
@@ -28,8 +30,11 @@ class Site:
     module: str
     call: int | None
     path: tuple
+    alias: str = ""  # the name in spec, when the module is registered under several names and `module` is its first
 
     def describe(self) -> str:
+        if self.alias:
+            return f"{self.spec!r} (module {self.module!r}, registered under several names)"
         return f"module {self.module!r}" if self.spec == self.module else f"{self.spec!r} (module {self.module!r})"
 
 
