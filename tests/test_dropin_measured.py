@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 from torch import nn
+from torch.distributions import Distribution, Independent, Normal
 
 import ssattn
 from ssattn.dropin import semantic_sensitive, text_guided
@@ -223,6 +224,53 @@ def test_two_required_inputs_get_the_same_image():
     assert (ss.blocks["dec"].dec_channels, ss.blocks["dec"].enc_channels) == (6, 4)
     x, p, g = torch.randn(2, 3, 8, 8), torch.randn(2, 3, 8, 8), torch.rand(2, 1, 8, 8)
     assert torch.equal(ss(x, p, guidance=g), ss.model(x, p))
+
+
+class SamplesALatent(nets.Net):
+    """Samples a latent from a torch.distributions object built in forward (probabilistic enhancement networks):
+    the distribution checks its arguments' values (scale > 0), which no shape-only pass can read."""
+
+    def __init__(self):
+        super().__init__()
+        self.enc = nets.conv(3, 4)
+        self.prior = nn.Conv2d(4, 8, 1)  # the latent's mean and log-scale
+        self.dec = nets.eca_block(8, 6)
+        self.head = nn.Conv2d(6, 3, 1)
+        self.pairs = {"dec": "enc"}
+
+    def forward(self, x):
+        e = self.run(self.enc, x)
+        mean, log_scale = self.prior(e).chunk(2, 1)
+        z = Independent(Normal(mean, log_scale.exp()), 1).rsample()
+        return self.head(self.run(self.dec, torch.cat([e, z], 1)))
+
+
+def test_a_network_that_builds_distributions_is_measured():
+    ss = nets.check_five(SamplesALatent, {"dec": "enc"}, X)
+    assert ss.channel_sources["dec"] == "measured by a dry run on a fake input (2, 3, 256, 256)"
+
+
+@pytest.mark.parametrize("default", [True, False])
+def test_distribution_argument_checks_are_off_during_the_dry_run_only(default):
+    previous = Distribution._validate_args
+    seen = []
+
+    class Records(SamplesALatent):
+        def forward(self, x):
+            seen.append(Distribution._validate_args)
+            return super().forward(x)
+
+    Distribution.set_default_validate_args(default)
+    try:
+        semantic_sensitive(Records(), {"dec": "enc"})
+        assert seen and not any(seen)  # off in every attempt
+        assert Distribution._validate_args is default
+        with pytest.raises(TypeError, match="select an element"):  # a construction that fails restores it too
+            semantic_sensitive(nets.ComposedNet([4, 6], ["conv"] * 2, ["conv"], "skip_down", ["cat"]),
+                               {"dec0": "enc0"})
+        assert Distribution._validate_args is default
+    finally:
+        Distribution.set_default_validate_args(previous)
 
 
 class OddChannels(nn.Module):

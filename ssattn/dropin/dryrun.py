@@ -21,7 +21,8 @@ first spatial size the network accepts among SIZES and the sizes its modules
 declare (an `img_size` attribute, as patch embeddings keep it: some networks
 accept only one size, e.g. with fixed positional embeddings). A network with
 several required inputs gets the same image for each; optional arguments keep
-their defaults.
+their defaults. torch.distributions' argument checks (they read values) are
+off during the pass.
 """
 
 from __future__ import annotations
@@ -224,6 +225,20 @@ class _Fake:
             return torch.empty(shape, dtype=self.dtype, device=self.device)
 
 
+@contextlib.contextmanager
+def _no_distribution_checks():
+    """torch.distributions objects built in forward check their arguments' values (scale > 0): off for the pass,
+    since no value can be read there and the checks never change a shape; the user's setting back after."""
+    from torch.distributions import Distribution
+
+    previous = Distribution._validate_args
+    Distribution.set_default_validate_args(False)
+    try:
+        yield
+    finally:
+        Distribution.set_default_validate_args(previous)
+
+
 def _state(model: nn.Module) -> dict:
     # Tied parameters appear under each of their names, so functional_call keeps them tied.
     return {**dict(model.named_parameters(remove_duplicate=False)),
@@ -259,7 +274,7 @@ def shape_pass(model: nn.Module, run: Callable[[Callable[[], object]], tuple[dic
         return result
     makers = (lambda: _Meta(model, dtype), lambda: _Fake(model, dtype, device))
     made: dict = {}  # each kind made when first needed: FakeTensorMode's first use is slow (it imports dynamo)
-    with preserved_state(model, attributes=True), torch.no_grad():
+    with preserved_state(model, attributes=True), _no_distribution_checks(), torch.no_grad():
         convs = [m for m in model.modules() if isinstance(m, nn.modules.conv._ConvNd) and len(m.kernel_size) == 2]
         handles = [m.register_forward_pre_hook(note_first_conv) for m in convs]
         for m in model.modules():
