@@ -9,6 +9,7 @@ text stages; alignment-only and attention-only stages.
 """
 
 import copy
+import functools
 import random
 import re
 import warnings
@@ -224,6 +225,87 @@ def test_two_required_inputs_get_the_same_image():
     assert (ss.blocks["dec"].dec_channels, ss.blocks["dec"].enc_channels) == (6, 4)
     x, p, g = torch.randn(2, 3, 8, 8), torch.randn(2, 3, 8, 8), torch.rand(2, 1, 8, 8)
     assert torch.equal(ss(x, p, guidance=g), ss.model(x, p))
+
+
+class ImageAndMap(nn.Module):
+    """An image and a 1-channel map of its size (an illumination or gray map), concatenated at the input."""
+
+    def __init__(self):
+        super().__init__()
+        self.enc = nn.Sequential(nn.Conv2d(4, 6, 3, padding=1), nets.ECA())
+        self.dec = nets.cbam_block(6, 5)
+        self.head = nn.Conv2d(5, 3, 1)
+
+    def forward(self, img, gray):
+        return self.head(self.dec(self.enc(torch.cat([img, gray], 1)) * gray))
+
+
+class Inputs:
+    """Records the input shapes of every forward of a network (in the dry run too, where attributes are restored)."""
+
+    def __init__(self, cls):
+        self.shapes = []
+        outer = self
+
+        class Recorded(cls):
+            @functools.wraps(cls.forward)  # the network's own signature: its inputs are what the dry run reads
+            def forward(self, *args):
+                outer.shapes.append(tuple(tuple(a.shape) for a in args))
+                return super().forward(*args)
+
+        self.cls = Recorded
+
+
+def test_a_second_input_with_one_channel_is_tried():
+    seen = Inputs(ImageAndMap)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # measured, not read from the definitions
+        ss = semantic_sensitive(seen.cls(), {"dec": "enc"})
+    assert ss.channel_sources["dec"] == "measured by a dry run on fake inputs (2, 3, 256, 256) + (2, 1, 256, 256)"
+    assert (ss.blocks["dec"].dec_channels, ss.blocks["dec"].enc_channels) == (5, 6)
+    # The first convolution's 4 channels for the image, then 3: the same image for both inputs, then a 1-channel
+    # map for the second. A channel mismatch is not retried at other sizes or on fake tensors.
+    image, gray = (2, 4, 256, 256), (2, 1, 256, 256)
+    assert seen.shapes[:4] == [(image, image), (image, gray), ((2, 3, 256, 256),) * 2, ((2, 3, 256, 256), gray)]
+    assert len(seen.shapes) == 4
+    x, m, g = torch.randn(2, 3, 8, 8), torch.rand(2, 1, 8, 8), torch.rand(2, 1, 8, 8)
+    assert torch.equal(ss(x, m, guidance=g), ss.model(x, m))
+
+
+class ScaledConv(nn.Module):
+    """A convolution of its own (an equalized learning-rate conv): not an nn.Conv2d."""
+
+    def __init__(self, cin, cout):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(cout, cin, 3, 3))
+        self.bias = nn.Parameter(torch.zeros(cout))
+        self.scale = (2 / (cin * 9)) ** 0.5
+
+    def forward(self, x):
+        return nn.functional.conv2d(x, self.weight * self.scale, self.bias, padding=1)
+
+
+class CustomConvAtTheInput(nn.Module):
+    """Custom convolutions at the input; the first nn.Conv2d in module order is deep (16 -> 16, the bottleneck)."""
+
+    def __init__(self):
+        super().__init__()
+        self.bottleneck = nn.Conv2d(16, 16, 3, padding=1)  # registered first, called in the middle
+        self.enc = nn.Sequential(ScaledConv(3, 16), nn.LeakyReLU(0.2))
+        self.dec = nn.Sequential(ScaledConv(32, 8), nets.ECA())
+        self.head = ScaledConv(8, 3)
+
+    def forward(self, x):
+        e = self.enc(x)
+        return self.head(self.dec(torch.cat([self.bottleneck(e), e], 1)))
+
+
+def test_a_channel_mismatch_tries_three_channels_before_other_sizes():
+    seen = Inputs(CustomConvAtTheInput)
+    ss = semantic_sensitive(seen.cls(), {"dec": "enc"})
+    assert ss.channel_sources["dec"] == "measured by a dry run on a fake input (2, 3, 256, 256)"
+    assert (ss.blocks["dec"].dec_channels, ss.blocks["dec"].enc_channels) == (8, 16)
+    assert seen.shapes == [((2, 16, 256, 256),), ((2, 3, 256, 256),)]  # one failed attempt, on meta tensors
 
 
 class SamplesALatent(nets.Net):

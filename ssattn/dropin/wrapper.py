@@ -378,7 +378,7 @@ class GuidedModel(nn.Module):
                 measured, how, run = self._probe(example_inputs), "measured on example_inputs", None
             else:
                 run = self._dry_run(needed)
-                measured, how = run.channels, f"measured by a dry run on a fake input {run.shape}"
+                measured, how = run.channels, f"measured by a dry run on {run.describe_input()}"
             for key in missing:
                 if all(s.spec in measured for s in stages[key]):
                     known[key] = tuple(measured[s.spec] for s in stages[key])
@@ -426,7 +426,7 @@ class GuidedModel(nn.Module):
                                                              if s.module == m and s.call is not None)
                     if n else f"module {m!r} did not run" for m, n in ran.items()]
             hint = "; a module called as .forward(...) bypasses hooks" if 0 in ran.values() else ""
-            return f"{'; '.join(each)} in a dry run on a fake input {run.shape} (in training and eval mode){hint}"
+            return f"{'; '.join(each)} in a dry run on {run.describe_input()} (in training and eval mode){hint}"
 
         if unknown:
             key = next(k for k in missing if k not in known)
