@@ -10,6 +10,7 @@ text stages; alignment-only and attention-only stages.
 
 import copy
 import functools
+import math
 import random
 import re
 import warnings
@@ -482,6 +483,67 @@ def test_a_structured_site_without_a_tensor_is_an_error_at_construction():
 
 
 # ----------------------------------------------------------------------------- text stages
+class TokenStage(nn.Module):
+    """A transformer stage on tokens (B, N, C): its output is a token sequence, not a map."""
+
+    def __init__(self, dim):
+        super().__init__()
+        self.norm = nn.LayerNorm(dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
+
+    def forward(self, t):
+        return t + self.mlp(self.norm(t))
+
+
+class TokenResample(nn.Module):
+    """Tokens to a map, a strided (or transposed) convolution, back to tokens: the one map inside."""
+
+    def __init__(self, cin, cout, up=False):
+        super().__init__()
+        self.conv = nn.Sequential(nn.ConvTranspose2d(cin, cout, 2, stride=2) if up else
+                                  nn.Conv2d(cin, cout, 4, stride=2, padding=1))
+
+    def forward(self, t):
+        B, N, C = t.shape
+        side = math.isqrt(N)
+        return self.conv(t.transpose(1, 2).reshape(B, C, side, side)).flatten(2).transpose(1, 2)
+
+
+class TokenUNet(nn.Module):
+    """A transformer encoder-decoder whose stages pass tokens; maps only in the embedding, resampling and head."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.LeakyReLU())
+        self.enc0 = TokenStage(8)
+        self.down0 = TokenResample(8, 16)
+        self.mid = TokenStage(16)
+        self.up0 = TokenResample(16, 8, up=True)
+        self.dec0 = TokenStage(16)
+        self.head = nn.Conv2d(16, 3, 3, padding=1)
+
+    def forward(self, x):
+        B, _, H, W = x.shape
+        t0 = self.enc0(self.embed(x).flatten(2).transpose(1, 2))
+        t = self.dec0(torch.cat([self.up0(self.mid(self.down0(t0))), t0], -1))
+        return self.head(t.transpose(1, 2).reshape(B, 16, H, W))
+
+
+def test_a_site_that_outputs_tokens_names_the_nearest_maps():
+    with pytest.raises(TypeError) as err:
+        semantic_sensitive(TokenUNet(), {"dec0": "enc0"})
+    text = str(err.value)
+    for expected in ["encoder module 'enc0' outputs tokens (B, N, C), (2, 65536, 8), as transformer stages do, "
+                     "not a (B, C, H, W) map", "the nearest modules that output a map in a dry run",
+                     "'embed' (2, 8, 256, 256)", "'down0.conv' (2, 16, 128, 128)", "'up0.conv' (2, 8, 256, 256)"]:
+        assert expected in text, (expected, text)
+    assert "'embed.0'" not in text  # the same map as 'embed', its container
+    ss = semantic_sensitive(TokenUNet(), {"up0.conv": "embed"})  # a pair the message offers
+    assert ss.channel_sources["up0.conv"].startswith("measured by a dry run")
+    x, g = torch.randn(2, 3, 8, 8), torch.rand(2, 1, 8, 8)
+    assert torch.equal(ss(x, guidance=g), ss.model(x))
+
+
 def test_text_stages_are_measured_too():
     make = PATTERNS["pix2pix_unetup_concat_in_forward"]
     tg = text_guided(make(), ["dec0", "dec1"], text_channels=12)

@@ -61,7 +61,11 @@ def parse_site(role: str, spec, where: str = "pairs") -> Site:
 
 
 class SiteOutputError(TypeError):
-    """A site names an output element that is not there, or not a (B, C, H, W) tensor."""
+    """A site names an output element that is not there, or not a (B, C, H, W) tensor (tokens: a (B, N, C) one)."""
+
+    def __init__(self, message: str, site: Site | None = None, tokens: bool = False):
+        super().__init__(message)
+        self.site, self.tokens = site, tokens
 
 
 def select(site: Site, role: str, out) -> Tensor:
@@ -75,6 +79,11 @@ def select(site: Site, role: str, out) -> Tensor:
                 f"{role} {site.describe()}: cannot select [{step!r}] from its output "
                 f"({type(value).__name__}): {exc}"
             ) from None
+    if isinstance(value, Tensor) and value.dim() == 3:
+        raise SiteOutputError(
+            f"{role} {site.describe()} outputs tokens (B, N, C), {tuple(value.shape)}, as transformer stages do, "
+            f"not a (B, C, H, W) map; the drop-in does not guess how to fold them into a map: pair a module that "
+            f"outputs one (e.g. the convolution of the stage's down- or upsampling)", site, tokens=True)
     if not isinstance(value, Tensor) or value.dim() != 4:
         what = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
         hint = ""

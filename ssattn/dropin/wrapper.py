@@ -374,11 +374,17 @@ class GuidedModel(nn.Module):
         missing = [key for key in stages if key not in known]
         if missing:
             needed = {s.spec for key in missing for s in stages[key]}
-            if example_inputs is not None:
-                measured, how, run = self._probe(example_inputs), "measured on example_inputs", None
-            else:
-                run = self._dry_run(needed)
-                measured, how = run.channels, f"measured by a dry run on {run.describe_input()}"
+            try:
+                if example_inputs is not None:
+                    measured, how, run = self._probe(example_inputs)[0], "measured on example_inputs", None
+                else:
+                    run = self._dry_run(needed)
+                    measured, how = run.channels, f"measured by a dry run on {run.describe_input()}"
+            except SiteOutputError as exc:
+                if not exc.tokens:
+                    raise
+                raise SiteOutputError(f"{exc}{self._maps_near(exc.site, example_inputs)}", exc.site,
+                                      tokens=True) from None
             for key in missing:
                 if all(s.spec in measured for s in stages[key]):
                     known[key] = tuple(measured[s.spec] for s in stages[key])
@@ -471,9 +477,61 @@ class GuidedModel(nn.Module):
         """Channel counts from a shape-only forward pass on fake inputs (ssattn.dropin.dryrun)."""
         return shape_pass(self.model, self._measuring, needed, fatal=(SiteOutputError,))
 
+    def _maps_near(self, site: Site, example_inputs, limit: int = 5) -> str:
+        """'; the nearest modules that output a map ...: 'a.conv' (2, 16, 128, 128), ...': modules under the
+        site's parent (its siblings' and its own submodules) whose outputs were (B, C, H, W) in a dry run (or on
+        example_inputs), nearest in the module tree first, then in call order. '' when that pass fails."""
+        parent = site.module.rpartition(".")[0]
+        names = [n for n in dict(self.model.named_modules()) if n and (not parent or n.startswith(parent + "."))]
+
+        def survey(call):
+            shapes, order = {}, {}
+
+            def recorder(name):
+                def record(module, args, out):
+                    order.setdefault(name, len(order))
+                    if isinstance(out, Tensor) and out.dim() == 4:
+                        shapes.setdefault(name, tuple(out.shape))
+                return record
+
+            handles = [self.model.get_submodule(n).register_forward_hook(recorder(n)) for n in names]
+            try:
+                call()
+            finally:
+                for h in handles:
+                    h.remove()
+            return shapes, order
+
+        try:
+            if example_inputs is not None:
+                shapes, order = self._probe(example_inputs, survey)
+            else:
+                run = shape_pass(self.model, survey, set())
+                shapes, order = run.channels, run.calls
+        except Exception:  # noqa: BLE001 - a hint only: the error it would add to says what is wrong
+            return ""
+        here = site.module.split(".")
+        at = order.get(site.module, 0)
+
+        def distance(name):
+            there = name.split(".")
+            common = next((i for i, (a, b) in enumerate(zip(here, there)) if a != b), min(len(here), len(there)))
+            return len(here) + len(there) - 2 * common, abs(order.get(name, at) - at)
+
+        listed: list[str] = []
+        for name in sorted((n for n in shapes if n != site.module), key=distance):
+            if not any(name.startswith(m + ".") and shapes[m] == shapes[name] for m in listed):  # its container's
+                listed.append(name)
+        where = "in a dry run" if example_inputs is None else "on example_inputs"
+        if not listed:
+            return f"; no module near it outputs a map {where}"
+        return (f"; the nearest modules that output a map {where}: "
+                + ", ".join(f"{n!r} {shapes[n]}" for n in listed[:limit]))
+
     @torch.no_grad()
-    def _probe(self, example_inputs) -> dict[str, int]:
-        """Channel counts of every site, from one forward pass on example_inputs in eval mode (no BatchNorm update)."""
+    def _probe(self, example_inputs, run=None):
+        """run(call) (default: self._measuring, giving ({site: channels}, {module: calls})) on one forward pass on
+        example_inputs in eval mode (no BatchNorm update)."""
         if isinstance(example_inputs, Mapping):
             args, kwargs = (), dict(example_inputs)
         elif (isinstance(example_inputs, tuple) and len(example_inputs) == 2 and isinstance(example_inputs[0], tuple)
@@ -485,7 +543,7 @@ class GuidedModel(nn.Module):
             args, kwargs = (example_inputs,), {}
         with preserved_state(self.model):
             self.model.eval()
-            return self._measuring(lambda: self.model(*args, **kwargs))[0]
+            return (run or self._measuring)(lambda: self.model(*args, **kwargs))
 
     @property
     def channel_sources(self) -> dict[str, str]:
