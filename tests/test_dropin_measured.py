@@ -10,7 +10,9 @@ text stages; alignment-only and attention-only stages.
 
 import copy
 import functools
+import inspect
 import math
+import os
 import random
 import re
 import warnings
@@ -427,6 +429,15 @@ def test_definitions_fallback_warns_once_naming_the_sites():
     assert ss.channel_sources["dec"] == "read from the module definitions"
     x, g = torch.rand(2, 3, 8, 8), torch.rand(2, 1, 8, 8)
     assert torch.equal(ss(x, guidance=g), ss.model(x))
+
+
+def test_definitions_fallback_names_the_line_that_failed():
+    lines, first = inspect.getsourcelines(ReadsValues.forward)
+    line = first + next(i for i, text in enumerate(lines) if "x.max()" in text)
+    with pytest.warns(UserWarning, match="read from the module definitions") as record:
+        semantic_sensitive(ReadsValues(nn.Sequential(nn.Conv2d(4, 6, 3, padding=1), nn.ReLU()), 6), {"dec": "enc"})
+    message = next(str(w.message) for w in record if "definitions" in str(w.message))
+    assert f"{os.path.basename(__file__)}:{line}, in forward)" in message, message
 
 
 def test_a_wrong_definition_still_raises_at_the_first_call_naming_channels():

@@ -31,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import logging
+import os
 import random
 import re
 import sys
@@ -160,7 +161,34 @@ def _error_text(exc: BaseException) -> str:
         why = f"operator {exc.func} has no shape-only implementation"
     else:
         why = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-    return f"{type(exc).__name__}: {why}"[:300]
+    return f"{type(exc).__name__}: {why}"[:300] + _where(exc)
+
+
+# Code that is not the network's: torch's and ssattn's, and the standard library's (its site-packages aside).
+_LIBRARIES = tuple(os.path.join(os.path.realpath(d), "") for d in (
+    os.path.dirname(torch.__file__), os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+_STDLIB = os.path.join(os.path.realpath(os.path.dirname(os.__file__)), "")
+
+
+def _is_network_code(path: str) -> bool:
+    if path.startswith(_LIBRARIES):
+        return False
+    return not path.startswith(_STDLIB) or f"{os.sep}site-packages{os.sep}" in path
+
+
+def _where(exc: BaseException) -> str:
+    """' (at net.py:42, in forward)': the innermost frame of the traceback in the network's own code, else ''."""
+    found, tb = None, exc.__traceback__
+    while tb is not None:
+        if _is_network_code(os.path.realpath(tb.tb_frame.f_code.co_filename)):
+            found = tb
+        tb = tb.tb_next
+    if found is None:
+        return ""
+    path = os.path.realpath(found.tb_frame.f_code.co_filename)
+    cwd = os.path.join(os.path.realpath(os.getcwd()), "")
+    shown = os.path.relpath(path, cwd) if path.startswith(cwd) else path
+    return f" (at {shown}:{found.tb_lineno}, in {found.tb_frame.f_code.co_name})"
 
 
 _CONTAINERS = ("_parameters", "_buffers", "_modules")
