@@ -22,8 +22,9 @@ accepts among SIZES and the sizes its modules declare (an `img_size`
 attribute, as patch embeddings keep it: some networks accept only one size,
 e.g. with fixed positional embeddings). A network with several required
 inputs gets the same image for each, then the image and 1-channel maps of
-its size for the others; optional arguments keep their defaults. torch.distributions' argument checks (they read values) are
-off during the pass.
+its size for the others; optional arguments keep their defaults.
+torch.distributions' argument checks (they read values) are off during the
+pass.
 """
 
 from __future__ import annotations

@@ -5,7 +5,9 @@ registered under several names, e.g. appended to a ModuleList several
 times, answers to each; the wrapper hooks it once, under the first name
 model.named_modules() lists), optionally one of its calls in a forward pass
 (`#k`, counted from 0) and one element of a structured output (`[i]` for a
-tuple or list, `[key]` / `['key']` for a dict; selectors chain: `m[0][1]`). This module parses site strings, reads
+tuple or list, `[key]` / `['key']` for a dict; selectors chain: `m[0][1]`).
+The element must be a (B, C, H, W) map: a token sequence (B, N, C) is
+refused, never reshaped by a guess. This module parses site strings, reads
 and replaces the selected element, and reads channel counts from module
 definitions.
 """

@@ -548,7 +548,8 @@ class GuidedModel(nn.Module):
     @property
     def channel_sources(self) -> dict[str, str]:
         """How each stage's channel counts were found, by site: "from channels=", "measured by a dry run on a
-        fake input (2, 3, 256, 256)", "measured on example_inputs" or "read from the module definitions"."""
+        fake input (2, 3, 256, 256)" (several inputs of other shapes: "on fake inputs (2, 3, 256, 256) +
+        (2, 1, 256, 256)"), "measured on example_inputs" or "read from the module definitions"."""
         return dict(self._channel_source)
 
     @property
