@@ -9,6 +9,10 @@ text stages; alignment-only and attention-only stages.
 """
 
 import copy
+import functools
+import inspect
+import math
+import os
 import random
 import re
 import warnings
@@ -17,6 +21,7 @@ import numpy as np
 import pytest
 import torch
 from torch import nn
+from torch.distributions import Distribution, Independent, Normal
 
 import ssattn
 from ssattn.dropin import semantic_sensitive, text_guided
@@ -225,6 +230,134 @@ def test_two_required_inputs_get_the_same_image():
     assert torch.equal(ss(x, p, guidance=g), ss.model(x, p))
 
 
+class ImageAndMap(nn.Module):
+    """An image and a 1-channel map of its size (an illumination or gray map), concatenated at the input."""
+
+    def __init__(self):
+        super().__init__()
+        self.enc = nn.Sequential(nn.Conv2d(4, 6, 3, padding=1), nets.ECA())
+        self.dec = nets.cbam_block(6, 5)
+        self.head = nn.Conv2d(5, 3, 1)
+
+    def forward(self, img, gray):
+        return self.head(self.dec(self.enc(torch.cat([img, gray], 1)) * gray))
+
+
+class Inputs:
+    """Records the input shapes of every forward of a network (in the dry run too, where attributes are restored)."""
+
+    def __init__(self, cls):
+        self.shapes = []
+        outer = self
+
+        class Recorded(cls):
+            @functools.wraps(cls.forward)  # the network's own signature: its inputs are what the dry run reads
+            def forward(self, *args):
+                outer.shapes.append(tuple(tuple(a.shape) for a in args))
+                return super().forward(*args)
+
+        self.cls = Recorded
+
+
+def test_a_second_input_with_one_channel_is_tried():
+    seen = Inputs(ImageAndMap)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # measured, not read from the definitions
+        ss = semantic_sensitive(seen.cls(), {"dec": "enc"})
+    assert ss.channel_sources["dec"] == "measured by a dry run on fake inputs (2, 3, 256, 256) + (2, 1, 256, 256)"
+    assert (ss.blocks["dec"].dec_channels, ss.blocks["dec"].enc_channels) == (5, 6)
+    # The first convolution's 4 channels for the image, then 3: the same image for both inputs, then a 1-channel
+    # map for the second. A channel mismatch is not retried at other sizes or on fake tensors.
+    image, gray = (2, 4, 256, 256), (2, 1, 256, 256)
+    assert seen.shapes[:4] == [(image, image), (image, gray), ((2, 3, 256, 256),) * 2, ((2, 3, 256, 256), gray)]
+    assert len(seen.shapes) == 4
+    x, m, g = torch.randn(2, 3, 8, 8), torch.rand(2, 1, 8, 8), torch.rand(2, 1, 8, 8)
+    assert torch.equal(ss(x, m, guidance=g), ss.model(x, m))
+
+
+class ScaledConv(nn.Module):
+    """A convolution of its own (an equalized learning-rate conv): not an nn.Conv2d."""
+
+    def __init__(self, cin, cout):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(cout, cin, 3, 3))
+        self.bias = nn.Parameter(torch.zeros(cout))
+        self.scale = (2 / (cin * 9)) ** 0.5
+
+    def forward(self, x):
+        return nn.functional.conv2d(x, self.weight * self.scale, self.bias, padding=1)
+
+
+class CustomConvAtTheInput(nn.Module):
+    """Custom convolutions at the input; the first nn.Conv2d in module order is deep (16 -> 16, the bottleneck)."""
+
+    def __init__(self):
+        super().__init__()
+        self.bottleneck = nn.Conv2d(16, 16, 3, padding=1)  # registered first, called in the middle
+        self.enc = nn.Sequential(ScaledConv(3, 16), nn.LeakyReLU(0.2))
+        self.dec = nn.Sequential(ScaledConv(32, 8), nets.ECA())
+        self.head = ScaledConv(8, 3)
+
+    def forward(self, x):
+        e = self.enc(x)
+        return self.head(self.dec(torch.cat([self.bottleneck(e), e], 1)))
+
+
+def test_a_channel_mismatch_tries_three_channels_before_other_sizes():
+    seen = Inputs(CustomConvAtTheInput)
+    ss = semantic_sensitive(seen.cls(), {"dec": "enc"})
+    assert ss.channel_sources["dec"] == "measured by a dry run on a fake input (2, 3, 256, 256)"
+    assert (ss.blocks["dec"].dec_channels, ss.blocks["dec"].enc_channels) == (8, 16)
+    assert seen.shapes == [((2, 16, 256, 256),), ((2, 3, 256, 256),)]  # one failed attempt, on meta tensors
+
+
+class SamplesALatent(nets.Net):
+    """Samples a latent from a torch.distributions object built in forward (probabilistic enhancement networks):
+    the distribution checks its arguments' values (scale > 0), which no shape-only pass can read."""
+
+    def __init__(self):
+        super().__init__()
+        self.enc = nets.conv(3, 4)
+        self.prior = nn.Conv2d(4, 8, 1)  # the latent's mean and log-scale
+        self.dec = nets.eca_block(8, 6)
+        self.head = nn.Conv2d(6, 3, 1)
+        self.pairs = {"dec": "enc"}
+
+    def forward(self, x):
+        e = self.run(self.enc, x)
+        mean, log_scale = self.prior(e).chunk(2, 1)
+        z = Independent(Normal(mean, log_scale.exp()), 1).rsample()
+        return self.head(self.run(self.dec, torch.cat([e, z], 1)))
+
+
+def test_a_network_that_builds_distributions_is_measured():
+    ss = nets.check_five(SamplesALatent, {"dec": "enc"}, X)
+    assert ss.channel_sources["dec"] == "measured by a dry run on a fake input (2, 3, 256, 256)"
+
+
+@pytest.mark.parametrize("default", [True, False])
+def test_distribution_argument_checks_are_off_during_the_dry_run_only(default):
+    previous = Distribution._validate_args
+    seen = []
+
+    class Records(SamplesALatent):
+        def forward(self, x):
+            seen.append(Distribution._validate_args)
+            return super().forward(x)
+
+    Distribution.set_default_validate_args(default)
+    try:
+        semantic_sensitive(Records(), {"dec": "enc"})
+        assert seen and not any(seen)  # off in every attempt
+        assert Distribution._validate_args is default
+        with pytest.raises(TypeError, match="select an element"):  # a construction that fails restores it too
+            semantic_sensitive(nets.ComposedNet([4, 6], ["conv"] * 2, ["conv"], "skip_down", ["cat"]),
+                               {"dec0": "enc0"})
+        assert Distribution._validate_args is default
+    finally:
+        Distribution.set_default_validate_args(previous)
+
+
 class OddChannels(nn.Module):
     """Its first registered convolution is not the first one called: the called one says the input channels."""
 
@@ -298,6 +431,15 @@ def test_definitions_fallback_warns_once_naming_the_sites():
     assert torch.equal(ss(x, guidance=g), ss.model(x))
 
 
+def test_definitions_fallback_names_the_line_that_failed():
+    lines, first = inspect.getsourcelines(ReadsValues.forward)
+    line = first + next(i for i, text in enumerate(lines) if "x.max()" in text)
+    with pytest.warns(UserWarning, match="read from the module definitions") as record:
+        semantic_sensitive(ReadsValues(nn.Sequential(nn.Conv2d(4, 6, 3, padding=1), nn.ReLU()), 6), {"dec": "enc"})
+    message = next(str(w.message) for w in record if "definitions" in str(w.message))
+    assert f"{os.path.basename(__file__)}:{line}, in forward)" in message, message
+
+
 def test_a_wrong_definition_still_raises_at_the_first_call_naming_channels():
     with pytest.warns(UserWarning, match="read from the module definitions"):
         ss = semantic_sensitive(ReadsValues(_misleading(), 6), {"dec": "enc"})
@@ -352,6 +494,67 @@ def test_a_structured_site_without_a_tensor_is_an_error_at_construction():
 
 
 # ----------------------------------------------------------------------------- text stages
+class TokenStage(nn.Module):
+    """A transformer stage on tokens (B, N, C): its output is a token sequence, not a map."""
+
+    def __init__(self, dim):
+        super().__init__()
+        self.norm = nn.LayerNorm(dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
+
+    def forward(self, t):
+        return t + self.mlp(self.norm(t))
+
+
+class TokenResample(nn.Module):
+    """Tokens to a map, a strided (or transposed) convolution, back to tokens: the one map inside."""
+
+    def __init__(self, cin, cout, up=False):
+        super().__init__()
+        self.conv = nn.Sequential(nn.ConvTranspose2d(cin, cout, 2, stride=2) if up else
+                                  nn.Conv2d(cin, cout, 4, stride=2, padding=1))
+
+    def forward(self, t):
+        B, N, C = t.shape
+        side = math.isqrt(N)
+        return self.conv(t.transpose(1, 2).reshape(B, C, side, side)).flatten(2).transpose(1, 2)
+
+
+class TokenUNet(nn.Module):
+    """A transformer encoder-decoder whose stages pass tokens; maps only in the embedding, resampling and head."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.LeakyReLU())
+        self.enc0 = TokenStage(8)
+        self.down0 = TokenResample(8, 16)
+        self.mid = TokenStage(16)
+        self.up0 = TokenResample(16, 8, up=True)
+        self.dec0 = TokenStage(16)
+        self.head = nn.Conv2d(16, 3, 3, padding=1)
+
+    def forward(self, x):
+        B, _, H, W = x.shape
+        t0 = self.enc0(self.embed(x).flatten(2).transpose(1, 2))
+        t = self.dec0(torch.cat([self.up0(self.mid(self.down0(t0))), t0], -1))
+        return self.head(t.transpose(1, 2).reshape(B, 16, H, W))
+
+
+def test_a_site_that_outputs_tokens_names_the_nearest_maps():
+    with pytest.raises(TypeError) as err:
+        semantic_sensitive(TokenUNet(), {"dec0": "enc0"})
+    text = str(err.value)
+    for expected in ["encoder module 'enc0' outputs tokens (B, N, C), (2, 65536, 8), as transformer stages do, "
+                     "not a (B, C, H, W) map", "the nearest modules that output a map in a dry run",
+                     "'embed' (2, 8, 256, 256)", "'down0.conv' (2, 16, 128, 128)", "'up0.conv' (2, 8, 256, 256)"]:
+        assert expected in text, (expected, text)
+    assert "'embed.0'" not in text  # the same map as 'embed', its container
+    ss = semantic_sensitive(TokenUNet(), {"up0.conv": "embed"})  # a pair the message offers
+    assert ss.channel_sources["up0.conv"].startswith("measured by a dry run")
+    x, g = torch.randn(2, 3, 8, 8), torch.rand(2, 1, 8, 8)
+    assert torch.equal(ss(x, guidance=g), ss.model(x))
+
+
 def test_text_stages_are_measured_too():
     make = PATTERNS["pix2pix_unetup_concat_in_forward"]
     tg = text_guided(make(), ["dec0", "dec1"], text_channels=12)

@@ -434,6 +434,66 @@ def test_reused_decoder_refines_each_call_and_the_loss_averages_them():
     torch.testing.assert_close(second(x, guidance=g), expected)
 
 
+class SharedBlockList(nn.Module):
+    """One block appended to a ModuleList three times: one module registered under several names
+    ('body', 'blocks.0', 'blocks.1', 'blocks.2'; named_modules() lists it once, as 'body')."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 4, 3, padding=1)
+        self.body = nn.Sequential(nn.Conv2d(4, 4, 3, padding=1), nn.ReLU())
+        self.blocks = nn.ModuleList([self.body] * 3)
+        self.head = nn.Conv2d(4, 3, 1)
+
+    def forward(self, x):
+        y = self.stem(x)
+        for block in self.blocks:
+            y = y + block(y)
+        return self.head(y)
+
+
+def _wrapper_hooks(module):
+    return [h for h in module._forward_hooks.values() if type(h).__name__ == "_Hook"]
+
+
+def test_a_module_registered_under_several_names_is_paired_by_any_of_them():
+    x, g = _inputs()
+    torch.manual_seed(3)
+    net = SharedBlockList()
+    ss = semantic_sensitive(net, {"blocks.2": "stem"})  # the name print(model) suggests
+    assert list(ss.blocks) == ["blocks__2"] and len(_wrapper_hooks(net.body)) == 1
+    with pytest.warns(UserWarning, match=r"decoder 'blocks\.2' \(module 'body', registered under several "
+                                         r"names\) ran 3 times.*'blocks\.2#k'"):
+        assert torch.equal(ss(x, guidance=g), ss.model(x))
+    _perturb(ss)
+    plain, blocks = _twin(ss)
+    out = ss(x, guidance=g)
+    e = plain.stem(x)
+    y = e
+    for _ in range(3):  # the rule for a module that runs several times: every call refined by the one stage
+        y = y + blocks["blocks__2"](plain.body(y), e, g)
+    torch.testing.assert_close(out, plain.head(y))
+    # One call pinned through the alias: only the third call is refined.
+    third = semantic_sensitive(copy.deepcopy(plain), {"blocks.2#2": "stem"})
+    third.blocks["blocks__2#2"].load_state_dict(blocks["blocks__2"].state_dict())
+    y = e
+    for k in range(3):
+        d = plain.body(y)
+        y = y + (blocks["blocks__2"](d, e, g) if k == 2 else d)
+    torch.testing.assert_close(third(x, guidance=g), plain.head(y))
+
+
+def test_two_names_of_one_module_are_one_site():
+    with pytest.raises(ValueError, match=r"pairs: decoders 'blocks\.1' and 'blocks\.2' are one module.*several "
+                                         r"names.*'blocks\.2#k'"):
+        semantic_sensitive(SharedBlockList(), {"blocks.1": "stem", "blocks.2": "stem"})
+    net = SharedBlockList()  # an alias as decoder and another as encoder: one hook on the module
+    ss = semantic_sensitive(net, {"blocks.2#2": "blocks.0#0"})
+    assert len(_wrapper_hooks(net.body)) == 1
+    x, g = _inputs()
+    assert torch.equal(ss(x, guidance=g), ss.model(x))
+
+
 # ----------------------------------------------------------------------------- structured outputs
 class TupleEncoder(nn.Module):
     def __init__(self):

@@ -16,12 +16,15 @@ shape, and their shape functions (Python decompositions) were most of its
 cost.
 
 The input is inferred: batch 2 (training-mode norms refuse a batch of one),
-channels from the first convolution that takes the input (else 3), and the
-first spatial size the network accepts among SIZES and the sizes its modules
-declare (an `img_size` attribute, as patch embeddings keep it: some networks
-accept only one size, e.g. with fixed positional embeddings). A network with
-several required inputs gets the same image for each; optional arguments keep
-their defaults.
+channels from the first convolution in module order (then 3, then those of
+the first convolution called), and the first spatial size the network
+accepts among SIZES and the sizes its modules declare (an `img_size`
+attribute, as patch embeddings keep it: some networks accept only one size,
+e.g. with fixed positional embeddings). A network with several required
+inputs gets the same image for each, then the image and 1-channel maps of
+its size for the others; optional arguments keep their defaults.
+torch.distributions' argument checks (they read values) are off during the
+pass.
 """
 
 from __future__ import annotations
@@ -29,7 +32,9 @@ from __future__ import annotations
 import contextlib
 import inspect
 import logging
+import os
 import random
+import re
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -51,20 +56,52 @@ class DryRun:
 
     channels: dict = field(default_factory=dict)   # site -> channel count, from the attempt that ran
     calls: dict = field(default_factory=dict)      # module name -> its calls in that attempt
-    shape: tuple | None = None                     # the input shape of that attempt
-    failures: list = field(default_factory=list)   # (input shape or None, error text) of attempts that failed
+    shapes: tuple | None = None                    # the input shapes of that attempt, one per input
+    failures: list = field(default_factory=list)   # (inputs as text or None, error text) of attempts that failed
 
     @property
     def ran(self) -> bool:
-        return self.shape is not None
+        return self.shapes is not None
+
+    @property
+    def shape(self) -> tuple | None:
+        """The (first) input's shape of the attempt that ran."""
+        return None if self.shapes is None else self.shapes[0]
+
+    def describe_input(self) -> str:
+        """'a fake input (2, 3, 256, 256)' (the same for every input) or 'fake inputs (2, 3, 256, 256) + ...'."""
+        if self.shapes is None:
+            return "no input (none ran)"
+        text = _inputs_text(self.shapes)
+        return f"fake inputs {text}" if "+" in text else f"a fake input {text}"
 
     def describe_failures(self, limit: int = 2) -> str:
         """'a dry run on fake inputs (2, 3, 256, 256), ... failed: <error>', the distinct errors only."""
-        shapes = ", ".join(str(s) for s, _ in self.failures if s is not None)
+        shapes = ", ".join(s for s, _ in self.failures if s is not None)
         errors = list(dict.fromkeys(e for _, e in self.failures))
         more = f" (and {len(errors) - limit} other error(s))" if len(errors) > limit else ""
         what = f"a dry run on fake inputs {shapes} failed" if shapes else "no dry run could run"
         return f"{what}: {'; '.join(errors[:limit])}{more}"
+
+
+def _inputs_text(shapes: tuple) -> str:
+    """'(2, 3, 256, 256)' when every input has that shape, else the shapes joined by ' + '."""
+    return str(shapes[0]) if len(set(shapes)) == 1 else " + ".join(str(s) for s in shapes)
+
+
+def _input_shapes(channels: int, h: int, w: int, n: int) -> list[tuple]:
+    """The inputs to try for a network of n inputs: the same image for each; then (n > 1) the image and 1-channel
+    maps of its size for the others (an illumination or gray map beside the image)."""
+    image = (BATCH, channels, h, w)
+    tries = [(image,) * max(n, 1)]
+    if n > 1:
+        tries.append((image,) + ((BATCH, 1, h, w),) * (n - 1))
+    return tries
+
+
+# The error of a convolution given an input of other channels (meta tensors', fake or real ones'): the input's
+# channel count is wrong, whatever its size, and fake tensors would fail the same way.
+_CHANNEL_MISMATCH = re.compile(r"Invalid channel dimensions|to have \d+ channels, but got \d+ channels")
 
 
 def _first_conv_channels(model: nn.Module) -> int | None:
@@ -125,7 +162,34 @@ def _error_text(exc: BaseException) -> str:
         why = f"operator {exc.func} has no shape-only implementation"
     else:
         why = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-    return f"{type(exc).__name__}: {why}"[:300]
+    return f"{type(exc).__name__}: {why}"[:300] + _where(exc)
+
+
+# Code that is not the network's: torch's and ssattn's, and the standard library's (its site-packages aside).
+_LIBRARIES = tuple(os.path.join(os.path.realpath(d), "") for d in (
+    os.path.dirname(torch.__file__), os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+_STDLIB = os.path.join(os.path.realpath(os.path.dirname(os.__file__)), "")
+
+
+def _is_network_code(path: str) -> bool:
+    if path.startswith(_LIBRARIES):
+        return False
+    return not path.startswith(_STDLIB) or f"{os.sep}site-packages{os.sep}" in path
+
+
+def _where(exc: BaseException) -> str:
+    """' (at net.py:42, in forward)': the innermost frame of the traceback in the network's own code, else ''."""
+    found, tb = None, exc.__traceback__
+    while tb is not None:
+        if _is_network_code(os.path.realpath(tb.tb_frame.f_code.co_filename)):
+            found = tb
+        tb = tb.tb_next
+    if found is None:
+        return ""
+    path = os.path.realpath(found.tb_frame.f_code.co_filename)
+    cwd = os.path.join(os.path.realpath(os.getcwd()), "")
+    shown = os.path.relpath(path, cwd) if path.startswith(cwd) else path
+    return f" (at {shown}:{found.tb_lineno}, in {found.tb_frame.f_code.co_name})"
 
 
 _CONTAINERS = ("_parameters", "_buffers", "_modules")
@@ -224,6 +288,20 @@ class _Fake:
             return torch.empty(shape, dtype=self.dtype, device=self.device)
 
 
+@contextlib.contextmanager
+def _no_distribution_checks():
+    """torch.distributions objects built in forward check their arguments' values (scale > 0): off for the pass,
+    since no value can be read there and the checks never change a shape; the user's setting back after."""
+    from torch.distributions import Distribution
+
+    previous = Distribution._validate_args
+    Distribution.set_default_validate_args(False)
+    try:
+        yield
+    finally:
+        Distribution.set_default_validate_args(previous)
+
+
 def _state(model: nn.Module) -> dict:
     # Tied parameters appear under each of their names, so functional_call keeps them tied.
     return {**dict(model.named_parameters(remove_duplicate=False)),
@@ -235,9 +313,14 @@ def shape_pass(model: nn.Module, run: Callable[[Callable[[], object]], tuple[dic
     """Measure on fake inputs: `run(call)` calls `call()` (one forward of `model`) and returns
     ({site: channels}, {module name: calls}).
 
-    Each input (channel counts, then SIZES) is tried on meta tensors and, when
-    that fails, under FakeTensorMode (slower to start, but it also fakes the
-    tensors a network makes itself). A call that runs but misses some sites
+    Each input (channel counts, then sizes; for a network of several inputs
+    the same image for each, then 1-channel maps for the others) is tried on
+    meta tensors and, when that fails, under FakeTensorMode (slower to start,
+    but it also fakes the tensors a network makes itself). A convolution that
+    refuses the input's channel count ends the tries of that count at once
+    (no fake tensors, no other size): the next count is tried (3 after the
+    first convolution's, which can be a deep layer when the input layers are
+    custom classes). A call that runs but misses some sites
     (say, a module that runs only in training) is tried once more in the other
     mode; a call that runs ends the search. Errors of the types in `fatal` are
     raised at once (a bad site, not a failed pass).
@@ -259,7 +342,7 @@ def shape_pass(model: nn.Module, run: Callable[[Callable[[], object]], tuple[dic
         return result
     makers = (lambda: _Meta(model, dtype), lambda: _Fake(model, dtype, device))
     made: dict = {}  # each kind made when first needed: FakeTensorMode's first use is slow (it imports dynamo)
-    with preserved_state(model, attributes=True), torch.no_grad():
+    with preserved_state(model, attributes=True), _no_distribution_checks(), torch.no_grad():
         convs = [m for m in model.modules() if isinstance(m, nn.modules.conv._ConvNd) and len(m.kernel_size) == 2]
         handles = [m.register_forward_pre_hook(note_first_conv) for m in convs]
         for m in model.modules():
@@ -270,32 +353,41 @@ def shape_pass(model: nn.Module, run: Callable[[Callable[[], object]], tuple[dic
             sizes = _sizes(model)
             while i < len(channels):
                 for h, w in sizes:
-                    shape = (BATCH, channels[i], h, w)
-                    for k, make in enumerate(makers):
-                        if k not in made:
-                            try:
-                                made[k] = make()
-                            except Exception as exc:  # noqa: BLE001 - e.g. a tensor type with no fake copy
-                                made[k] = None
-                                result.failures.append((None, _error_text(exc)))
-                        kind = made[k]
-                        if kind is None:
-                            continue
-                        first_called.clear()
-                        x = kind.input(shape)
-                        args, kwargs = (x,) * n_positional, dict.fromkeys(keywords, x)
+                    wrong_channels = True  # every input at this size failed on a convolution's channel count
+                    for shapes in _input_shapes(channels[i], h, w, n_positional + len(keywords)):
+                        error = None
+                        for k, make in enumerate(makers):
+                            if k not in made:
+                                try:
+                                    made[k] = make()
+                                except Exception as exc:  # noqa: BLE001 - e.g. a tensor type with no fake copy
+                                    made[k] = None
+                                    result.failures.append((None, _error_text(exc)))
+                            kind = made[k]
+                            if kind is None:
+                                continue
+                            first_called.clear()
+                            xs = [kind.input(shape) for shape in shapes]
+                            args, kwargs = tuple(xs[:n_positional]), dict(zip(keywords, xs[n_positional:]))
 
-                        def call(kind=kind, args=args, kwargs=kwargs):
-                            with kind.context():
-                                return functional_call(model, kind.state, args, kwargs, tie_weights=True,
-                                                       strict=False)
+                            def call(kind=kind, args=args, kwargs=kwargs):
+                                with kind.context():
+                                    return functional_call(model, kind.state, args, kwargs, tie_weights=True,
+                                                           strict=False)
 
-                        last = k == len(makers) - 1
-                        if _attempt(model, run, call, shape, needed, fatal, result, report=last) or result.ran:
-                            # Measured; or it ran in both modes and some sites did not: another input won't help.
-                            return result
+                            error = _attempt(model, run, call, shapes, needed, fatal, result)
+                            if error is None:
+                                # Measured; or it ran in both modes and some sites did not: another input won't help.
+                                return result
+                            if _CHANNEL_MISMATCH.search(error):
+                                break  # a shape error: fake tensors fail on it too
+                        if error is not None:
+                            result.failures.append((_inputs_text(shapes), error))
+                            wrong_channels = wrong_channels and bool(_CHANNEL_MISMATCH.search(error))
                     if first_called and first_called[0] not in channels:
                         channels.append(first_called[0])  # the first convolution called takes other channels
+                    if wrong_channels:
+                        break  # other sizes won't mend the channel count: the next count (3 after the guess)
                 i += 1
         finally:
             for h in handles:
@@ -303,8 +395,9 @@ def shape_pass(model: nn.Module, run: Callable[[Callable[[], object]], tuple[dic
     return result
 
 
-def _attempt(model, run, call, shape, needed, fatal, result: DryRun, report: bool) -> bool:
-    """One input, in the model's mode and then (sites missing) in the other; True when every site was measured."""
+def _attempt(model, run, call, shapes, needed, fatal, result: DryRun) -> str | None:
+    """One input, in the model's mode and then (sites missing) in the other; None when the forward ran (the
+    result holds what it measured), else the error's text."""
     modes = [(m, m.training) for m in model.modules()]
     try:
         for flip in (False, True):
@@ -315,14 +408,12 @@ def _attempt(model, run, call, shape, needed, fatal, result: DryRun, report: boo
             except fatal:
                 raise
             except Exception as exc:  # noqa: BLE001 - a failed pass is reported with its input, not raised
-                if report and not flip:
-                    result.failures.append((shape, _error_text(exc)))
-                return False
+                return None if flip else _error_text(exc)
             if not result.ran or len(measured) > len(result.channels):
-                result.channels, result.calls, result.shape = dict(measured), dict(calls), shape
+                result.channels, result.calls, result.shapes = dict(measured), dict(calls), tuple(shapes)
             if needed <= set(measured):
-                return True
-        return False
+                return None
+        return None
     finally:
         for m, mode in modes:  # each module's own flag back for the next attempt
             m.training = mode

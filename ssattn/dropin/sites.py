@@ -1,9 +1,13 @@
 """Paired call sites of the drop-in: "name", "name#k", "name[0]", "name['key']#k".
 
-A site names a module (as in model.named_modules()), optionally one of its
-calls in a forward pass (`#k`, counted from 0) and one element of a
-structured output (`[i]` for a tuple or list, `[key]` / `['key']` for a
-dict; selectors chain: `m[0][1]`). This module parses site strings, reads
+A site names a module (any name model.get_submodule resolves: a module
+registered under several names, e.g. appended to a ModuleList several
+times, answers to each; the wrapper hooks it once, under the first name
+model.named_modules() lists), optionally one of its calls in a forward pass
+(`#k`, counted from 0) and one element of a structured output (`[i]` for a
+tuple or list, `[key]` / `['key']` for a dict; selectors chain: `m[0][1]`).
+The element must be a (B, C, H, W) map: a token sequence (B, N, C) is
+refused, never reshaped by a guess. This module parses site strings, reads
 and replaces the selected element, and reads channel counts from module
 definitions.
 """
@@ -28,8 +32,11 @@ class Site:
     module: str
     call: int | None
     path: tuple
+    alias: str = ""  # the name in spec, when the module is registered under several names and `module` is its first
 
     def describe(self) -> str:
+        if self.alias:
+            return f"{self.spec!r} (module {self.module!r}, registered under several names)"
         return f"module {self.module!r}" if self.spec == self.module else f"{self.spec!r} (module {self.module!r})"
 
 
@@ -56,7 +63,11 @@ def parse_site(role: str, spec, where: str = "pairs") -> Site:
 
 
 class SiteOutputError(TypeError):
-    """A site names an output element that is not there, or not a (B, C, H, W) tensor."""
+    """A site names an output element that is not there, or not a (B, C, H, W) tensor (tokens: a (B, N, C) one)."""
+
+    def __init__(self, message: str, site: Site | None = None, tokens: bool = False):
+        super().__init__(message)
+        self.site, self.tokens = site, tokens
 
 
 def select(site: Site, role: str, out) -> Tensor:
@@ -70,6 +81,11 @@ def select(site: Site, role: str, out) -> Tensor:
                 f"{role} {site.describe()}: cannot select [{step!r}] from its output "
                 f"({type(value).__name__}): {exc}"
             ) from None
+    if isinstance(value, Tensor) and value.dim() == 3:
+        raise SiteOutputError(
+            f"{role} {site.describe()} outputs tokens (B, N, C), {tuple(value.shape)}, as transformer stages do, "
+            f"not a (B, C, H, W) map; the drop-in does not guess how to fold them into a map: pair a module that "
+            f"outputs one (e.g. the convolution of the stage's down- or upsampling)", site, tokens=True)
     if not isinstance(value, Tensor) or value.dim() != 4:
         what = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
         hint = ""

@@ -22,10 +22,12 @@ starts as the identity (zero output projection), so a new wrapper gives the
 model's outputs bit for bit. The bare model called outside `ss(...)` or
 `with ss.guidance(m)` runs as the plain model.
 
-Sites (pairs' keys and values; see ssattn.dropin.sites): "name" as in
-model.named_modules(), optionally "name[0]" / "name[key]" (one element of a
-tuple, list or dict output; for a decoder only that element is replaced) and
-"name#k" (only the k-th call of the module in a forward pass, from 0).
+Sites (pairs' keys and values; see ssattn.dropin.sites): "name" as
+model.get_submodule reads it (a module registered under several names
+answers to each, and is one site), optionally "name[0]" / "name[key]" (one
+element of a tuple, list or dict output; for a decoder only that element is
+replaced) and "name#k" (only the k-th call of the module in a forward pass,
+from 0).
 
 Which encoder call feeds which decoder call: a decoder call takes the most
 recent call of its encoder site that ran before it in the same forward pass
@@ -80,6 +82,7 @@ forwards from several threads at once.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import difflib
 import os
 import sys
@@ -120,6 +123,48 @@ def _warn(message: str) -> None:
     while frame is not None and frame.f_code.co_filename.startswith(_INTERNAL):
         frame, level = frame.f_back, level + 1
     warnings.warn(f"semantic_sensitive: {message}", UserWarning, stacklevel=level)
+
+
+class _SiteNames:
+    """Sites' module names checked against the model, each mapped to the module's first name.
+
+    A module registered under several names (the same block appended to a
+    ModuleList several times) answers to each, as model.get_submodule does;
+    the wrapper hooks it once, under the first name model.named_modules()
+    lists, so that two of its names are one site (one hook, one call count).
+    """
+
+    def __init__(self, model: nn.Module, modules: dict):
+        self.every = dict(model.named_modules(remove_duplicate=False))  # every name get_submodule resolves
+        self.first = {id(m): name for name, m in modules.items()}
+
+    def __call__(self, site: Site, role: str, where: str) -> Site:
+        if site.module not in self.every or site.module == "":
+            names = [n for n in self.every if n]
+            close = difflib.get_close_matches(site.module, names, n=5, cutoff=0.5)
+            hint = f"; close matches: {close}" if close else f"; module names: {names[:20]}"
+            raise ValueError(f"{where}: {role} module {site.module!r} is not in the model{hint}")
+        first = self.first[id(self.every[site.module])]
+        return site if first == site.module else dataclasses.replace(site, module=first, alias=site.module)
+
+    def names_of(self, name: str) -> list[str]:
+        module = self.every[name]
+        return [n for n, m in self.every.items() if m is module]
+
+    def check_distinct(self, sites: list[Site], where: str, what: str) -> None:
+        """Two names of one module with the same call and element would refine (or count) one output twice."""
+        seen: dict[tuple, Site] = {}
+        for s in sites:
+            key = (s.module, s.call, s.path)
+            if key in seen:
+                names = ", ".join(repr(n) for n in self.names_of(s.module))
+                base = s.spec.split("#")[0]
+                raise ValueError(
+                    f"{where}: {what} {seen[key].spec!r} and {s.spec!r} are one module, registered under several "
+                    f"names ({names}), so they are one site; name it once, and pick one of its calls with "
+                    f"'{base}#k' (k from 0) where the network runs it several times"
+                )
+            seen[key] = s
 
 
 class _Hook:
@@ -206,21 +251,20 @@ class GuidedModel(nn.Module):
         if text_channels is not None and not text_stages:
             raise ValueError("text_channels was given but no text_stages: name the modules whose outputs the text "
                              "refines, e.g. text_stages=['dec2', 'dec1']")
-        modules = dict(model.named_modules())
-        self._dec_sites = [parse_site("decoder", d) for d in pairs]
-        self._enc_of = {d.spec: parse_site("encoder", e) for d, e in zip(self._dec_sites, pairs.values())}
-        self._text_sites = [parse_site("text stage", t, "text_stages") for t in text_stages]
+        modules = dict(model.named_modules())  # each module once, under its first name: the hooks' names
+        resolve = _SiteNames(model, modules)
+        self._dec_sites = [resolve(parse_site("decoder", d), "decoder", "pairs") for d in pairs]
+        self._enc_of = {d.spec: resolve(parse_site("encoder", e), "encoder", "pairs")
+                        for d, e in zip(self._dec_sites, pairs.values())}
+        self._text_sites = [resolve(parse_site("text stage", t, "text_stages"), "text stage", "text_stages")
+                            for t in text_stages]
         # Alignment-only sites: decoder outputs that feed the alignment loss with no attention stage.
-        self._align_only = [parse_site("decoder", a, "align_sites") for a in align_sites if a not in pairs]
-        roles = ([("decoder", d) for d in self._dec_sites] + [("encoder", e) for e in self._enc_of.values()]
-                 + [("text stage", t) for t in self._text_sites] + [("alignment", a) for a in self._align_only])
-        for role, site in roles:
-            if site.module not in modules or site.module == "":
-                close = difflib.get_close_matches(site.module, [n for n in modules if n], n=5, cutoff=0.5)
-                hint = f"; close matches: {close}" if close else f"; module names: {[n for n in modules if n][:20]}"
-                where = {"text stage": "text_stages", "alignment": "align_sites"}.get(role, "pairs")
-                raise ValueError(f"{where}: {role if role != 'alignment' else 'decoder'} module {site.module!r} is "
-                                 f"not in the model{hint}")
+        self._align_only = [resolve(parse_site("decoder", a, "align_sites"), "decoder", "align_sites")
+                            for a in align_sites if a not in pairs]
+        for where, what, sites in (("pairs", "decoders", self._dec_sites), ("text_stages", "text stages",
+                                                                             self._text_sites),
+                                   ("align_sites", "sites", self._align_only)):
+            resolve.check_distinct(sites, where, what)
         if level_weights is not None and len(level_weights) != len(align_sites):
             raise ValueError(f"level_weights must have one value per alignment site ({len(align_sites)}: "
                              f"{align_sites}), got {len(level_weights)}")
@@ -330,11 +374,17 @@ class GuidedModel(nn.Module):
         missing = [key for key in stages if key not in known]
         if missing:
             needed = {s.spec for key in missing for s in stages[key]}
-            if example_inputs is not None:
-                measured, how, run = self._probe(example_inputs), "measured on example_inputs", None
-            else:
-                run = self._dry_run(needed)
-                measured, how = run.channels, f"measured by a dry run on a fake input {run.shape}"
+            try:
+                if example_inputs is not None:
+                    measured, how, run = self._probe(example_inputs)[0], "measured on example_inputs", None
+                else:
+                    run = self._dry_run(needed)
+                    measured, how = run.channels, f"measured by a dry run on {run.describe_input()}"
+            except SiteOutputError as exc:
+                if not exc.tokens:
+                    raise
+                raise SiteOutputError(f"{exc}{self._maps_near(exc.site, example_inputs)}", exc.site,
+                                      tokens=True) from None
             for key in missing:
                 if all(s.spec in measured for s in stages[key]):
                     known[key] = tuple(measured[s.spec] for s in stages[key])
@@ -382,7 +432,7 @@ class GuidedModel(nn.Module):
                                                              if s.module == m and s.call is not None)
                     if n else f"module {m!r} did not run" for m, n in ran.items()]
             hint = "; a module called as .forward(...) bypasses hooks" if 0 in ran.values() else ""
-            return f"{'; '.join(each)} in a dry run on a fake input {run.shape} (in training and eval mode){hint}"
+            return f"{'; '.join(each)} in a dry run on {run.describe_input()} (in training and eval mode){hint}"
 
         if unknown:
             key = next(k for k in missing if k not in known)
@@ -427,9 +477,61 @@ class GuidedModel(nn.Module):
         """Channel counts from a shape-only forward pass on fake inputs (ssattn.dropin.dryrun)."""
         return shape_pass(self.model, self._measuring, needed, fatal=(SiteOutputError,))
 
+    def _maps_near(self, site: Site, example_inputs, limit: int = 5) -> str:
+        """'; the nearest modules that output a map ...: 'a.conv' (2, 16, 128, 128), ...': modules under the
+        site's parent (its siblings' and its own submodules) whose outputs were (B, C, H, W) in a dry run (or on
+        example_inputs), nearest in the module tree first, then in call order. '' when that pass fails."""
+        parent = site.module.rpartition(".")[0]
+        names = [n for n in dict(self.model.named_modules()) if n and (not parent or n.startswith(parent + "."))]
+
+        def survey(call):
+            shapes, order = {}, {}
+
+            def recorder(name):
+                def record(module, args, out):
+                    order.setdefault(name, len(order))
+                    if isinstance(out, Tensor) and out.dim() == 4:
+                        shapes.setdefault(name, tuple(out.shape))
+                return record
+
+            handles = [self.model.get_submodule(n).register_forward_hook(recorder(n)) for n in names]
+            try:
+                call()
+            finally:
+                for h in handles:
+                    h.remove()
+            return shapes, order
+
+        try:
+            if example_inputs is not None:
+                shapes, order = self._probe(example_inputs, survey)
+            else:
+                run = shape_pass(self.model, survey, set())
+                shapes, order = run.channels, run.calls
+        except Exception:  # noqa: BLE001 - a hint only: the error it would add to says what is wrong
+            return ""
+        here = site.module.split(".")
+        at = order.get(site.module, 0)
+
+        def distance(name):
+            there = name.split(".")
+            common = next((i for i, (a, b) in enumerate(zip(here, there)) if a != b), min(len(here), len(there)))
+            return len(here) + len(there) - 2 * common, abs(order.get(name, at) - at)
+
+        listed: list[str] = []
+        for name in sorted((n for n in shapes if n != site.module), key=distance):
+            if not any(name.startswith(m + ".") and shapes[m] == shapes[name] for m in listed):  # its container's
+                listed.append(name)
+        where = "in a dry run" if example_inputs is None else "on example_inputs"
+        if not listed:
+            return f"; no module near it outputs a map {where}"
+        return (f"; the nearest modules that output a map {where}: "
+                + ", ".join(f"{n!r} {shapes[n]}" for n in listed[:limit]))
+
     @torch.no_grad()
-    def _probe(self, example_inputs) -> dict[str, int]:
-        """Channel counts of every site, from one forward pass on example_inputs in eval mode (no BatchNorm update)."""
+    def _probe(self, example_inputs, run=None):
+        """run(call) (default: self._measuring, giving ({site: channels}, {module: calls})) on one forward pass on
+        example_inputs in eval mode (no BatchNorm update)."""
         if isinstance(example_inputs, Mapping):
             args, kwargs = (), dict(example_inputs)
         elif (isinstance(example_inputs, tuple) and len(example_inputs) == 2 and isinstance(example_inputs[0], tuple)
@@ -441,12 +543,13 @@ class GuidedModel(nn.Module):
             args, kwargs = (example_inputs,), {}
         with preserved_state(self.model):
             self.model.eval()
-            return self._measuring(lambda: self.model(*args, **kwargs))[0]
+            return (run or self._measuring)(lambda: self.model(*args, **kwargs))
 
     @property
     def channel_sources(self) -> dict[str, str]:
         """How each stage's channel counts were found, by site: "from channels=", "measured by a dry run on a
-        fake input (2, 3, 256, 256)", "measured on example_inputs" or "read from the module definitions"."""
+        fake input (2, 3, 256, 256)" (several inputs of other shapes: "on fake inputs (2, 3, 256, 256) +
+        (2, 1, 256, 256)"), "measured on example_inputs" or "read from the module definitions"."""
         return dict(self._channel_source)
 
     @property
@@ -701,8 +804,9 @@ class GuidedModel(nn.Module):
                                                f"before that call",
                             ("align", "decoder"): "the alignment loss averages over its calls",
                             ("text", "text stage"): "each of its calls is refined by the one text stage"}[(kind, role)]
-                    _warn(f"{role} module {site.module!r} ran {n} times in one forward pass: {rule}. Pick one call "
-                          f"with '{site.module}#k' (k from 0) if that is not what the network means")
+                    what = site.describe() if site.alias else f"module {site.module!r}"
+                    _warn(f"{role} {what} ran {n} times in one forward pass: {rule}. Pick one call with "
+                          f"'{site.alias or site.module}#k' (k from 0) if that is not what the network means")
 
     def forward(self, *inputs, guidance: Tensor | None = None, text=None, **kwargs):
         """The model's output with every stage refined: guidance (B, 1, H, W) for -SS stages, text for text stages.
@@ -825,7 +929,7 @@ SemanticSensitive = GuidedModel  # the name of the -SS wrapper since before text
 def semantic_sensitive(model: nn.Module, pairs: Mapping[str, str], *, align_sites=None, **options) -> GuidedModel:
     """Wrap `model` with -SS attention stages; see the module docstring.
 
-    pairs: {decoder site: encoder site}, sites as in model.named_modules(),
+    pairs: {decoder site: encoder site}, sites as model.get_submodule names them,
     optionally "name[0]" (an output element) and "name#k" (the k-th call).
     align_sites: the decoder sites whose outputs feed ss.alignment_loss():
     None (default) for the decoders of pairs; a site not in pairs is
