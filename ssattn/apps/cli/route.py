@@ -1,7 +1,8 @@
 """`ssattn route IMAGES_DIR --out DIR`: classify each image's degradation and, with experts, restore it.
 
 Writes DIR/labels.csv (file, class, confidence, route) and, with --experts,
-DIR/restored/<file>.png. Results are cached in DIR/cache (the guidance
+DIR/restored/<name>.png (<name>.<ext>.png for images whose names differ only by
+extension: restored_names). Results are cached in DIR/cache (the guidance
 cache's format: keyed by image content and every classifier/expert
 setting, written atomically, checked on read), so a rerun skips the images
 already done; unreadable images are reported and skipped.
@@ -21,7 +22,8 @@ def register(sub) -> None:
             "Classify the degradation of every image in IMAGES_DIR (noise_blur_jpeg, reflection, motion_blur, none; "
             "--classes for others) and write DIR/labels.csv. With --experts CLASS=CHECKPOINT,... each image of a "
             "class goes through that `ssattn train` checkpoint and is written to DIR/restored; other classes pass "
-            "through unchanged. Reruns skip finished images."),
+            "through unchanged (restored images are named <name>.png, or by the full file name, a.jpg.png and "
+            "a.png.png, when two images differ only by extension). Reruns skip finished images."),
     )
     p.add_argument("images", metavar="IMAGES_DIR", help="folder of images")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder (created if needed)")
@@ -110,6 +112,25 @@ def _same_size_groups(images) -> list[list[int]]:
     return list(groups.values())
 
 
+def restored_names(rels) -> dict:
+    """Where each image (a path relative to IMAGES_DIR) is restored to, relative to DIR/restored: its stem + .png,
+    or, where that would collide with another image's (a.jpg and a.png), its full file name + .png (a.jpg.png,
+    a.png.png), as `guide --overlay` names overlays."""
+    from ssattn.guidance.precompute import overlay_path
+
+    names = {rel: rel.with_suffix(".png") for rel in rels}
+    while True:  # a full name can in turn meet another image's stem name (a.jpg.png); repeat until none collide
+        owners: dict = {}
+        for rel, name in names.items():
+            owners.setdefault(name, []).append(rel)
+        clashing = [rel for group in owners.values() if len(group) > 1 for rel in group
+                    if names[rel] != overlay_path("", rel)]
+        if not clashing:
+            return names
+        for rel in clashing:
+            names[rel] = overlay_path("", rel)
+
+
 def _write_png(path, image) -> None:
     import numpy as np
     from PIL import Image
@@ -156,6 +177,8 @@ def run(args) -> int:
         if not files:
             raise FileNotFoundError(f"no images in {args.images!r}"
                                     f"{'' if args.recursive else ' (pass --recursive to look in subfolders)'}")
+        # named over the whole folder, so that --limit and reruns give each image the same name
+        restored = restored_names([path.relative_to(args.images) for path in files])
         files = files[: args.limit] if args.limit else files
         classifier = make_classifier(args.classifier, classes, model=args.model, device=device, dtype=dtype)
         expert_paths = _parse_experts(args.experts)
@@ -203,7 +226,7 @@ def run(args) -> int:
                             res = router(torch.stack([imgs[j] for j in idx]), scores=scores[idx].to(device))
                             for k, j in enumerate(idx):
                                 if res.routes[k] in experts or res.routes[k] == "fallback":
-                                    rel = todo[j][0].relative_to(root).with_suffix(".png")
+                                    rel = restored[todo[j][0].relative_to(root)]
                                     _write_png(out / "restored" / rel, res.images[k])
                 # The entry is written after the restored image, so a cached entry means the image is done.
                 for (path, sha, img), s in zip(todo, scores):
