@@ -221,3 +221,29 @@ def test_no_traceback_from_the_installed_command(tmp_path):
     assert proc.returncode == 2, proc.stderr
     assert "Traceback" not in proc.stderr and "nosuch.pt" in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+
+
+# --------------------------------------------------------------------------- argument parser
+@pytest.mark.parametrize("argv", [
+    [],  # no command
+    ["fly"],  # no such command
+    ["demo", "--steps", "many"],
+    ["guide", "imgs"],  # --out missing
+    ["route", "imgs", "--out", "o", "--batch-size", "0"],
+    ["train", "--data", "synthetic", "--out", "run", "--threads", "0"],
+    ["eval", "--data", "synthetic"],  # --checkpoint missing
+    ["metrics", "outs", "--classes", "1"],
+    ["info", "--bogus"],  # an option the command does not have
+    ["train", "--data", "synthetic", "--out", "run", "--model", "resnet"],
+])
+def test_argument_errors_are_one_line(argv, capsys):
+    # The usage block is 8-20 lines; the user needs the one that says what is wrong, and where to look.
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    command = "ssattn" if not argv or argv[0] == "fly" else f"ssattn {argv[0]}"
+    assert lines[0].startswith(f"{command}: error: ") and lines[0].endswith(f" (see {command} --help)"), err
+    assert "usage:" not in err

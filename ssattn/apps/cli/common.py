@@ -10,6 +10,8 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import re
+import sys
 
 
 class CLIError(Exception):
@@ -19,6 +21,25 @@ class CLIError(Exception):
 def one_line(text: str) -> str:
     """An error message as the one line the CLI prints (a library message may span several)."""
     return " ".join(part.strip() for part in str(text).splitlines() if part.strip())
+
+
+def is_main_rank() -> bool:
+    """False in torchrun's ranks other than 0, which leave the job's message to rank 0 (every rank sees the same
+    arguments, and two ranks writing at once run their lines together)."""
+    return os.environ.get("RANK", "0") in ("", "0")
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with the CLI's error form: one line, `ssattn COMMAND: error: ... (see ssattn COMMAND --help)`, and
+    exit 2, instead of the usage block (subcommand parsers inherit it)."""
+
+    def error(self, message):
+        # argparse lists choices as Python strings: (choose from 'unet', 'unet-ss') -> (choose from unet, unet-ss)
+        message = re.sub(r"\(choose from (.*)\)$", lambda m: f"(choose from {m.group(1).replace(chr(39), '')})",
+                         one_line(message))
+        if is_main_rank():
+            print(f"{self.prog}: error: {message} (see {self.prog} --help)", file=sys.stderr)
+        sys.exit(2)
 
 
 def _int_at_least(minimum: int):
