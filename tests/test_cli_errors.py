@@ -247,3 +247,22 @@ def test_argument_errors_are_one_line(argv, capsys):
     command = "ssattn" if not argv or argv[0] == "fly" else f"ssattn {argv[0]}"
     assert lines[0].startswith(f"{command}: error: ") and lines[0].endswith(f" (see {command} --help)"), err
     assert "usage:" not in err
+
+
+# --------------------------------------------------------------------------- checked before any work
+def _each_command(tmp_path):
+    """(name, argv without --device, a path that appears only once the command has started work)."""
+    images = _images(tmp_path / "imgs", n=2)
+    return [("demo", ["demo", "--quick", "--out", tmp_path / "demo", "--no-progress"], tmp_path / "demo"),
+            ("guide", _guide(images, tmp_path / "cache"), tmp_path / "cache"),
+            ("route", ["route", images, "--out", tmp_path / "route", "--no-progress"], tmp_path / "route")]
+
+
+def test_device_is_checked_up_front(tmp_path, capsys):
+    # demo, guide and route took --device as torch's string: torch's list of device types, or (demo) a CUDA
+    # error after the scenes and guidance were built. Now the message train, eval and metrics give, before any work.
+    for name, argv, started in _each_command(tmp_path):
+        _fails(capsys, argv + ["--device", "tpu9"], f"ssattn {name}: --device must be auto, cpu, cuda or cuda:N")
+        if not torch.cuda.is_available():
+            _fails(capsys, argv + ["--device", "cuda"], f"ssattn {name}: --device cuda: no CUDA device")
+        assert not started.exists(), name

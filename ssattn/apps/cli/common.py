@@ -61,6 +61,26 @@ positive_int = _int_at_least(1)
 nonnegative_int = _int_at_least(0)
 
 
+def resolve_device(name: str):
+    """--device as a torch.device that can run here (CLIError otherwise)."""
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise CLIError(f"--device must be auto, cpu, cuda or cuda:N, got {name!r}") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise CLIError(f"--device {name}: no CUDA device is usable here (use --device cpu or auto)")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise CLIError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) here")
+    elif device.type != "cpu":
+        raise CLIError(f"--device must be auto, cpu, cuda or cuda:N, got {name!r}")
+    return device
+
+
 # --------------------------------------------------------------------------- CPU threads
 THREADS_HELP = ("CPU threads (default: OMP_NUM_THREADS when set, which torchrun sets to 1 per process; else the "
                 "cores not busy with other work, from the load average, shared among this machine's processes)")

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import os
 
-from .common import CLIError, add_threads_arg, use_threads
+from .common import CLIError, add_threads_arg, resolve_device, use_threads
 
 DEFAULTS = {"steps": 180, "size": 48, "batch_size": 8, "n_train": 192, "n_test": 32, "width": 8, "seeds": 3,
             "seg_steps": 600}
@@ -139,8 +139,7 @@ def run(args) -> int:
 
     t_start, c_start = time.perf_counter(), time.process_time()
     s = _settings(args)
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if args.device == "auto" else args.device))
+    device = resolve_device(args.device)
     threads = use_threads(args.threads, device)
     amp = args.amp if args.amp != "auto" else ("bf16" if device.type == "cuda" else "none")
     if args.levels:

@@ -21,8 +21,8 @@ def run(args) -> int:
 
     from ssattn.apps.training import evaluate, load_model
 
-    from .common import CLIError
-    from .train import load_data, load_text, resolve_device
+    from .common import CLIError, resolve_device
+    from .train import load_data, load_text
 
     device = resolve_device(args.device)
     model, ckpt = load_model(args.checkpoint, device, unsafe=args.unsafe_checkpoint)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-from .common import CLIError, one_line, positive_int
+from .common import CLIError, one_line, positive_int, resolve_device
 
 
 def register(sub) -> None:
@@ -36,7 +36,7 @@ def register(sub) -> None:
     p.add_argument("--delta", type=float, default=0.2, help="sharpening threshold for overlays (0.2)")
     p.add_argument("--batch-size", type=positive_int, default=16, help="images per model call (16)")
     p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="decoding processes")
-    p.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda when present)")
+    p.add_argument("--device", default=None, help="auto, cpu, cuda or cuda:N (default auto: cuda when present)")
     p.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default=None,
                    help="model dtype (default float16 on cuda, float32 on cpu)")
     p.add_argument("--recursive", action="store_true", help="also take images in subfolders")
@@ -82,6 +82,7 @@ def run(args) -> int:
     for flag, path in (("--out", args.out), ("--overlay", overlay)):
         if path is not None and os.path.exists(path) and not os.path.isdir(path):
             raise CLIError(f"{flag} {path!r} is a file; it must name a folder (created if needed)")
+    resolve_device(args.device or "auto")  # a clear error for a device that cannot run here, before any work
     rank, world, device = _distributed(args.device)
     dtype = getattr(torch, args.dtype) if args.dtype else None
     try:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 
-from .common import CLIError, one_line, positive_int
+from .common import CLIError, one_line, positive_int, resolve_device
 
 
 def register(sub) -> None:
@@ -42,7 +42,7 @@ def register(sub) -> None:
     p.add_argument("--fallback", default=None, metavar="CLASS",
                    help="class whose expert (or passthrough) takes the uncertain images")
     p.add_argument("--batch-size", type=positive_int, default=16)
-    p.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda when present)")
+    p.add_argument("--device", default=None, help="auto, cpu, cuda or cuda:N (default auto: cuda when present)")
     p.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default=None,
                    help="clip/vlm model dtype (default float16 on cuda, float32 on cpu)")
     p.add_argument("--recursive", action="store_true", help="also take images in subfolders")
@@ -170,7 +170,7 @@ def run(args) -> int:
     if (args.threshold is None) != (args.fallback is None):
         return fail("--threshold and --fallback go together")
     classes = tuple(c.strip() for c in args.classes.split(",") if c.strip()) if args.classes else PAPER_CLASSES
-    device = torch.device(args.device) if args.device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = resolve_device(args.device or "auto")
     dtype = getattr(torch, args.dtype) if args.dtype else None
     try:
         files = list_images(args.images, recursive=args.recursive)

@@ -7,6 +7,7 @@ one process per device; only rank 0 writes the run folder and prints.
 from __future__ import annotations
 
 from .common import CLIError, add_threads_arg, nonnegative_int, positive_int, use_threads
+from .common import resolve_device  # noqa: F401 (metrics imports it from here)
 
 
 def add_data_args(p, *, n_default: int) -> None:
@@ -168,26 +169,6 @@ def stage_levels(args) -> dict:
         raise CLIError("no -SS stage is left (no attention and no alignment levels): use --model unet for the plain "
                        "U-Net")
     return {"attention_levels": attention, "align_levels": align}
-
-
-def resolve_device(name: str):
-    """--device as a torch.device that can run here (CLIError otherwise)."""
-    import torch
-
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except (RuntimeError, ValueError):
-        raise CLIError(f"--device must be auto, cpu, cuda or cuda:N, got {name!r}") from None
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise CLIError(f"--device {name}: no CUDA device is usable here (use --device cpu or auto)")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise CLIError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) here")
-    elif device.type != "cpu":
-        raise CLIError(f"--device must be auto, cpu, cuda or cuda:N, got {name!r}")
-    return device
 
 
 def register(sub) -> None:
