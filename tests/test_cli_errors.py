@@ -266,3 +266,52 @@ def test_device_is_checked_up_front(tmp_path, capsys):
         if not torch.cuda.is_available():
             _fails(capsys, argv + ["--device", "cuda"], f"ssattn {name}: --device cuda: no CUDA device")
         assert not started.exists(), name
+
+
+def _no_work(monkeypatch):
+    """Make the work each command does fail loudly, so a test sees that a check came before it."""
+    from ssattn.apps import scoring, training
+    from ssattn.apps.demo import experiment
+
+    def work(*a, **k):
+        raise AssertionError("the command started its work before checking its arguments")
+
+    monkeypatch.setattr(training, "train", work)
+    monkeypatch.setattr(experiment, "make_scenes", work)
+    monkeypatch.setattr(scoring.Scorer, "score", work)
+
+
+def test_output_folders_are_checked_before_any_work(tmp_path, capsys, monkeypatch):
+    # train --out FILE trained, then failed with "[Errno 17] File exists"; train --cache-dir FILE failed with
+    # "[Errno 20] Not a directory: FILE/<hash>"; metrics --out in an impossible place scored everything, then failed.
+    _no_work(monkeypatch)
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    for sub in ("input", "target"):
+        _images(tmp_path / "data" / sub, n=2)
+    train = ["train", "--data", "synthetic", "--steps", "1", *TRAIN]
+    _fails(capsys, train + ["--out", afile], "ssattn train: --out", "is a file")
+    _fails(capsys, train + ["--out", afile / "run"], "ssattn train: --out", "is a file")
+    _fails(capsys, ["train", "--data", tmp_path / "data", "--cache-dir", afile, "--out", tmp_path / "run",
+                    "--steps", "1", *TRAIN], "ssattn train: --cache-dir", "is a file")
+    assert not (tmp_path / "run").exists()
+    _fails(capsys, ["eval", "--checkpoint", afile, "--data", tmp_path / "data", "--cache-dir", afile / "c",
+                    "--device", "cpu"], "ssattn eval: --cache-dir", "is a file")
+    _fails(capsys, ["demo", "--quick", "--out", afile, "--device", "cpu"], "ssattn demo: --out", "is a file")
+    outs = _images(tmp_path / "m1", n=2)
+    _fails(capsys, ["metrics", outs, "--out", afile / "m", "--device", "cpu", "--no-progress"],
+           "ssattn metrics: --out", "is a file")
+    images = _images(tmp_path / "imgs", n=2)
+    _fails(capsys, ["route", images, "--out", afile / "r", "--device", "cpu"], "ssattn route: --out", "is a file")
+    _fails(capsys, _guide(images, afile / "c"), "ssattn guide: --out", "is a file")
+    _fails(capsys, _guide(images, tmp_path / "c", "--overlay", afile / "o"), "ssattn guide: --overlay", "is a file")
+
+
+def test_demo_levels_are_checked_before_any_work(tmp_path, capsys, monkeypatch):
+    # demo --levels dec9 failed after the segmenter and the first model had trained
+    _no_work(monkeypatch)
+    demo = ["demo", "--quick", "--out", tmp_path / "demo", "--device", "cpu", "--no-progress"]
+    _fails(capsys, demo + ["--levels", "dec9"], "ssattn demo: --levels: dec9 is not a decoder stage", "dec3,dec2,dec1")
+    _fails(capsys, demo + ["--levels", "none"], "ssattn demo: --levels")
+    _fails(capsys, demo + ["--levels", ","], "ssattn demo: --levels")
+    assert not (tmp_path / "demo").exists()

@@ -81,6 +81,31 @@ def resolve_device(name: str):
     return device
 
 
+def check_output_folder(flag: str, path) -> None:
+    """Refuse, before any work, an output folder that cannot be made: a file, a path inside a file, or a place
+    where no folder can be created (CLIError naming the flag). Leaves the file system as it found it."""
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        return
+    if os.path.exists(path):
+        raise CLIError(f"{flag} {path!r} is a file; it must name a folder (created if needed)")
+    missing, above = [], os.path.abspath(path)
+    while not os.path.exists(above):
+        missing.append(above)
+        above = os.path.dirname(above)
+    if not os.path.isdir(above):
+        raise CLIError(f"{flag} {path!r}: {above!r} is a file, not a folder")
+    try:  # the one sure test: make it (torchrun's ranks may race here, hence exist_ok), then take it away again
+        os.makedirs(path, exist_ok=True)
+    except OSError as exc:
+        raise CLIError(f"{flag} {path!r}: cannot create this folder ({exc.strerror or exc})") from None
+    for folder in missing:  # deepest first
+        try:
+            os.rmdir(folder)
+        except OSError:
+            pass
+
+
 # --------------------------------------------------------------------------- CPU threads
 THREADS_HELP = ("CPU threads (default: OMP_NUM_THREADS when set, which torchrun sets to 1 per process; else the "
                 "cores not busy with other work, from the load average, shared among this machine's processes)")

@@ -21,10 +21,12 @@ def run(args) -> int:
 
     from ssattn.apps.training import evaluate, load_model
 
-    from .common import CLIError, resolve_device
+    from .common import CLIError, check_output_folder, resolve_device
     from .train import load_data, load_text
 
     device = resolve_device(args.device)
+    if args.cache_dir is not None:
+        check_output_folder("--cache-dir", args.cache_dir)
     model, ckpt = load_model(args.checkpoint, device, unsafe=args.unsafe_checkpoint)
     # Synthetic evaluation uses the held-out split (right quarter of each photograph).
     data, desc = load_data(args, "test")

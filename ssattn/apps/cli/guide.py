@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-from .common import CLIError, one_line, positive_int, resolve_device
+from .common import CLIError, check_output_folder, one_line, positive_int, resolve_device
 
 
 def register(sub) -> None:
@@ -80,8 +80,8 @@ def run(args) -> int:
         return 2
     overlay = None if args.overlay is None else (args.overlay or os.path.join(args.out, "overlays"))
     for flag, path in (("--out", args.out), ("--overlay", overlay)):
-        if path is not None and os.path.exists(path) and not os.path.isdir(path):
-            raise CLIError(f"{flag} {path!r} is a file; it must name a folder (created if needed)")
+        if path is not None:
+            check_output_folder(flag, path)
     resolve_device(args.device or "auto")  # a clear error for a device that cannot run here, before any work
     rank, world, device = _distributed(args.device)
     dtype = getattr(torch, args.dtype) if args.dtype else None

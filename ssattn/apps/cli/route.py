@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 
-from .common import CLIError, one_line, positive_int, resolve_device
+from .common import check_output_folder, one_line, positive_int, resolve_device
 
 
 def register(sub) -> None:
@@ -165,8 +165,7 @@ def run(args) -> int:
 
     if not os.path.isdir(args.images):
         return fail(f"IMAGES_DIR {args.images!r} is not a folder")
-    if os.path.exists(args.out) and not os.path.isdir(args.out):
-        raise CLIError(f"--out {args.out!r} is a file; it must name a folder (created if needed)")
+    check_output_folder("--out", args.out)
     if (args.threshold is None) != (args.fallback is None):
         return fail("--threshold and --fallback go together")
     classes = tuple(c.strip() for c in args.classes.split(",") if c.strip()) if args.classes else PAPER_CLASSES

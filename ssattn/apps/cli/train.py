@@ -6,7 +6,7 @@ one process per device; only rank 0 writes the run folder and prints.
 
 from __future__ import annotations
 
-from .common import CLIError, add_threads_arg, nonnegative_int, positive_int, use_threads
+from .common import CLIError, add_threads_arg, check_output_folder, nonnegative_int, positive_int, use_threads
 from .common import resolve_device  # noqa: F401 (metrics imports it from here)
 
 
@@ -235,6 +235,9 @@ def run(args) -> int:
     levels = stage_levels(args)  # checked before any process group starts
     if not args.eta >= 0:
         raise CLIError(f"--eta must be >= 0, got {args.eta}")
+    check_output_folder("--out", args.out)
+    if args.cache_dir is not None:
+        check_output_folder("--cache-dir", args.cache_dir)
     ctx = setup(args.device, timeout_s=args.dist_timeout)
     threads = use_threads(args.threads, ctx.device)
     # Rank 0 speaks for the job; the other ranks only report their own failures.
