@@ -315,3 +315,46 @@ def test_demo_levels_are_checked_before_any_work(tmp_path, capsys, monkeypatch):
     _fails(capsys, demo + ["--levels", "none"], "ssattn demo: --levels")
     _fails(capsys, demo + ["--levels", ","], "ssattn demo: --levels")
     assert not (tmp_path / "demo").exists()
+
+
+# --------------------------------------------------------------------------- values accepted silently
+def test_negative_weights_are_refused_naming_the_flag(tmp_path, capsys, monkeypatch):
+    # train --align-weight -1 trained, with a loss of -1.35; --perceptual-weight -1 was taken as given
+    _no_work(monkeypatch)
+    train = ["train", "--data", "synthetic", "--out", tmp_path / "run", "--steps", "1", *TRAIN]
+    for flag in ("--align-weight", "--perceptual-weight", "--eta"):
+        err = _fails(capsys, train + [flag, "-1"], f"ssattn train: {flag} must be >= 0 and finite, got -1")
+        assert len(err.strip().splitlines()) == 1, err
+    _fails(capsys, train + ["--align-weight", "nan"], "--align-weight must be >= 0 and finite, got nan")
+    _fails(capsys, train + ["--perceptual-weight", "inf"], "--perceptual-weight must be >= 0 and finite, got inf")
+    _fails(capsys, train + ["--caption-loss", "-1", "--captioner", "x"], "--caption-loss must be a finite number >= 0")
+    # the learning rate names the flag, not torch's "Invalid learning rate: -1.0"
+    _fails(capsys, train + ["--lr", "-1"], "ssattn train: --lr must be > 0 and finite, got -1")
+    _fails(capsys, train + ["--lr", "0"], "--lr must be > 0")
+
+
+def test_empty_text_is_refused(tmp_path, capsys, monkeypatch):
+    # --text "" was read as the folder "." -> "captions '.' have no entry for 6 of 6 image(s)"
+    _no_work(monkeypatch)
+    for argv in (["train", "--data", "synthetic", "--out", tmp_path / "run", "--steps", "1", *TRAIN],
+                 ["eval", "--checkpoint", tmp_path / "run" / "checkpoint.pt", "--data", "synthetic", "--device", "cpu"]):
+        for empty in ("", "  "):
+            with pytest.raises(SystemExit) as exc:
+                main([str(a) for a in argv + ["--text", empty]])
+            assert exc.value.code == 2
+            assert "argument --text: empty" in capsys.readouterr().err
+
+
+def test_threads_above_the_cores_warn_once(tmp_path, capsys):
+    cores = os.cpu_count()
+    before = torch.get_num_threads()
+    try:
+        argv = ["train", "--data", "synthetic", "--out", tmp_path / "run", "--steps", "1", *TRAIN]
+        assert main([str(a) for a in argv + ["--threads", cores + 1]]) == 0
+        err = capsys.readouterr().err
+        warned = [ln for ln in err.splitlines() if "--threads" in ln]
+        assert len(warned) == 1 and f"--threads {cores + 1}" in warned[0] and f"{cores} core" in warned[0], err
+        assert main([str(a) for a in argv + ["--no-resume", "--threads", cores]]) == 0
+        assert "--threads" not in capsys.readouterr().err
+    finally:
+        torch.set_num_threads(before)

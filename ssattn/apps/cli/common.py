@@ -61,6 +61,13 @@ positive_int = _int_at_least(1)
 nonnegative_int = _int_at_least(0)
 
 
+def check_number(flag: str, value: float, *, positive: bool = False) -> None:
+    """A finite number >= 0 (> 0 with positive), or CLIError naming the flag: a negative weight turns its loss
+    term around, and nan or inf make every loss nan."""
+    if not (math.isfinite(value) and (value > 0 if positive else value >= 0)):
+        raise CLIError(f"{flag} must be {'> 0' if positive else '>= 0'} and finite, got {value:g}")
+
+
 def resolve_device(name: str):
     """--device as a torch.device that can run here (CLIError otherwise)."""
     import torch
@@ -127,12 +134,18 @@ def auto_threads(processes: int = 1) -> int:
     return max(1, min(cores, idle) // max(1, processes))
 
 
-def use_threads(requested, device) -> int:
-    """Set torch's CPU threads for a command (see THREADS_HELP) and return the count."""
+def use_threads(requested, device, who: str = "ssattn") -> int:
+    """Set torch's CPU threads for a command (see THREADS_HELP) and return the count; one warning line when
+    --threads asks for more than the machine's cores (who: the command, for the message)."""
     import torch
 
     if requested:
         threads = int(requested)
+        processes, cores = int(os.environ.get("LOCAL_WORLD_SIZE", "1")), os.cpu_count() or 1
+        if threads * processes > cores and is_main_rank():
+            each = f" in each of {processes} processes" if processes > 1 else ""
+            print(f"{who}: warning: --threads {threads}{each} is more than the {cores} core(s) here; threads that "
+                  f"outnumber the cores wait for each other and can run several times slower", file=sys.stderr)
     elif device.type != "cpu" or os.environ.get("OMP_NUM_THREADS"):
         threads = torch.get_num_threads()
     else:

@@ -142,7 +142,7 @@ def run(args) -> int:
     t_start, c_start = time.perf_counter(), time.process_time()
     s = _settings(args)
     device = resolve_device(args.device)
-    threads = use_threads(args.threads, device)
+    threads = use_threads(args.threads, device, "ssattn demo")
     amp = args.amp if args.amp != "auto" else ("bf16" if device.type == "cuda" else "none")
     if args.levels is not None:
         levels = tuple(parse_levels("--levels", args.levels))

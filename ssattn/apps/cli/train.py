@@ -6,7 +6,10 @@ one process per device; only rank 0 writes the run folder and prints.
 
 from __future__ import annotations
 
-from .common import CLIError, add_threads_arg, check_output_folder, nonnegative_int, positive_int, use_threads
+import argparse
+
+from .common import CLIError, add_threads_arg, check_number, check_output_folder, nonnegative_int, positive_int
+from .common import use_threads
 from .common import resolve_device  # noqa: F401 (metrics imports it from here)
 
 
@@ -47,9 +50,17 @@ def load_data(args, split: str):
 DEFAULT_TEXT_LEVELS = ("dec3", "dec2")
 
 
+def _captions(text: str) -> str:
+    """--text: anything but an empty value (read as a path, "" would be the current folder)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("empty; give a caption ('a fish over sand'), a file or folder of captions, "
+                                         "or 'vlm'")
+    return text
+
+
 def add_text_args(p, *, training: bool) -> None:
     g = p.add_argument_group("NaLSuper text guidance")
-    g.add_argument("--text", default=None, metavar="CAPTIONS",
+    g.add_argument("--text", type=_captions, default=None, metavar="CAPTIONS",
                    help="captions of the images: a folder of <name>.txt, a .json {name: caption}, a name<TAB>caption "
                         "table, a text file whose text is every image's caption, or the caption itself for every "
                         "image (--text 'a fish over sand'; a value with a '/' or ending in .txt, .json, .tsv or .csv "
@@ -115,18 +126,25 @@ def add_caption_args(p) -> None:
                         "--cache-dir/caption when --cache-dir is given")
 
 
-def load_caption_term(args):
-    """The CaptionTerm for --caption-loss / --captioner, or None (CLIError on bad arguments)."""
+def check_caption_args(args) -> None:
+    """CLIError for --caption-loss / --captioner / --caption-tokens that do not go together (before any work)."""
     import math
 
     if not args.caption_loss:
         if args.captioner or args.caption_tokens:
             raise CLIError("--captioner and --caption-tokens need --caption-loss WEIGHT (> 0)")
-        return None
+        return
     if not math.isfinite(args.caption_loss) or args.caption_loss < 0:
         raise CLIError(f"--caption-loss must be a finite number >= 0, got {args.caption_loss}")
     if not args.captioner:
         raise CLIError("--caption-loss needs --captioner ID_OR_DIR (a captioner folder, hub id or ClipCap checkpoint)")
+
+
+def load_caption_term(args):
+    """The CaptionTerm for --caption-loss / --captioner, or None (CLIError on bad arguments)."""
+    check_caption_args(args)
+    if not args.caption_loss:
+        return None
     from ssattn.apps.training.caption import caption_term
     from ssattn.guidance.hub import ModelNotAvailableError
 
@@ -233,13 +251,17 @@ def run(args) -> int:
 
     resolve_device(args.device)  # a clear error for a device that cannot run here
     levels = stage_levels(args)  # checked before any process group starts
-    if not args.eta >= 0:
-        raise CLIError(f"--eta must be >= 0, got {args.eta}")
+    for flag, value in (("--align-weight", args.align_weight), ("--perceptual-weight", args.perceptual_weight),
+                        ("--eta", args.eta)):
+        check_number(flag, value)
+    check_number("--lr", args.lr, positive=True)
+    check_number("--dist-timeout", args.dist_timeout, positive=True)
+    check_caption_args(args)
     check_output_folder("--out", args.out)
     if args.cache_dir is not None:
         check_output_folder("--cache-dir", args.cache_dir)
     ctx = setup(args.device, timeout_s=args.dist_timeout)
-    threads = use_threads(args.threads, ctx.device)
+    threads = use_threads(args.threads, ctx.device, "ssattn train")
     # Rank 0 speaks for the job; the other ranks only report their own failures.
     logging.basicConfig(level=logging.INFO if ctx.is_main else logging.WARNING, format="%(message)s")
     who = f"ssattn train (rank {ctx.rank} of {ctx.world_size})" if ctx.distributed else "ssattn train"
