@@ -358,3 +358,51 @@ def test_threads_above_the_cores_warn_once(tmp_path, capsys):
         assert "--threads" not in capsys.readouterr().err
     finally:
         torch.set_num_threads(before)
+
+
+# --------------------------------------------------------------------------- the user's names
+def _not_a_weights_file(path):
+    """A pickle torch.load(weights_only=True) refuses: torch's message then advises weights_only=False."""
+    import collections
+    import pickle
+
+    with open(path, "wb") as f:
+        pickle.dump(collections.Counter("ab"), f, protocol=2)  # torch.load warns about newer protocols
+    return path
+
+
+def test_messages_name_the_flag(tmp_path, capsys, monkeypatch):
+    # The library's names leaked out: "vgg_weights: no file", "text_stages: ... close matches: [...]",
+    # torch's "num_workers option should be non-negative", a paired-data hint "or pass layout=(deg, ref)".
+    train = ["train", "--data", "synthetic", "--out", tmp_path / "run", "--steps", "1", *TRAIN]
+    _no_work(monkeypatch)
+    _fails(capsys, train + ["--vgg-weights", tmp_path / "nosuch.pth"], "ssattn train: --vgg-weights", "nosuch.pth")
+    for text_levels in ("dec7", "dec3,dec3.5"):
+        err = _fails(capsys, train + ["--text", "a fish", "--text-levels", text_levels],
+                     "ssattn train: --text-levels:", "is not a stage of the U-Net", "dec3,dec2,dec1")
+        assert "[" not in err and "text_stages" not in err, err
+    _fails(capsys, train + ["--text", "a fish", "--text-levels", "dec2,dec2"], "--text-levels: dec2 is given twice")
+    (tmp_path / "flat" / "a").mkdir(parents=True)
+    err = _fails(capsys, ["train", "--data", tmp_path / "flat", "--out", tmp_path / "run", "--steps", "1", *TRAIN],
+                 "ssattn train: --data", "no known paired layout", "input/ + target/")
+    assert "layout=" not in err and "[" not in err, err
+    with pytest.raises(SystemExit):
+        main(_guide(_images(tmp_path / "imgs", n=1), tmp_path / "c", "--workers", "-1"))
+    assert "argument --workers: must be >= 0, got -1" in capsys.readouterr().err
+
+
+def test_a_file_of_the_wrong_kind_never_suggests_unsafe_loading(tmp_path, capsys):
+    # torch's own text, "Re-running torch.load with weights_only set to False will likely succeed", points the user
+    # at loading an untrusted file unsafely; the message says the file is not of the kind expected instead.
+    bad = _not_a_weights_file(tmp_path / "bad.pt")
+    err = _fails(capsys, ["eval", "--checkpoint", bad, "--data", "synthetic", "--device", "cpu"],
+                 "ssattn eval:", "is not a checkpoint written by ssattn train")
+    assert "weights_only" not in err and "Re-running" not in err, err
+    err = _fails(capsys, ["train", "--data", "synthetic", "--out", tmp_path / "run", "--steps", "1",
+                          "--vgg-weights", bad, *TRAIN], "ssattn train: --vgg-weights", "not a VGG-19")
+    assert "weights_only" not in err and "Re-running" not in err, err
+    pytest.importorskip("lpips")
+    images = _images(tmp_path / "imgs", n=1)
+    err = _fails(capsys, ["metrics", images, "--ref", images, "--lpips-weights", bad, "--out", tmp_path / "m",
+                          "--device", "cpu", "--no-progress"], "ssattn metrics:", "bad.pt")
+    assert "weights_only" not in err and "Re-running" not in err, err

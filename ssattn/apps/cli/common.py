@@ -18,9 +18,19 @@ class CLIError(Exception):
     """A bad argument or input: its message is all the user sees."""
 
 
+# How torch.load(weights_only=True) starts its message for an object it refuses; the rest advises loading with
+# weights_only=False, which runs any code in the file: the CLI never passes that on.
+_TORCH_REFUSAL = "Weights only load failed"
+
+
 def one_line(text: str) -> str:
-    """An error message as the one line the CLI prints (a library message may span several)."""
-    return " ".join(part.strip() for part in str(text).splitlines() if part.strip())
+    """An error message as the one line the CLI prints (a library message may span several), with torch's advice
+    to load a refused file unsafely replaced by what it means: not a file of the kind expected."""
+    text = str(text)
+    if _TORCH_REFUSAL in text:
+        text = text[:text.index(_TORCH_REFUSAL)] + ("it holds Python objects other than tensors and plain values, so "
+                                                    "it is not a file of the kind expected")
+    return " ".join(part.strip() for part in text.splitlines() if part.strip())
 
 
 def is_main_rank() -> bool:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-from .common import CLIError, check_output_folder, one_line, positive_int, resolve_device
+from .common import CLIError, check_output_folder, nonnegative_int, one_line, positive_int, resolve_device
 
 
 def register(sub) -> None:
@@ -35,7 +35,8 @@ def register(sub) -> None:
     p.add_argument("--gamma", type=float, default=2.0, help="sharpening exponent for overlays (2.0)")
     p.add_argument("--delta", type=float, default=0.2, help="sharpening threshold for overlays (0.2)")
     p.add_argument("--batch-size", type=positive_int, default=16, help="images per model call (16)")
-    p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="decoding processes")
+    p.add_argument("--workers", type=nonnegative_int, default=min(4, os.cpu_count() or 1),
+                   help="decoding processes (0: decode in the main process; default %(default)s)")
     p.add_argument("--device", default=None, help="auto, cpu, cuda or cuda:N (default auto: cuda when present)")
     p.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default=None,
                    help="model dtype (default float16 on cuda, float32 on cpu)")

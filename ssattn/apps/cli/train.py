@@ -41,9 +41,16 @@ def load_data(args, split: str):
     if not os.path.isdir(args.data):
         raise CLIError(f"--data: {args.data!r} is neither a folder nor 'synthetic'")
     try:
-        from ssattn.apps.data.paired import PairedGuidanceDataset
+        from ssattn.apps.data.paired import LAYOUTS, PairedGuidanceDataset, find_layout
     except ImportError as exc:
         raise CLIError(f"--data FOLDER needs ssattn.apps.data.paired ({exc}); use --data synthetic") from exc
+    try:
+        find_layout(args.data)
+    except FileNotFoundError:  # the library's message suggests its layout= argument, which the command lacks
+        found = sorted(p.name for p in os.scandir(args.data) if p.is_dir())
+        raise CLIError(f"--data {args.data!r} has no known paired layout (its subfolders: "
+                       f"{', '.join(found) or 'none'}); name its two folders as one of "
+                       f"{', '.join(f'{a}/ + {b}/' for a, b in LAYOUTS)}") from None
     return PairedGuidanceDataset(args.data, cache_dir=args.cache_dir, size=args.size), f"folder {args.data}"
 
 
@@ -156,6 +163,25 @@ def load_caption_term(args):
         raise CLIError(f"--captioner: {exc}") from None
 
 
+# The U-Net's stages a text stage may refine (its modules' names).
+TEXT_STAGES = ("enc1", "enc2", "enc3", "bottleneck", "dec3", "dec2", "dec1")
+
+
+def text_levels(args) -> list[str]:
+    """--text-levels as a list of U-Net stages (CLIError naming the flag otherwise)."""
+    if not args.text_levels:
+        return list(DEFAULT_TEXT_LEVELS)
+    levels = [v.strip() for v in args.text_levels.split(",") if v.strip()]
+    unknown = [v for v in levels if v not in TEXT_STAGES]
+    if unknown or not levels:
+        raise CLIError(f"--text-levels: {', '.join(unknown) or repr(args.text_levels)} is not a stage of the U-Net; "
+                       f"give some of dec3,dec2,dec1 (or {','.join(TEXT_STAGES[:4])}), comma-separated")
+    twice = sorted({v for v in levels if levels.count(v) > 1})
+    if twice:
+        raise CLIError(f"--text-levels: {', '.join(twice)} is given twice")
+    return levels
+
+
 def parse_levels(flag: str, text: str) -> list[str]:
     """A comma-separated list of U-Net decoder stages, or 'none' (CLIError naming the flag otherwise)."""
     from ssattn.models import DEFAULT_PAIRS
@@ -257,6 +283,12 @@ def run(args) -> int:
     check_number("--lr", args.lr, positive=True)
     check_number("--dist-timeout", args.dist_timeout, positive=True)
     check_caption_args(args)
+    if args.text is not None:
+        stages = text_levels(args)
+    elif args.text_encoder or args.text_levels or args.text_captioner:
+        raise CLIError("--text-encoder, --text-levels and --text-captioner need --text (the captions)")
+    if args.vgg_weights and not os.path.isfile(args.vgg_weights):
+        raise CLIError(f"--vgg-weights {args.vgg_weights!r}: no such file")
     check_output_folder("--out", args.out)
     if args.cache_dir is not None:
         check_output_folder("--cache-dir", args.cache_dir)
@@ -281,11 +313,7 @@ def run(args) -> int:
 
         encoder_id = args.text_encoder or DEFAULT_TEXT_ENCODER
         text = load_text(args, data, encoder_id, "cpu")
-        stages = ([v.strip() for v in args.text_levels.split(",") if v.strip()] if args.text_levels
-                  else list(DEFAULT_TEXT_LEVELS))
         spec["text"] = {"channels": text.channels, "stages": stages, "encoder": encoder_id}
-    elif args.text_encoder or args.text_levels or args.text_captioner:
-        raise CLIError("--text-encoder, --text-levels and --text-captioner need --text (the captions)")
     caption = load_caption_term(args)
     if caption is not None:  # part of the run's objective: resuming the run with another one is an error
         spec["caption_loss"] = {"weight": args.caption_loss, "captioner": args.captioner,
@@ -299,7 +327,7 @@ def run(args) -> int:
                       progress=not args.no_progress, desc=f"train {args.model}")
     if ctx.is_main:
         ranks = f", {ctx.world_size} processes (DDP)" if ctx.distributed else ""
-        guided = f", text stages {spec['text']['stages']}" if text is not None else ""
+        guided = f", text stages {','.join(spec['text']['stages'])}" if text is not None else ""
         if levels:
             guided = (f", attention at {','.join(levels['attention_levels']) or 'none'}, alignment at "
                       f"{','.join(levels['align_levels']) or 'none'}") + guided
@@ -314,9 +342,14 @@ def run(args) -> int:
             print(f"{who}: {exc}", file=sys.stderr)
         return 2
     except Exception as exc:  # e.g. the process group's timeout when another rank stopped answering
+        # a bad --vgg-weights file shows only when the loss is built; the library calls it vgg_weights
+        vgg = str(exc).startswith("vgg_weights ")
+        flag = CLIError("--vgg-weights " + str(exc)[len("vgg_weights "):]) if vgg else None
         if not ctx.distributed:
+            if flag is not None:
+                raise flag from None
             raise  # ssattn.apps.cli.main prints it
-        print(f"{who}: {type(exc).__name__}: {exc}", file=sys.stderr)
+        print(f"{who}: {flag or f'{type(exc).__name__}: {exc}'}", file=sys.stderr)
         return 2
     finally:
         teardown()
