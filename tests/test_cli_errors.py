@@ -406,3 +406,46 @@ def test_a_file_of_the_wrong_kind_never_suggests_unsafe_loading(tmp_path, capsys
     err = _fails(capsys, ["metrics", images, "--ref", images, "--lpips-weights", bad, "--out", tmp_path / "m",
                           "--device", "cpu", "--no-progress"], "ssattn metrics:", "bad.pt")
     assert "weights_only" not in err and "Re-running" not in err, err
+
+
+# --------------------------------------------------------------------------- smaller things
+def test_under_torchrun_only_rank_0_prints_the_error(tmp_path, capsys, monkeypatch):
+    # Every rank got the same bad arguments; two ranks printing at once ran their messages together on one line.
+    bad = [["train", "--data", "synthetic", "--out", tmp_path / "run", "--threads", "0"],  # argparse's error
+           ["train", "--data", "synthetic", "--out", tmp_path / "run", *TRAIN[:-2], "--device", "tpu9"]]  # the CLI's
+    for rank, speaks in (("1", False), ("0", True)):
+        monkeypatch.setenv("RANK", rank)
+        for argv in bad:
+            try:
+                rc = main([str(a) for a in argv])
+            except SystemExit as exc:
+                rc = exc.code
+            err = capsys.readouterr().err
+            assert rc == 2
+            assert len(err.strip().splitlines()) == (1 if speaks else 0), (rank, err)
+
+
+def test_progress_labels_and_skip_warnings_read_well(tmp_path, capsys, caplog):
+    images = _images(tmp_path / "imgs", n=3)
+    (images / "broken.png").write_bytes(b"not an image")
+    for argv, word in ((["guide", images, "--out", tmp_path / "c", "--workers", "0"], "guide"),
+                       (["route", images, "--out", tmp_path / "r", "--device", "cpu"], "route")):
+        caplog.clear()
+        assert main([str(a) for a in argv]) == 0
+        err = capsys.readouterr().err
+        # the progress lines (stderr is no terminal here) are labelled by the command, not by a cache hash
+        progress = [ln for ln in err.splitlines() if " img (" in ln]
+        assert progress and all(ln.startswith(f"{word}: ") for ln in progress), err
+        # one warning per unreadable file, with the reason, in words: not "skipping cannot read image ..."
+        warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+        assert warned == [f"cannot read image {str(images / 'broken.png')!r} (not an image file); skipped"], warned
+
+
+@pytest.mark.parametrize("command", ["demo", "guide", "route", "train"])
+def test_no_progress_has_help(command, capsys):
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    start = text.index("--no-progress", text.index("options:"))
+    assert not text[start:].startswith("--no-progress --"), text[start:start + 120]  # a help text follows the flag
+    assert "progress" in text[start + len("--no-progress"):start + 120]

@@ -47,14 +47,16 @@ def main(argv=None) -> int:
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
-        print(f"ssattn {args.command}: interrupted", file=sys.stderr)
+        if is_main_rank():
+            print(f"ssattn {args.command}: interrupted", file=sys.stderr)
         return 130
     except Exception as exc:
         if os.environ.get("SSATTN_DEBUG", "") not in ("", "0"):
             raise
         text = one_line(exc) if isinstance(exc, _USER_ERRORS) else f"{type(exc).__name__}: {one_line(exc)}"
         hint = "" if isinstance(exc, _USER_ERRORS) else " (SSATTN_DEBUG=1 shows the traceback)"
-        print(f"ssattn {args.command}: {text or type(exc).__name__}{hint}", file=sys.stderr)
+        if is_main_rank():  # under torchrun every rank has the same error: rank 0 says it, once
+            print(f"ssattn {args.command}: {text or type(exc).__name__}{hint}", file=sys.stderr)
         return 2
 
 

@@ -123,6 +123,11 @@ def check_output_folder(flag: str, path) -> None:
             pass
 
 
+def add_progress_arg(p) -> None:
+    p.add_argument("--no-progress", action="store_true",
+                   help="show no progress (a bar on a terminal; otherwise a line per tenth of the work)")
+
+
 # --------------------------------------------------------------------------- CPU threads
 THREADS_HELP = ("CPU threads (default: OMP_NUM_THREADS when set, which torchrun sets to 1 per process; else the "
                 "cores not busy with other work, from the load average, shared among this machine's processes)")

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import os
 
-from .common import CLIError, add_threads_arg, check_output_folder, resolve_device, use_threads
+from .common import CLIError, add_progress_arg, add_threads_arg, check_output_folder, resolve_device, use_threads
 
 DEFAULTS = {"steps": 180, "size": 48, "batch_size": 8, "n_train": 192, "n_test": 32, "width": 8, "seeds": 3,
             "seg_steps": 600}
@@ -68,7 +68,7 @@ def register(sub) -> None:
                    help="autocast (default: bf16 on CUDA, none on CPU)")
     add_threads_arg(p)
     p.add_argument("--quick", action="store_true", help="a seconds-long smoke run (tiny sizes; for tests)")
-    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    add_progress_arg(p)
     p.set_defaults(func=run)
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-from .common import CLIError, check_output_folder, nonnegative_int, one_line, positive_int, resolve_device
+from .common import CLIError, add_progress_arg, check_output_folder, nonnegative_int, one_line, positive_int, resolve_device
 
 
 def register(sub) -> None:
@@ -44,7 +44,7 @@ def register(sub) -> None:
     p.add_argument("--overlay", nargs="?", const="", default=None, metavar="DIR",
                    help="also write PNGs of the map over each image (default DIR: CACHE_DIR/overlays)")
     p.add_argument("--limit", type=positive_int, default=None, help="only the first N images (for a quick look)")
-    p.add_argument("--no-progress", action="store_true")
+    add_progress_arg(p)
     p.set_defaults(func=run)
 
 

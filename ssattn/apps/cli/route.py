@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 
-from .common import check_output_folder, one_line, positive_int, resolve_device
+from .common import add_progress_arg, check_output_folder, one_line, positive_int, resolve_device
 
 
 def register(sub) -> None:
@@ -47,7 +47,7 @@ def register(sub) -> None:
                    help="clip/vlm model dtype (default float16 on cuda, float32 on cpu)")
     p.add_argument("--recursive", action="store_true", help="also take images in subfolders")
     p.add_argument("--limit", type=positive_int, default=None, help="only the first N images")
-    p.add_argument("--no-progress", action="store_true")
+    add_progress_arg(p)
     p.set_defaults(func=run)
 
 
@@ -197,7 +197,7 @@ def run(args) -> int:
         labels, routes, conf = router.routes_for(scores[None])
         rows[path] = (labels[0], float(conf[0]), routes[0])
 
-    bar = progress_bar(len(files), disable=args.no_progress, unit="img", desc=f"route {cache.id}")
+    bar = progress_bar(len(files), disable=args.no_progress, unit="img", desc="route")
     try:
         for start in range(0, len(files), args.batch_size):
             chunk = files[start:start + args.batch_size]
@@ -212,7 +212,7 @@ def run(args) -> int:
                         continue
                     todo.append((path, sha, load_image(path)))
                 except (ImageLoadError, OSError) as exc:
-                    logging.getLogger("ssattn.routing").warning("skipping %s", exc)
+                    logging.getLogger("ssattn.routing").warning("%s; skipped", exc)
                     failed.append(str(path))
             if todo:
                 imgs = [im.to(device) for _, _, im in todo]

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 
-from .common import CLIError, add_threads_arg, check_number, check_output_folder, nonnegative_int, positive_int
+from .common import CLIError, add_progress_arg, add_threads_arg, check_number, check_output_folder, nonnegative_int, positive_int
 from .common import use_threads
 from .common import resolve_device  # noqa: F401 (metrics imports it from here)
 
@@ -82,8 +82,8 @@ def add_text_args(p, *, training: bool) -> None:
                         "are cached under --cache-dir")
     if training:
         g.add_argument("--text-levels", default=None,
-                       help=f"stages whose outputs the text refines, comma-separated (default "
-                            f"{','.join(DEFAULT_TEXT_LEVELS)})")
+                       help=f"U-Net stages whose outputs the text refines, comma-separated, from dec3,dec2,dec1 "
+                            f"(also enc1,enc2,enc3,bottleneck) (default {','.join(DEFAULT_TEXT_LEVELS)})")
 
 
 def load_text(args, data, encoder_id: str, device):
@@ -256,7 +256,7 @@ def register(sub) -> None:
     p.add_argument("--log-every", type=nonnegative_int, default=100,
                    help="log a line of metrics every N steps; 0: off (default %(default)s)")
     p.add_argument("--no-resume", action="store_true", help="start over even if RUN_DIR/checkpoint.pt exists")
-    p.add_argument("--no-progress", action="store_true")
+    add_progress_arg(p)
     add_threads_arg(p)
     add_text_args(p, training=True)
     add_caption_args(p)
@@ -349,7 +349,8 @@ def run(args) -> int:
             if flag is not None:
                 raise flag from None
             raise  # ssattn.apps.cli.main prints it
-        print(f"{who}: {flag or f'{type(exc).__name__}: {exc}'}", file=sys.stderr)
+        if flag is None or ctx.is_main:  # a bad --vgg-weights file is the same on every rank: rank 0 says it
+            print(f"{who}: {flag or f'{type(exc).__name__}: {exc}'}", file=sys.stderr)
         return 2
     finally:
         teardown()
