@@ -85,7 +85,9 @@ def test_experts_write_restored_images(folder, tmp_path, capsys):
 def test_errors_are_messages_and_exit_2(folder, tmp_path, capsys):
     cases = [
         (_args(tmp_path / "nope", tmp_path / "o"), "is not a folder"),
-        (_args(folder, tmp_path / "o", "--classes", "none,fog"), "unknown here"),
+        (_args(folder, tmp_path / "o", "--classes", "none,fog"), "ssattn route: --classes: fog is unknown here; give "
+                                                                 "some of noise_blur_jpeg,reflection,"),
+        (_args(folder, tmp_path / "o", "--classes", "none,none"), "--classes: none is given twice"),
         (_args(folder, tmp_path / "o", "--experts", "reflection"), "CLASS=CHECKPOINT"),
         (_args(folder, tmp_path / "o", "--experts", "reflection=missing.pt"), "is not a file"),
         (_args(folder, tmp_path / "o", "--threshold", "0.5"), "go together"),

@@ -33,8 +33,8 @@ def run(args) -> int:
     trained_text = ckpt["spec"].get("text")
     text = None
     if trained_text and args.text is None:
-        raise CLIError(f"this model was trained with text stages {trained_text['stages']}: pass --text with the "
-                       f"captions of the evaluation images")
+        raise CLIError(f"this model was trained with text stages {','.join(trained_text['stages'])}: pass --text "
+                       f"with the captions of the evaluation images")
     if args.text is not None:
         if not trained_text:
             raise CLIError("--text: this model has no text stages (it was trained without --text)")

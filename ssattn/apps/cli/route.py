@@ -155,7 +155,7 @@ def run(args) -> int:
     from ssattn.guidance import GuidanceCache, ModelNotAvailableError
     from ssattn.guidance.cache import atomic_write_bytes
     from ssattn.images import ImageLoadError, file_sha256, list_images, load_image
-    from ssattn.routing import PAPER_CLASSES, DegradationRouter, make_classifier
+    from ssattn.routing import ALL_CLASSES, PAPER_CLASSES, DegradationRouter, make_classifier
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
@@ -169,6 +169,13 @@ def run(args) -> int:
     if (args.threshold is None) != (args.fallback is None):
         return fail("--threshold and --fallback go together")
     classes = tuple(c.strip() for c in args.classes.split(",") if c.strip()) if args.classes else PAPER_CLASSES
+    unknown = [c for c in classes if c not in ALL_CLASSES]
+    if unknown or not classes:
+        return fail(f"--classes: {', '.join(unknown) or repr(args.classes)} is unknown here; give some of "
+                    f"{','.join(ALL_CLASSES)} (comma-separated)")
+    twice = sorted({c for c in classes if classes.count(c) > 1})
+    if twice:
+        return fail(f"--classes: {', '.join(twice)} is given twice")
     device = resolve_device(args.device or "auto")
     dtype = getattr(torch, args.dtype) if args.dtype else None
     try:

@@ -8,9 +8,8 @@ from __future__ import annotations
 
 import argparse
 
-from .common import CLIError, add_progress_arg, add_threads_arg, check_number, check_output_folder, nonnegative_int, positive_int
-from .common import use_threads
-from .common import resolve_device  # noqa: F401 (metrics imports it from here)
+from .common import (CLIError, add_progress_arg, add_threads_arg, check_number, check_output_folder, nonnegative_int,
+                     positive_int, resolve_device, use_threads)
 
 
 def add_data_args(p, *, n_default: int) -> None:
@@ -113,7 +112,8 @@ def vlm_captions(data, captioner_id, cache_dir) -> list[str]:
     captions = caption_images((data[i][0] for i in range(len(data))), captioner, cache_dir)
     empty = [i for i, c in enumerate(captions) if not c.strip()]
     if empty:
-        raise ValueError(f"the captioner gave an empty answer for item(s) {empty[:5]}; give the captions as a file")
+        shown = ", ".join(map(str, empty[:5])) + (" ..." if len(empty) > 5 else "")
+        raise ValueError(f"the captioner gave an empty answer for item(s) {shown}; give the captions as a file")
     return captions
 
 
