@@ -14,7 +14,7 @@ import importlib
 import os
 import sys
 
-from .common import CLIError, Parser, is_main_rank, one_line
+from .common import CLIError, Parser, is_main_rank, one_line, say_error
 
 COMMANDS = ("demo", "guide", "route", "train", "eval", "metrics", "info")
 
@@ -55,8 +55,7 @@ def main(argv=None) -> int:
             raise
         text = one_line(exc) if isinstance(exc, _USER_ERRORS) else f"{type(exc).__name__}: {one_line(exc)}"
         hint = "" if isinstance(exc, _USER_ERRORS) else " (SSATTN_DEBUG=1 shows the traceback)"
-        if is_main_rank():  # under torchrun every rank has the same error: rank 0 says it, once
-            print(f"ssattn {args.command}: {text or type(exc).__name__}{hint}", file=sys.stderr)
+        say_error(f"ssattn {args.command}: {text or type(exc).__name__}{hint}")  # under torchrun: rank 0, once
         return 2
 
 

@@ -39,6 +39,16 @@ def is_main_rank() -> bool:
     return os.environ.get("RANK", "0") in ("", "0")
 
 
+def say_error(line: str) -> None:
+    """Print a command's error line on stderr: once, by rank 0, under torchrun (see is_main_rank)."""
+    if is_main_rank():
+        print(line, file=sys.stderr)
+    else:  # torchrun stops the other ranks when one exits: give rank 0 the moment it needs to say it
+        import time
+
+        time.sleep(1.0)
+
+
 class Parser(argparse.ArgumentParser):
     """argparse with the CLI's error form: one line, `ssattn COMMAND: error: ... (see ssattn COMMAND --help)`, and
     exit 2, instead of the usage block (subcommand parsers inherit it)."""
@@ -47,8 +57,7 @@ class Parser(argparse.ArgumentParser):
         # argparse lists choices as Python strings: (choose from 'unet', 'unet-ss') -> (choose from unet, unet-ss)
         message = re.sub(r"\(choose from (.*)\)$", lambda m: f"(choose from {m.group(1).replace(chr(39), '')})",
                          one_line(message))
-        if is_main_rank():
-            print(f"{self.prog}: error: {message} (see {self.prog} --help)", file=sys.stderr)
+        say_error(f"{self.prog}: error: {message} (see {self.prog} --help)")
         sys.exit(2)
 
 
