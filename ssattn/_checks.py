@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import numbers
 import os
+import pickle
 from collections.abc import Sequence
 
 import torch
@@ -178,3 +179,13 @@ def is_shape_only(x: torch.Tensor) -> bool:
     from torch._subclasses.fake_tensor import is_fake
 
     return is_fake(x)
+
+
+def load_failure(exc: Exception) -> str:
+    """Why torch.load(weights_only=True) could not read a file, in a few words, for a message that names the
+    file and what it should be. Never torch's own text for a refused object: it advises loading with
+    weights_only=False, which runs any code in the file."""
+    if isinstance(exc, pickle.UnpicklingError):
+        return "it holds Python objects other than tensors and plain values"
+    text = str(exc).strip().splitlines()
+    return f"unreadable: {type(exc).__name__}{': ' + text[0] if text else ''}"

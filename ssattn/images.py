@@ -177,6 +177,17 @@ def _to_tensor(a: np.ndarray) -> torch.Tensor:
     return x.float().div_(255.0) if x.dtype == torch.uint8 else x
 
 
+def _why_unreadable(exc: Exception) -> str:
+    """The reason in words, without the path again (PIL's and the OS's messages repeat it)."""
+    from PIL import UnidentifiedImageError
+
+    if isinstance(exc, UnidentifiedImageError):
+        return "not an image file"
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror  # e.g. "No such file or directory"
+    return str(exc)
+
+
 def load_image(path) -> torch.Tensor:
     """Read an image file as an RGB float tensor (3, H, W) in [0, 1].
 
@@ -202,7 +213,7 @@ def load_image(path) -> torch.Tensor:
     except ImageLoadError:
         raise
     except (OSError, ValueError, SyntaxError, zlib.error, Image.DecompressionBombError) as exc:
-        raise ImageLoadError(f"cannot read image {path!r}: {exc}") from exc
+        raise ImageLoadError(f"cannot read image {path!r} ({_why_unreadable(exc)})") from exc
     return _to_tensor(arr)
 
 

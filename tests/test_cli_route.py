@@ -85,7 +85,9 @@ def test_experts_write_restored_images(folder, tmp_path, capsys):
 def test_errors_are_messages_and_exit_2(folder, tmp_path, capsys):
     cases = [
         (_args(tmp_path / "nope", tmp_path / "o"), "is not a folder"),
-        (_args(folder, tmp_path / "o", "--classes", "none,fog"), "unknown here"),
+        (_args(folder, tmp_path / "o", "--classes", "none,fog"), "ssattn route: --classes: fog is unknown here; give "
+                                                                 "some of noise_blur_jpeg,reflection,"),
+        (_args(folder, tmp_path / "o", "--classes", "none,none"), "--classes: none is given twice"),
         (_args(folder, tmp_path / "o", "--experts", "reflection"), "CLASS=CHECKPOINT"),
         (_args(folder, tmp_path / "o", "--experts", "reflection=missing.pt"), "is not a file"),
         (_args(folder, tmp_path / "o", "--threshold", "0.5"), "go together"),
@@ -145,3 +147,28 @@ def test_images_of_one_size_go_through_the_router_as_one_batch(tmp_path, capsys,
     assert "5 classified" in capsys.readouterr().out
     assert sorted(batches) == [(2, 3, 48, 80), (3, 3, 64, 64)]
     assert len(list((tmp_path / "out" / "restored").glob("*.png"))) == 5
+
+
+def test_restored_images_whose_names_differ_only_by_extension_are_both_kept(tmp_path, capsys):
+    # a.jpg and a.png would both be restored/a.png: each is named by its full file name instead (as guide's
+    # overlays are), while an image whose stem is unique keeps its stem.
+    from ssattn.apps.training import TrainConfig, build_model
+    from ssattn.apps.training.trainer import save_checkpoint
+
+    images = tmp_path / "dup"
+    (images / "sub").mkdir(parents=True)
+    rng = np.random.default_rng(1)
+    for name in ("a.jpg", "a.png", "b.png", "sub/a.png", "a.jpg.png"):
+        Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(images / name)
+    spec = {"arch": "unet", "width": 8}
+    model = build_model(spec)
+    ckpt = tmp_path / "expert.pt"
+    save_checkpoint(str(ckpt), model, torch.optim.SGD(model.parameters(), lr=0.1), 0, TrainConfig(), spec, {})
+    experts = ",".join(f"{c}={ckpt}" for c in ("noise_blur_jpeg", "reflection", "motion_blur", "none"))
+    out = tmp_path / "out"
+    assert main(_args(images, out, "--experts", experts, "--recursive")) == 0
+    capsys.readouterr()
+    restored = sorted(p.relative_to(out / "restored").as_posix() for p in (out / "restored").rglob("*.png"))
+    # a.jpg.png's own stem is a.jpg, which a.jpg's full name would take: it too gets its full name
+    assert restored == ["a.jpg.png", "a.jpg.png.png", "a.png.png", "b.png", "sub/a.png"]
+    assert len(_labels(out)) == 5

@@ -172,14 +172,14 @@ def precompute(images_dir, cache_dir, guide, *, batch_size: int = 16, workers: i
     # Entries are written by one background thread while the next batch runs on the model.
     writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ssattn-cache-writer")
     pending: list = []
-    bar = progress_bar(len(mine), disable=not progress or rank != 0, unit="img", desc=f"guide {cache.id}")
+    bar = progress_bar(len(mine), disable=not progress or rank != 0, unit="img", desc="guide")
     try:
         for batch in loader:
             items = batch["items"]
             todo = [it for it in items if "error" not in it and it.get("entry") is None]
             for it in items:
                 if "error" in it:
-                    log.warning("skipping %s", it["error"])
+                    log.warning("%s; skipped", it["error"])
                     stats.failed.append((it["path"], it["error"]))
                 elif it.get("entry") is not None:
                     stats.cached += 1

@@ -2,7 +2,9 @@
 
 Subcommand modules import heavy dependencies (transformers, scikit-image)
 inside their run functions, so `ssattn --help` stays fast. Errors never show
-a traceback: the message on stderr and exit code 2 (SSATTN_DEBUG=1 re-raises).
+a traceback: the message on stderr and exit code 2 (SSATTN_DEBUG=1 re-raises);
+a bad argument is one line too, `ssattn COMMAND: error: ... (see ssattn COMMAND
+--help)`, not argparse's usage block (common.Parser).
 """
 
 from __future__ import annotations
@@ -12,13 +14,13 @@ import importlib
 import os
 import sys
 
-from .common import CLIError, one_line
+from .common import CLIError, Parser, is_main_rank, one_line, say_error
 
 COMMANDS = ("demo", "guide", "route", "train", "eval", "metrics", "info")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ssattn", description="Semantic-sensitive underwater image enhancement kernels")
+    parser = Parser(prog="ssattn", description="Semantic-sensitive underwater image enhancement kernels")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in COMMANDS:
         try:
@@ -28,6 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
                 continue  # subcommand not shipped in this build
             raise
         module.register(sub)
+    parser.commands = sub.choices  # {name: the command's parser}
     return parser
 
 
@@ -37,18 +40,22 @@ _USER_ERRORS = (CLIError, ValueError, TypeError, OSError, ImportError)
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # said by the command's parser, whose --help lists what it takes (argparse leaves it to the top one)
+        parser.commands[args.command].error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
-        print(f"ssattn {args.command}: interrupted", file=sys.stderr)
+        if is_main_rank():
+            print(f"ssattn {args.command}: interrupted", file=sys.stderr)
         return 130
     except Exception as exc:
         if os.environ.get("SSATTN_DEBUG", "") not in ("", "0"):
             raise
         text = one_line(exc) if isinstance(exc, _USER_ERRORS) else f"{type(exc).__name__}: {one_line(exc)}"
         hint = "" if isinstance(exc, _USER_ERRORS) else " (SSATTN_DEBUG=1 shows the traceback)"
-        print(f"ssattn {args.command}: {text or type(exc).__name__}{hint}", file=sys.stderr)
+        say_error(f"ssattn {args.command}: {text or type(exc).__name__}{hint}")  # under torchrun: rank 0, once
         return 2
 
 

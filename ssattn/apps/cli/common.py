@@ -10,15 +10,55 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import re
+import sys
 
 
 class CLIError(Exception):
     """A bad argument or input: its message is all the user sees."""
 
 
+# How torch.load(weights_only=True) starts its message for an object it refuses; the rest advises loading with
+# weights_only=False, which runs any code in the file: the CLI never passes that on.
+_TORCH_REFUSAL = "Weights only load failed"
+
+
 def one_line(text: str) -> str:
-    """An error message as the one line the CLI prints (a library message may span several)."""
-    return " ".join(part.strip() for part in str(text).splitlines() if part.strip())
+    """An error message as the one line the CLI prints (a library message may span several), with torch's advice
+    to load a refused file unsafely replaced by what it means: not a file of the kind expected."""
+    text = str(text)
+    if _TORCH_REFUSAL in text:
+        text = text[:text.index(_TORCH_REFUSAL)] + ("it holds Python objects other than tensors and plain values, so "
+                                                    "it is not a file of the kind expected")
+    return " ".join(part.strip() for part in text.splitlines() if part.strip())
+
+
+def is_main_rank() -> bool:
+    """False in torchrun's ranks other than 0, which leave the job's message to rank 0 (every rank sees the same
+    arguments, and two ranks writing at once run their lines together)."""
+    return os.environ.get("RANK", "0") in ("", "0")
+
+
+def say_error(line: str) -> None:
+    """Print a command's error line on stderr: once, by rank 0, under torchrun (see is_main_rank)."""
+    if is_main_rank():
+        print(line, file=sys.stderr)
+    else:  # torchrun stops the other ranks when one exits: give rank 0 the moment it needs to say it
+        import time
+
+        time.sleep(1.0)
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with the CLI's error form: one line, `ssattn COMMAND: error: ... (see ssattn COMMAND --help)`, and
+    exit 2, instead of the usage block (subcommand parsers inherit it)."""
+
+    def error(self, message):
+        # argparse lists choices as Python strings: (choose from 'unet', 'unet-ss') -> (choose from unet, unet-ss)
+        message = re.sub(r"\(choose from (.*)\)$", lambda m: f"(choose from {m.group(1).replace(chr(39), '')})",
+                         one_line(message))
+        say_error(f"{self.prog}: error: {message} (see {self.prog} --help)")
+        sys.exit(2)
 
 
 def _int_at_least(minimum: int):
@@ -38,6 +78,63 @@ def _int_at_least(minimum: int):
 
 positive_int = _int_at_least(1)
 nonnegative_int = _int_at_least(0)
+
+
+def check_number(flag: str, value: float, *, positive: bool = False) -> None:
+    """A finite number >= 0 (> 0 with positive), or CLIError naming the flag: a negative weight turns its loss
+    term around, and nan or inf make every loss nan."""
+    if not (math.isfinite(value) and (value > 0 if positive else value >= 0)):
+        raise CLIError(f"{flag} must be {'> 0' if positive else '>= 0'} and finite, got {value:g}")
+
+
+def resolve_device(name: str):
+    """--device as a torch.device that can run here (CLIError otherwise)."""
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise CLIError(f"--device must be auto, cpu, cuda or cuda:N, got {name!r}") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise CLIError(f"--device {name}: no CUDA device is usable here (use --device cpu or auto)")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise CLIError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) here")
+    elif device.type != "cpu":
+        raise CLIError(f"--device must be auto, cpu, cuda or cuda:N, got {name!r}")
+    return device
+
+
+def check_output_folder(flag: str, path) -> None:
+    """Refuse, before any work, an output folder that cannot be made: a file, a path inside a file, or a place
+    where no folder can be created (CLIError naming the flag). Leaves the file system as it found it."""
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        return
+    if os.path.exists(path):
+        raise CLIError(f"{flag} {path!r} is a file; it must name a folder (created if needed)")
+    missing, above = [], os.path.abspath(path)
+    while not os.path.exists(above):
+        missing.append(above)
+        above = os.path.dirname(above)
+    if not os.path.isdir(above):
+        raise CLIError(f"{flag} {path!r}: {above!r} is a file, not a folder")
+    try:  # the one sure test: make it (torchrun's ranks may race here, hence exist_ok), then take it away again
+        os.makedirs(path, exist_ok=True)
+    except OSError as exc:
+        raise CLIError(f"{flag} {path!r}: cannot create this folder ({exc.strerror or exc})") from None
+    for folder in missing:  # deepest first
+        try:
+            os.rmdir(folder)
+        except OSError:
+            pass
+
+
+def add_progress_arg(p) -> None:
+    p.add_argument("--no-progress", action="store_true",
+                   help="show no progress (a bar on a terminal; otherwise a line per tenth of the work)")
 
 
 # --------------------------------------------------------------------------- CPU threads
@@ -61,12 +158,18 @@ def auto_threads(processes: int = 1) -> int:
     return max(1, min(cores, idle) // max(1, processes))
 
 
-def use_threads(requested, device) -> int:
-    """Set torch's CPU threads for a command (see THREADS_HELP) and return the count."""
+def use_threads(requested, device, who: str = "ssattn") -> int:
+    """Set torch's CPU threads for a command (see THREADS_HELP) and return the count; one warning line when
+    --threads asks for more than the machine's cores (who: the command, for the message)."""
     import torch
 
     if requested:
         threads = int(requested)
+        processes, cores = int(os.environ.get("LOCAL_WORLD_SIZE", "1")), os.cpu_count() or 1
+        if threads * processes > cores and is_main_rank():
+            each = f" in each of {processes} processes" if processes > 1 else ""
+            print(f"{who}: warning: --threads {threads}{each} is more than the {cores} core(s) here; threads that "
+                  f"outnumber the cores wait for each other and can run several times slower", file=sys.stderr)
     elif device.type != "cpu" or os.environ.get("OMP_NUM_THREADS"):
         threads = torch.get_num_threads()
     else:

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import os
 
-from .common import CLIError, add_threads_arg, use_threads
+from .common import CLIError, add_progress_arg, add_threads_arg, check_output_folder, resolve_device, use_threads
 
 DEFAULTS = {"steps": 180, "size": 48, "batch_size": 8, "n_train": 192, "n_test": 32, "width": 8, "seeds": 3,
             "seg_steps": 600}
@@ -69,7 +69,7 @@ def register(sub) -> None:
                    help="autocast (default: bf16 on CUDA, none on CPU)")
     add_threads_arg(p)
     p.add_argument("--quick", action="store_true", help="a seconds-long smoke run (tiny sizes; for tests)")
-    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    add_progress_arg(p)
     p.set_defaults(func=run)
 
 
@@ -139,17 +139,21 @@ def run(args) -> int:
     from ssattn.guidance.embedded import DEFAULT_METHOD
     from ssattn.guidance.saliency import saliency_guidance
 
+    from .train import parse_levels
+
     t_start, c_start = time.perf_counter(), time.process_time()
     s = _settings(args)
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if args.device == "auto" else args.device))
-    threads = use_threads(args.threads, device)
+    device = resolve_device(args.device)
+    threads = use_threads(args.threads, device, "ssattn demo")
     amp = args.amp if args.amp != "auto" else ("bf16" if device.type == "cuda" else "none")
-    if args.levels:
-        levels = tuple(v.strip() for v in args.levels.split(",") if v.strip())
+    if args.levels is not None:
+        levels = tuple(parse_levels("--levels", args.levels))
+        if not levels:
+            raise CLIError("--levels: the demo's -SS needs at least one of dec3,dec2,dec1")
     else:
         levels = ("dec3", "dec2", "dec1") if device.type == "cuda" else ("dec3", "dec2")
     ss_options = _ss_options(args)
+    check_output_folder("--out", args.out)
     os.makedirs(args.out, exist_ok=True)
     # Fallback notices are summarised once below instead of repeated per call.
     warnings.filterwarnings("ignore", message=r"ssattn\..*falling back", category=RuntimeWarning)

@@ -21,18 +21,20 @@ def run(args) -> int:
 
     from ssattn.apps.training import evaluate, load_model
 
-    from .common import CLIError
-    from .train import load_data, load_text, resolve_device
+    from .common import CLIError, check_output_folder, resolve_device
+    from .train import load_data, load_text
 
     device = resolve_device(args.device)
+    if args.cache_dir is not None:
+        check_output_folder("--cache-dir", args.cache_dir)
     model, ckpt = load_model(args.checkpoint, device, unsafe=args.unsafe_checkpoint)
     # Synthetic evaluation uses the held-out split (right quarter of each photograph).
     data, desc = load_data(args, "test")
     trained_text = ckpt["spec"].get("text")
     text = None
     if trained_text and args.text is None:
-        raise CLIError(f"this model was trained with text stages {trained_text['stages']}: pass --text with the "
-                       f"captions of the evaluation images")
+        raise CLIError(f"this model was trained with text stages {','.join(trained_text['stages'])}: pass --text "
+                       f"with the captions of the evaluation images")
     if args.text is not None:
         if not trained_text:
             raise CLIError("--text: this model has no text stages (it was trained without --text)")

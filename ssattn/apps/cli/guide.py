@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import os
 
-from .common import CLIError, one_line, positive_int
+from .common import CLIError, add_progress_arg, check_output_folder, nonnegative_int, one_line, positive_int
+from .common import resolve_device
 
 
 def register(sub) -> None:
@@ -35,15 +36,16 @@ def register(sub) -> None:
     p.add_argument("--gamma", type=float, default=2.0, help="sharpening exponent for overlays (2.0)")
     p.add_argument("--delta", type=float, default=0.2, help="sharpening threshold for overlays (0.2)")
     p.add_argument("--batch-size", type=positive_int, default=16, help="images per model call (16)")
-    p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="decoding processes")
-    p.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda when present)")
+    p.add_argument("--workers", type=nonnegative_int, default=min(4, os.cpu_count() or 1),
+                   help="decoding processes (0: decode in the main process; default %(default)s)")
+    p.add_argument("--device", default=None, help="auto, cpu, cuda or cuda:N (default auto: cuda when present)")
     p.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default=None,
                    help="model dtype (default float16 on cuda, float32 on cpu)")
     p.add_argument("--recursive", action="store_true", help="also take images in subfolders")
     p.add_argument("--overlay", nargs="?", const="", default=None, metavar="DIR",
                    help="also write PNGs of the map over each image (default DIR: CACHE_DIR/overlays)")
     p.add_argument("--limit", type=positive_int, default=None, help="only the first N images (for a quick look)")
-    p.add_argument("--no-progress", action="store_true")
+    add_progress_arg(p)
     p.set_defaults(func=run)
 
 
@@ -80,8 +82,9 @@ def run(args) -> int:
         return 2
     overlay = None if args.overlay is None else (args.overlay or os.path.join(args.out, "overlays"))
     for flag, path in (("--out", args.out), ("--overlay", overlay)):
-        if path is not None and os.path.exists(path) and not os.path.isdir(path):
-            raise CLIError(f"{flag} {path!r} is a file; it must name a folder (created if needed)")
+        if path is not None:
+            check_output_folder(flag, path)
+    resolve_device(args.device or "auto")  # a clear error for a device that cannot run here, before any work
     rank, world, device = _distributed(args.device)
     dtype = getattr(torch, args.dtype) if args.dtype else None
     try:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 
-from .common import CLIError, positive_int
+from .common import CLIError, check_output_folder, positive_int
 
 UIQM_CONVENTIONS = ("paper", "funiegan")    # ssattn.metrics.underwater's, kept here so that --help imports no torch
 UCIQE_CONVENTIONS = ("paper", "authors")
@@ -108,8 +108,7 @@ def run(args) -> int:
         raise CLIError("--segmenter needs --masks (the label maps) and --classes K")
     if args.classes is not None and args.segmenter is None:
         raise CLIError("--classes is the segmenter's number of classes: give --segmenter too")
-    if os.path.isfile(args.out):
-        raise CLIError(f"--out {args.out!r} is a file, not a folder")
+    check_output_folder("--out", args.out)  # before any scoring
     device = resolve_device(args.device)
 
     problems = []

@@ -1,7 +1,8 @@
 """`ssattn route IMAGES_DIR --out DIR`: classify each image's degradation and, with experts, restore it.
 
 Writes DIR/labels.csv (file, class, confidence, route) and, with --experts,
-DIR/restored/<file>.png. Results are cached in DIR/cache (the guidance
+DIR/restored/<name>.png (<name>.<ext>.png for images whose names differ only by
+extension: restored_names). Results are cached in DIR/cache (the guidance
 cache's format: keyed by image content and every classifier/expert
 setting, written atomically, checked on read), so a rerun skips the images
 already done; unreadable images are reported and skipped.
@@ -11,7 +12,7 @@ from __future__ import annotations
 
 import os
 
-from .common import CLIError, one_line, positive_int
+from .common import add_progress_arg, check_output_folder, one_line, positive_int, resolve_device
 
 
 def register(sub) -> None:
@@ -21,7 +22,8 @@ def register(sub) -> None:
             "Classify the degradation of every image in IMAGES_DIR (noise_blur_jpeg, reflection, motion_blur, none; "
             "--classes for others) and write DIR/labels.csv. With --experts CLASS=CHECKPOINT,... each image of a "
             "class goes through that `ssattn train` checkpoint and is written to DIR/restored; other classes pass "
-            "through unchanged. Reruns skip finished images."),
+            "through unchanged (restored images are named <name>.png, or by the full file name, a.jpg.png and "
+            "a.png.png, when two images differ only by extension). Reruns skip finished images."),
     )
     p.add_argument("images", metavar="IMAGES_DIR", help="folder of images")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder (created if needed)")
@@ -40,12 +42,12 @@ def register(sub) -> None:
     p.add_argument("--fallback", default=None, metavar="CLASS",
                    help="class whose expert (or passthrough) takes the uncertain images")
     p.add_argument("--batch-size", type=positive_int, default=16)
-    p.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda when present)")
+    p.add_argument("--device", default=None, help="auto, cpu, cuda or cuda:N (default auto: cuda when present)")
     p.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default=None,
                    help="clip/vlm model dtype (default float16 on cuda, float32 on cpu)")
     p.add_argument("--recursive", action="store_true", help="also take images in subfolders")
     p.add_argument("--limit", type=positive_int, default=None, help="only the first N images")
-    p.add_argument("--no-progress", action="store_true")
+    add_progress_arg(p)
     p.set_defaults(func=run)
 
 
@@ -110,6 +112,25 @@ def _same_size_groups(images) -> list[list[int]]:
     return list(groups.values())
 
 
+def restored_names(rels) -> dict:
+    """Where each image (a path relative to IMAGES_DIR) is restored to, relative to DIR/restored: its stem + .png,
+    or, where that would collide with another image's (a.jpg and a.png), its full file name + .png (a.jpg.png,
+    a.png.png), as `guide --overlay` names overlays."""
+    from ssattn.guidance.precompute import overlay_path
+
+    names = {rel: rel.with_suffix(".png") for rel in rels}
+    while True:  # a full name can in turn meet another image's stem name (a.jpg.png); repeat until none collide
+        owners: dict = {}
+        for rel, name in names.items():
+            owners.setdefault(name, []).append(rel)
+        clashing = [rel for group in owners.values() if len(group) > 1 for rel in group
+                    if names[rel] != overlay_path("", rel)]
+        if not clashing:
+            return names
+        for rel in clashing:
+            names[rel] = overlay_path("", rel)
+
+
 def _write_png(path, image) -> None:
     import numpy as np
     from PIL import Image
@@ -134,7 +155,7 @@ def run(args) -> int:
     from ssattn.guidance import GuidanceCache, ModelNotAvailableError
     from ssattn.guidance.cache import atomic_write_bytes
     from ssattn.images import ImageLoadError, file_sha256, list_images, load_image
-    from ssattn.routing import PAPER_CLASSES, DegradationRouter, make_classifier
+    from ssattn.routing import ALL_CLASSES, PAPER_CLASSES, DegradationRouter, make_classifier
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
@@ -144,18 +165,26 @@ def run(args) -> int:
 
     if not os.path.isdir(args.images):
         return fail(f"IMAGES_DIR {args.images!r} is not a folder")
-    if os.path.exists(args.out) and not os.path.isdir(args.out):
-        raise CLIError(f"--out {args.out!r} is a file; it must name a folder (created if needed)")
+    check_output_folder("--out", args.out)
     if (args.threshold is None) != (args.fallback is None):
         return fail("--threshold and --fallback go together")
     classes = tuple(c.strip() for c in args.classes.split(",") if c.strip()) if args.classes else PAPER_CLASSES
-    device = torch.device(args.device) if args.device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    unknown = [c for c in classes if c not in ALL_CLASSES]
+    if unknown or not classes:
+        return fail(f"--classes: {', '.join(unknown) or repr(args.classes)} is unknown here; give some of "
+                    f"{','.join(ALL_CLASSES)} (comma-separated)")
+    twice = sorted({c for c in classes if classes.count(c) > 1})
+    if twice:
+        return fail(f"--classes: {', '.join(twice)} is given twice")
+    device = resolve_device(args.device or "auto")
     dtype = getattr(torch, args.dtype) if args.dtype else None
     try:
         files = list_images(args.images, recursive=args.recursive)
         if not files:
             raise FileNotFoundError(f"no images in {args.images!r}"
                                     f"{'' if args.recursive else ' (pass --recursive to look in subfolders)'}")
+        # named over the whole folder, so that --limit and reruns give each image the same name
+        restored = restored_names([path.relative_to(args.images) for path in files])
         files = files[: args.limit] if args.limit else files
         classifier = make_classifier(args.classifier, classes, model=args.model, device=device, dtype=dtype)
         expert_paths = _parse_experts(args.experts)
@@ -175,7 +204,7 @@ def run(args) -> int:
         labels, routes, conf = router.routes_for(scores[None])
         rows[path] = (labels[0], float(conf[0]), routes[0])
 
-    bar = progress_bar(len(files), disable=args.no_progress, unit="img", desc=f"route {cache.id}")
+    bar = progress_bar(len(files), disable=args.no_progress, unit="img", desc="route")
     try:
         for start in range(0, len(files), args.batch_size):
             chunk = files[start:start + args.batch_size]
@@ -190,7 +219,7 @@ def run(args) -> int:
                         continue
                     todo.append((path, sha, load_image(path)))
                 except (ImageLoadError, OSError) as exc:
-                    logging.getLogger("ssattn.routing").warning("skipping %s", exc)
+                    logging.getLogger("ssattn.routing").warning("%s; skipped", exc)
                     failed.append(str(path))
             if todo:
                 imgs = [im.to(device) for _, _, im in todo]
@@ -203,7 +232,7 @@ def run(args) -> int:
                             res = router(torch.stack([imgs[j] for j in idx]), scores=scores[idx].to(device))
                             for k, j in enumerate(idx):
                                 if res.routes[k] in experts or res.routes[k] == "fallback":
-                                    rel = todo[j][0].relative_to(root).with_suffix(".png")
+                                    rel = restored[todo[j][0].relative_to(root)]
                                     _write_png(out / "restored" / rel, res.images[k])
                 # The entry is written after the restored image, so a cached entry means the image is done.
                 for (path, sha, img), s in zip(todo, scores):

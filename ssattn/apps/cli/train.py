@@ -6,7 +6,10 @@ one process per device; only rank 0 writes the run folder and prints.
 
 from __future__ import annotations
 
-from .common import CLIError, add_threads_arg, nonnegative_int, positive_int, use_threads
+import argparse
+
+from .common import (CLIError, add_progress_arg, add_threads_arg, check_number, check_output_folder, nonnegative_int,
+                     positive_int, resolve_device, use_threads)
 
 
 def add_data_args(p, *, n_default: int) -> None:
@@ -37,18 +40,33 @@ def load_data(args, split: str):
     if not os.path.isdir(args.data):
         raise CLIError(f"--data: {args.data!r} is neither a folder nor 'synthetic'")
     try:
-        from ssattn.apps.data.paired import PairedGuidanceDataset
+        from ssattn.apps.data.paired import LAYOUTS, PairedGuidanceDataset, find_layout
     except ImportError as exc:
         raise CLIError(f"--data FOLDER needs ssattn.apps.data.paired ({exc}); use --data synthetic") from exc
+    try:
+        find_layout(args.data)
+    except FileNotFoundError:  # the library's message suggests its layout= argument, which the command lacks
+        found = sorted(p.name for p in os.scandir(args.data) if p.is_dir())
+        raise CLIError(f"--data {args.data!r} has no known paired layout (its subfolders: "
+                       f"{', '.join(found) or 'none'}); name its two folders as one of "
+                       f"{', '.join(f'{a}/ + {b}/' for a, b in LAYOUTS)}") from None
     return PairedGuidanceDataset(args.data, cache_dir=args.cache_dir, size=args.size), f"folder {args.data}"
 
 
 DEFAULT_TEXT_LEVELS = ("dec3", "dec2")
 
 
+def _captions(text: str) -> str:
+    """--text: anything but an empty value (read as a path, "" would be the current folder)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("empty; give a caption ('a fish over sand'), a file or folder of captions, "
+                                         "or 'vlm'")
+    return text
+
+
 def add_text_args(p, *, training: bool) -> None:
     g = p.add_argument_group("NaLSuper text guidance")
-    g.add_argument("--text", default=None, metavar="CAPTIONS",
+    g.add_argument("--text", type=_captions, default=None, metavar="CAPTIONS",
                    help="captions of the images: a folder of <name>.txt, a .json {name: caption}, a name<TAB>caption "
                         "table, a text file whose text is every image's caption, or the caption itself for every "
                         "image (--text 'a fish over sand'; a value with a '/' or ending in .txt, .json, .tsv or .csv "
@@ -63,8 +81,8 @@ def add_text_args(p, *, training: bool) -> None:
                         "are cached under --cache-dir")
     if training:
         g.add_argument("--text-levels", default=None,
-                       help=f"stages whose outputs the text refines, comma-separated (default "
-                            f"{','.join(DEFAULT_TEXT_LEVELS)})")
+                       help=f"U-Net stages whose outputs the text refines, comma-separated, from dec3,dec2,dec1 "
+                            f"(also enc1,enc2,enc3,bottleneck) (default {','.join(DEFAULT_TEXT_LEVELS)})")
 
 
 def load_text(args, data, encoder_id: str, device):
@@ -94,7 +112,8 @@ def vlm_captions(data, captioner_id, cache_dir) -> list[str]:
     captions = caption_images((data[i][0] for i in range(len(data))), captioner, cache_dir)
     empty = [i for i, c in enumerate(captions) if not c.strip()]
     if empty:
-        raise ValueError(f"the captioner gave an empty answer for item(s) {empty[:5]}; give the captions as a file")
+        shown = ", ".join(map(str, empty[:5])) + (" ..." if len(empty) > 5 else "")
+        raise ValueError(f"the captioner gave an empty answer for item(s) {shown}; give the captions as a file")
     return captions
 
 
@@ -114,18 +133,25 @@ def add_caption_args(p) -> None:
                         "--cache-dir/caption when --cache-dir is given")
 
 
-def load_caption_term(args):
-    """The CaptionTerm for --caption-loss / --captioner, or None (CLIError on bad arguments)."""
+def check_caption_args(args) -> None:
+    """CLIError for --caption-loss / --captioner / --caption-tokens that do not go together (before any work)."""
     import math
 
     if not args.caption_loss:
         if args.captioner or args.caption_tokens:
             raise CLIError("--captioner and --caption-tokens need --caption-loss WEIGHT (> 0)")
-        return None
+        return
     if not math.isfinite(args.caption_loss) or args.caption_loss < 0:
         raise CLIError(f"--caption-loss must be a finite number >= 0, got {args.caption_loss}")
     if not args.captioner:
         raise CLIError("--caption-loss needs --captioner ID_OR_DIR (a captioner folder, hub id or ClipCap checkpoint)")
+
+
+def load_caption_term(args):
+    """The CaptionTerm for --caption-loss / --captioner, or None (CLIError on bad arguments)."""
+    check_caption_args(args)
+    if not args.caption_loss:
+        return None
     from ssattn.apps.training.caption import caption_term
     from ssattn.guidance.hub import ModelNotAvailableError
 
@@ -135,6 +161,25 @@ def load_caption_term(args):
                             cache_dir=cache, caption_length=args.caption_tokens)
     except (ModelNotAvailableError, ValueError) as exc:
         raise CLIError(f"--captioner: {exc}") from None
+
+
+# The U-Net's stages a text stage may refine (its modules' names).
+TEXT_STAGES = ("enc1", "enc2", "enc3", "bottleneck", "dec3", "dec2", "dec1")
+
+
+def text_levels(args) -> list[str]:
+    """--text-levels as a list of U-Net stages (CLIError naming the flag otherwise)."""
+    if not args.text_levels:
+        return list(DEFAULT_TEXT_LEVELS)
+    levels = [v.strip() for v in args.text_levels.split(",") if v.strip()]
+    unknown = [v for v in levels if v not in TEXT_STAGES]
+    if unknown or not levels:
+        raise CLIError(f"--text-levels: {', '.join(unknown) or repr(args.text_levels)} is not a stage of the U-Net; "
+                       f"give some of dec3,dec2,dec1 (or {','.join(TEXT_STAGES[:4])}), comma-separated")
+    twice = sorted({v for v in levels if levels.count(v) > 1})
+    if twice:
+        raise CLIError(f"--text-levels: {', '.join(twice)} is given twice")
+    return levels
 
 
 def parse_levels(flag: str, text: str) -> list[str]:
@@ -168,26 +213,6 @@ def stage_levels(args) -> dict:
         raise CLIError("no -SS stage is left (no attention and no alignment levels): use --model unet for the plain "
                        "U-Net")
     return {"attention_levels": attention, "align_levels": align}
-
-
-def resolve_device(name: str):
-    """--device as a torch.device that can run here (CLIError otherwise)."""
-    import torch
-
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except (RuntimeError, ValueError):
-        raise CLIError(f"--device must be auto, cpu, cuda or cuda:N, got {name!r}") from None
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise CLIError(f"--device {name}: no CUDA device is usable here (use --device cpu or auto)")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise CLIError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) here")
-    elif device.type != "cpu":
-        raise CLIError(f"--device must be auto, cpu, cuda or cuda:N, got {name!r}")
-    return device
 
 
 def register(sub) -> None:
@@ -231,7 +256,7 @@ def register(sub) -> None:
     p.add_argument("--log-every", type=nonnegative_int, default=100,
                    help="log a line of metrics every N steps; 0: off (default %(default)s)")
     p.add_argument("--no-resume", action="store_true", help="start over even if RUN_DIR/checkpoint.pt exists")
-    p.add_argument("--no-progress", action="store_true")
+    add_progress_arg(p)
     add_threads_arg(p)
     add_text_args(p, training=True)
     add_caption_args(p)
@@ -252,10 +277,23 @@ def run(args) -> int:
 
     resolve_device(args.device)  # a clear error for a device that cannot run here
     levels = stage_levels(args)  # checked before any process group starts
-    if not args.eta >= 0:
-        raise CLIError(f"--eta must be >= 0, got {args.eta}")
+    for flag, value in (("--align-weight", args.align_weight), ("--perceptual-weight", args.perceptual_weight),
+                        ("--eta", args.eta)):
+        check_number(flag, value)
+    check_number("--lr", args.lr, positive=True)
+    check_number("--dist-timeout", args.dist_timeout, positive=True)
+    check_caption_args(args)
+    if args.text is not None:
+        stages = text_levels(args)
+    elif args.text_encoder or args.text_levels or args.text_captioner:
+        raise CLIError("--text-encoder, --text-levels and --text-captioner need --text (the captions)")
+    if args.vgg_weights and not os.path.isfile(args.vgg_weights):
+        raise CLIError(f"--vgg-weights {args.vgg_weights!r}: no such file")
+    check_output_folder("--out", args.out)
+    if args.cache_dir is not None:
+        check_output_folder("--cache-dir", args.cache_dir)
     ctx = setup(args.device, timeout_s=args.dist_timeout)
-    threads = use_threads(args.threads, ctx.device)
+    threads = use_threads(args.threads, ctx.device, "ssattn train")
     # Rank 0 speaks for the job; the other ranks only report their own failures.
     logging.basicConfig(level=logging.INFO if ctx.is_main else logging.WARNING, format="%(message)s")
     who = f"ssattn train (rank {ctx.rank} of {ctx.world_size})" if ctx.distributed else "ssattn train"
@@ -275,11 +313,7 @@ def run(args) -> int:
 
         encoder_id = args.text_encoder or DEFAULT_TEXT_ENCODER
         text = load_text(args, data, encoder_id, "cpu")
-        stages = ([v.strip() for v in args.text_levels.split(",") if v.strip()] if args.text_levels
-                  else list(DEFAULT_TEXT_LEVELS))
         spec["text"] = {"channels": text.channels, "stages": stages, "encoder": encoder_id}
-    elif args.text_encoder or args.text_levels or args.text_captioner:
-        raise CLIError("--text-encoder, --text-levels and --text-captioner need --text (the captions)")
     caption = load_caption_term(args)
     if caption is not None:  # part of the run's objective: resuming the run with another one is an error
         spec["caption_loss"] = {"weight": args.caption_loss, "captioner": args.captioner,
@@ -293,7 +327,7 @@ def run(args) -> int:
                       progress=not args.no_progress, desc=f"train {args.model}")
     if ctx.is_main:
         ranks = f", {ctx.world_size} processes (DDP)" if ctx.distributed else ""
-        guided = f", text stages {spec['text']['stages']}" if text is not None else ""
+        guided = f", text stages {','.join(spec['text']['stages'])}" if text is not None else ""
         if levels:
             guided = (f", attention at {','.join(levels['attention_levels']) or 'none'}, alignment at "
                       f"{','.join(levels['align_levels']) or 'none'}") + guided
@@ -308,9 +342,15 @@ def run(args) -> int:
             print(f"{who}: {exc}", file=sys.stderr)
         return 2
     except Exception as exc:  # e.g. the process group's timeout when another rank stopped answering
+        # a bad --vgg-weights file shows only when the loss is built; the library calls it vgg_weights
+        vgg = str(exc).startswith("vgg_weights ")
+        flag = CLIError("--vgg-weights " + str(exc)[len("vgg_weights "):]) if vgg else None
         if not ctx.distributed:
+            if flag is not None:
+                raise flag from None
             raise  # ssattn.apps.cli.main prints it
-        print(f"{who}: {type(exc).__name__}: {exc}", file=sys.stderr)
+        if flag is None or ctx.is_main:  # a bad --vgg-weights file is the same on every rank: rank 0 says it
+            print(f"{who}: {flag or f'{type(exc).__name__}: {exc}'}", file=sys.stderr)
         return 2
     finally:
         teardown()

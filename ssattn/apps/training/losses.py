@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ssattn._checks import load_failure
+
 log = logging.getLogger("ssattn.apps.training")
 
 VGG19_CFG = (64, 64, "M", 128, 128, "M", 256, 256, 256, 256, "M", 512, 512, 512, 512, "M", 512, 512, 512, 512, "M")
@@ -47,14 +49,21 @@ class VGGPerceptualLoss(nn.Module):
             raise FileNotFoundError(f"vgg_weights: no file at {weights_path!r}")
         self.layers = tuple(sorted(int(i) for i in layers))
         self.features = vgg19_features(self.layers[-1] + 1)
-        state = torch.load(weights_path, map_location="cpu", weights_only=True)
+        try:
+            state = torch.load(weights_path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # a foreign or broken file (torch's text would advise an unsafe load)
+            raise ValueError(f"vgg_weights {weights_path!r} is not a VGG-19 state dict ({load_failure(exc)})") from None
         if isinstance(state, dict) and "state_dict" in state:
             state = state["state_dict"]
+        if not isinstance(state, dict):
+            raise ValueError(f"vgg_weights {weights_path!r} is not a VGG-19 state dict (it holds a "
+                             f"{type(state).__name__})")
         state = {k[len("features."):] if k.startswith("features.") else k: v for k, v in state.items()}
         state = {k: v for k, v in state.items() if k.split(".")[0].isdigit() and int(k.split(".")[0]) < len(self.features)}
         missing, _ = self.features.load_state_dict(state, strict=False)
         if missing:
-            raise ValueError(f"vgg_weights {weights_path!r} lacks VGG-19 feature weights: {missing[:4]}...")
+            raise ValueError(f"vgg_weights {weights_path!r} lacks VGG-19 feature weights ({', '.join(missing[:4])}"
+                             f"{', ...' if len(missing) > 4 else ''}): it is not a VGG-19 state dict")
         self.features.requires_grad_(False).eval()
         self.layer_weights = [1.0] * len(self.layers) if layer_weights is None else [float(w) for w in layer_weights]
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)

@@ -48,6 +48,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from ssattn._checks import load_failure
 from ssattn._progress import progress_bar
 from ssattn.apps import distributed
 from ssattn.apps.data.sampler import ResumableDistributedSampler
@@ -381,9 +382,7 @@ def load_checkpoint(path: str, map_location="cpu", *, unsafe: bool = False) -> d
                 "so it was not loaded. If you trust the file, load it with unsafe=True (CLI: --unsafe-checkpoint), "
                 "which runs any code inside it"
             ) from None
-        text = str(exc).strip().splitlines()
-        raise ValueError(f"{path!r} is not a checkpoint written by ssattn train "
-                         f"(unreadable: {type(exc).__name__}{': ' + text[0] if text else ''})") from None
+        raise ValueError(f"{path!r} is not a checkpoint written by ssattn train ({load_failure(exc)})") from None
     if not isinstance(ckpt, dict) or not {"model", "step"} <= set(ckpt):
         raise ValueError(f"{path!r} is not a checkpoint written by ssattn train (no model state and step)")
     return ckpt
