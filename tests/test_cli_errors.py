@@ -449,3 +449,17 @@ def test_no_progress_has_help(command, capsys):
     start = text.index("--no-progress", text.index("options:"))
     assert not text[start:].startswith("--no-progress --"), text[start:start + 120]  # a help text follows the flag
     assert "progress" in text[start + len("--no-progress"):start + 120]
+
+
+def test_under_torchrun_an_error_of_one_rank_is_printed_by_that_rank(capsys, monkeypatch):
+    # Arguments are the same on every rank (rank 0 speaks for all); a failure at run time can be one rank's alone
+    # (its shard of the data, its device), so that rank says it, on a line of its own that names the rank.
+    import ssattn.apps.cli.info as info
+
+    def boom(args):
+        raise OSError("cannot read shard 3")
+
+    monkeypatch.setattr(info, "run", boom)
+    monkeypatch.setenv("RANK", "1")
+    assert main(["info"]) == 2
+    assert capsys.readouterr().err == "ssattn info [rank 1]: cannot read shard 3\n"

@@ -55,7 +55,12 @@ def main(argv=None) -> int:
             raise
         text = one_line(exc) if isinstance(exc, _USER_ERRORS) else f"{type(exc).__name__}: {one_line(exc)}"
         hint = "" if isinstance(exc, _USER_ERRORS) else " (SSATTN_DEBUG=1 shows the traceback)"
-        say_error(f"ssattn {args.command}: {text or type(exc).__name__}{hint}")  # under torchrun: rank 0, once
+        if isinstance(exc, CLIError):  # a bad argument: the same on every rank, so rank 0 says it, once
+            say_error(f"ssattn {args.command}: {text or type(exc).__name__}{hint}")
+        else:  # a failure at run time can be one rank's alone: that rank says it, naming itself, in one write
+            rank = "" if is_main_rank() else f" [rank {os.environ['RANK']}]"
+            sys.stderr.write(f"ssattn {args.command}{rank}: {text or type(exc).__name__}{hint}\n")
+            sys.stderr.flush()
         return 2
 
 
