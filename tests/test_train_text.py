@@ -60,7 +60,7 @@ def test_train_and_eval_cli_with_text(tmp_path, clip_dir, capsys):
                    "--text", str(captions), "--text-encoder", clip_dir, "--text-levels", "dec3,dec2",
                    "--cache-dir", str(tmp_path / "cache")])
     assert rc == 0, capsys.readouterr().err
-    assert "text stages ['dec3', 'dec2']" in capsys.readouterr().out
+    assert "text stages dec3,dec2" in capsys.readouterr().out
     model, ckpt = load_model(os.path.join(run_dir, "checkpoint.pt"))
     assert model.text_stages == ["dec3", "dec2"] and ckpt["spec"]["text"]["encoder"] == clip_dir
     assert os.path.isdir(tmp_path / "cache" / "text")  # the word features were cached

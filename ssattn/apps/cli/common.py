@@ -80,6 +80,19 @@ positive_int = _int_at_least(1)
 nonnegative_int = _int_at_least(0)
 
 
+def name_list(flag: str, text: str, known, unknown_is: str, expected: str) -> list[str]:
+    """A comma-separated list of names from `known`, each once, in the order given (CLIError naming the flag
+    otherwise: "--levels: dec9 {unknown_is}; {expected}", e.g. "is not a decoder stage", "give some of ...")."""
+    names = [v.strip() for v in text.split(",") if v.strip()]
+    unknown = [v for v in names if v not in known]
+    if unknown or not names:
+        raise CLIError(f"{flag}: {', '.join(unknown) or repr(text)} {unknown_is}; {expected}")
+    twice = sorted({v for v in names if names.count(v) > 1})
+    if twice:
+        raise CLIError(f"{flag}: {', '.join(twice)} is given twice")
+    return names
+
+
 def check_number(flag: str, value: float, *, positive: bool = False) -> None:
     """A finite number >= 0 (> 0 with positive), or CLIError naming the flag: a negative weight turns its loss
     term around, and nan or inf make every loss nan."""

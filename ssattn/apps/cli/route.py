@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 
-from .common import add_progress_arg, check_output_folder, one_line, positive_int, resolve_device
+from .common import add_progress_arg, check_output_folder, name_list, one_line, positive_int, resolve_device
 
 
 def register(sub) -> None:
@@ -168,14 +168,9 @@ def run(args) -> int:
     check_output_folder("--out", args.out)
     if (args.threshold is None) != (args.fallback is None):
         return fail("--threshold and --fallback go together")
-    classes = tuple(c.strip() for c in args.classes.split(",") if c.strip()) if args.classes else PAPER_CLASSES
-    unknown = [c for c in classes if c not in ALL_CLASSES]
-    if unknown or not classes:
-        return fail(f"--classes: {', '.join(unknown) or repr(args.classes)} is unknown here; give some of "
-                    f"{','.join(ALL_CLASSES)} (comma-separated)")
-    twice = sorted({c for c in classes if classes.count(c) > 1})
-    if twice:
-        return fail(f"--classes: {', '.join(twice)} is given twice")
+    classes = PAPER_CLASSES if not args.classes else tuple(
+        name_list("--classes", args.classes, ALL_CLASSES, "is unknown here",
+                  f"give some of {','.join(ALL_CLASSES)} (comma-separated)"))
     device = resolve_device(args.device or "auto")
     dtype = getattr(torch, args.dtype) if args.dtype else None
     try:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 
 from .common import (CLIError, add_progress_arg, add_threads_arg, check_number, check_output_folder, nonnegative_int,
-                     positive_int, resolve_device, use_threads)
+                     name_list, positive_int, resolve_device, use_threads)
 
 
 def add_data_args(p, *, n_default: int) -> None:
@@ -171,15 +171,8 @@ def text_levels(args) -> list[str]:
     """--text-levels as a list of U-Net stages (CLIError naming the flag otherwise)."""
     if not args.text_levels:
         return list(DEFAULT_TEXT_LEVELS)
-    levels = [v.strip() for v in args.text_levels.split(",") if v.strip()]
-    unknown = [v for v in levels if v not in TEXT_STAGES]
-    if unknown or not levels:
-        raise CLIError(f"--text-levels: {', '.join(unknown) or repr(args.text_levels)} is not a stage of the U-Net; "
-                       f"give some of dec3,dec2,dec1 (or {','.join(TEXT_STAGES[:4])}), comma-separated")
-    twice = sorted({v for v in levels if levels.count(v) > 1})
-    if twice:
-        raise CLIError(f"--text-levels: {', '.join(twice)} is given twice")
-    return levels
+    return name_list("--text-levels", args.text_levels, TEXT_STAGES, "is not a stage of the U-Net",
+                     f"give some of dec3,dec2,dec1 (or {','.join(TEXT_STAGES[:4])}), comma-separated")
 
 
 def parse_levels(flag: str, text: str) -> list[str]:
@@ -188,11 +181,8 @@ def parse_levels(flag: str, text: str) -> list[str]:
 
     if text.strip().lower() == "none":
         return []
-    levels = [v.strip() for v in text.split(",") if v.strip()]
-    unknown = [v for v in levels if v not in DEFAULT_PAIRS]
-    if unknown or not levels:
-        raise CLIError(f"{flag}: {', '.join(unknown) or repr(text)} is not a decoder stage; give some of "
-                       f"{','.join(DEFAULT_PAIRS)} (comma-separated), or 'none'")
+    levels = name_list(flag, text, DEFAULT_PAIRS, "is not a decoder stage",
+                       f"give some of {','.join(DEFAULT_PAIRS)} (comma-separated), or 'none'")
     return [d for d in DEFAULT_PAIRS if d in levels]
 
 
