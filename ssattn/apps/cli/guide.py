@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import os
 
-from .common import CLIError, add_progress_arg, check_output_folder, nonnegative_int, one_line, positive_int
-from .common import resolve_device
+from .common import (CLIError, add_progress_arg, check_output_folder, nonnegative_int, one_line, positive_int,
+                     resolve_device)
 
 
 def register(sub) -> None:
