@@ -172,3 +172,17 @@ def test_restored_images_whose_names_differ_only_by_extension_are_both_kept(tmp_
     # a.jpg.png's own stem is a.jpg, which a.jpg's full name would take: it too gets its full name
     assert restored == ["a.jpg.png", "a.jpg.png.png", "a.png.png", "b.png", "sub/a.png"]
     assert len(_labels(out)) == 5
+
+
+def test_the_embedded_classifier_says_how_far_to_trust_it(folder, tmp_path, capsys):
+    # Its labels are right on about 83-87% of unseen photographs: the command says so, and how to do better,
+    # unless a threshold already keeps the uncertain images out.
+    from ssattn.routing import EmbeddedClassifier
+
+    assert main(_args(folder, tmp_path / "a")) == 0
+    out = capsys.readouterr().out
+    accuracy = EmbeddedClassifier().held_out_accuracy
+    assert 0.5 < accuracy < 1
+    assert f"right on {accuracy:.0%} of photographs it never saw" in out and "--threshold 0.7" in out
+    assert main(_args(folder, tmp_path / "b", "--threshold", "0.7", "--fallback", "none")) == 0
+    assert "photographs it never saw" not in capsys.readouterr().out

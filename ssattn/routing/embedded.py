@@ -81,6 +81,8 @@ class EmbeddedClassifier(nn.Module):
         self.register_buffer("w3", arrays["w3"].index_select(-1, cols).contiguous())
         self.register_buffer("b3", arrays["b3"].index_select(-1, cols).contiguous())
         self.temperature = float(fit["temperature"] if temperature is None else temperature)
+        # Measured when fitted: the accuracy of networks on photographs they never saw (leave-photos-out).
+        self.held_out_accuracy = float(fit["leave_photos_out_accuracy"])
         self.settings = {"classifier": "embedded", "classes": list(self.classes), "fit": fit["name"],
                          "fit_classes": list(fit["classes"]), "weights": fit["sha256"][:16],
                          "temperature": self.temperature, "max_side": MAX_SIDE}

@@ -250,4 +250,10 @@ def run(args) -> int:
         print("ssattn route: skipped unreadable files: " + ", ".join(failed), file=sys.stderr)
     print(f"ssattn route: {computed} classified, {cached} already cached, {len(failed)} unreadable; "
           f"labels {out / 'labels.csv'}")
+    accuracy = getattr(classifier, "held_out_accuracy", None)
+    if accuracy is not None and args.threshold is None:
+        # The embedded classifier's labels are statistics, not a view of the scene: say how far to trust them.
+        print(f"ssattn route: the embedded classifier was right on {accuracy:.0%} of photographs it never saw when "
+              f"fitted (docs/routing.md); --threshold 0.7 --fallback none leaves its uncertain images as they "
+              f"are, and --classifier clip or vlm look at the scene")
     return 0
