@@ -90,9 +90,13 @@ def line_kernel(length: float, angle: float, oversample: int = 8) -> Tensor:
     radius = int(math.ceil(length / 2)) + 1
     size = 2 * radius + 1
     t = torch.linspace(-length / 2, length / 2, max(2, int(length * oversample)))
-    xs, ys = t * math.cos(angle) + radius, -t * math.sin(angle) + radius
+    return splat(t * math.cos(angle) + radius, -t * math.sin(angle) + radius, size)
+
+
+def splat(xs: Tensor, ys: Tensor, size: int) -> Tensor:
+    """A normalised (size, size) kernel from points (xs, ys) on its pixel grid, each splatted bilinearly onto its
+    four neighbours: a sub-pixel path (a line, a camera shake) without stair steps."""
     k = torch.zeros(size, size)
-    # Bilinear splat of the sample points: a sub-pixel line without stair steps.
     x0, y0 = xs.floor(), ys.floor()
     for dx in (0, 1):
         for dy in (0, 1):

@@ -45,7 +45,7 @@ from torch import Tensor
 
 from ssattn.routing.classes import PAPER_CLASSES
 
-from .degradations import apply as apply_fixed
+from .degradations import apply as apply_fixed, splat
 
 # Photographs of skimage.data that load without a download (stereo_motorcycle: its left view). Not "clock":
 # scikit-image's docstring says it is a motion-blurred photograph (the camera moved), so it is no clean content.
@@ -383,14 +383,7 @@ def motion_kernel(rng: np.random.Generator, length: float, angle: float, style: 
         t = torch.linspace(-length / 2, length / 2, max(2, int(length * 8)))
         pts = torch.stack([t * math.cos(angle), -t * math.sin(angle)])
     x, y = pts[0] + radius, pts[1] + radius
-    x, y = x.clamp(0, size - 1.001), y.clamp(0, size - 1.001)
-    k = torch.zeros(size, size)
-    x0, y0 = x.floor(), y.floor()
-    for dx in (0, 1):
-        for dy in (0, 1):
-            wgt = (1 - (x - x0 - dx).abs()) * (1 - (y - y0 - dy).abs())
-            k.index_put_(((y0 + dy).long(), (x0 + dx).long()), wgt, accumulate=True)
-    return k / k.sum()
+    return splat(x.clamp(0, size - 1.001), y.clamp(0, size - 1.001), size)
 
 
 def noise_blur_jpeg(rng: np.random.Generator, x: Tensor, r: Ranges) -> tuple[Tensor, dict]:
