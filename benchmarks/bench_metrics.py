@@ -25,6 +25,8 @@ from ssattn import metrics
 
 
 def best_rate(fn, n_images, repeats=3) -> float:
+    """Images per second of fn() (which processes n_images), from the best of `repeats` timed calls after a warm-up
+    (bench_routing uses it too)."""
     fn()  # warm-up
     best = float("inf")
     for _ in range(repeats):

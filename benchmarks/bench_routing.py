@@ -22,7 +22,6 @@ import platform
 import subprocess
 import sys
 import tempfile
-import time
 
 import torch
 
@@ -30,6 +29,7 @@ from ssattn.apps.data import routing_data as rd
 from ssattn.routing import PAPER_CLASSES, EmbeddedClassifier
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+from bench_metrics import best_rate  # noqa: E402
 from plain_degradations import plain_set  # noqa: E402
 
 THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.9)
@@ -137,16 +137,6 @@ def baseline_classifier(ref: str):
         (pkg / pathlib.Path(path).name).write_text(src)
     sys.path.insert(0, str(pkg.parent))
     return importlib.import_module("baseline_routing.embedded").EmbeddedClassifier()
-
-
-def best_rate(fn, n_images, repeats=3) -> float:
-    fn()
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return n_images / best
 
 
 def speed(classifiers: dict) -> list[str]:
