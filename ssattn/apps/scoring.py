@@ -474,18 +474,14 @@ def counts_table(summary: dict) -> str:
     return "\n".join(lines)
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def write_reports(out, rows: list[dict], columns: list[str], summary: dict) -> list[str]:
     """metrics.csv (a row per method and image, full precision, empty where a metric does not apply),
     summary.json and summary.md into `out`; returns the file names."""
     import csv
     import io
     import json
+
+    from ssattn.guidance.cache import atomic_write_bytes
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -494,9 +490,10 @@ def write_reports(out, rows: list[dict], columns: list[str], summary: dict) -> l
     writer.writerow(["method", "image", *columns])
     for r in rows:
         writer.writerow([r["method"], r["image"], *("" if r.get(c) is None else repr(float(r[c])) for c in columns)])
-    _write_atomic(out / "metrics.csv", buf.getvalue())
-    _write_atomic(out / "summary.json", json.dumps(summary, indent=2, allow_nan=False) + "\n")
-    _write_atomic(out / "summary.md", summary_markdown(summary) + "\n" + conventions_line(summary) + "\n")
+    atomic_write_bytes(out / "metrics.csv", buf.getvalue().encode())
+    atomic_write_bytes(out / "summary.json", (json.dumps(summary, indent=2, allow_nan=False) + "\n").encode())
+    atomic_write_bytes(out / "summary.md",
+                       (summary_markdown(summary) + "\n" + conventions_line(summary) + "\n").encode())
     return ["metrics.csv", "summary.json", "summary.md"]
 
 
