@@ -233,6 +233,12 @@ def test_segmenter_adds_per_class_iou(folders, capsys, tmp_path, kind):
     assert "mIoU (pooled)" in stdout
 
 
+def _save_scripted(module, path) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.jit's deprecation notice
+        torch.jit.script(module).save(str(path))
+
+
 class _ColourSegmenter(torch.nn.Module):
     """Three classes by dominant colour, at half resolution (the command resizes the logits)."""
 
@@ -245,9 +251,7 @@ def test_multiclass_segmenter_with_low_resolution_logits(folders, capsys, tmp_pa
     for s in "abc":
         _save(folders / "labels" / f"{s}.png", rng.integers(0, 3, (H, W)))   # label maps 0, 1, 2 (mode L)
     path = tmp_path / "colour.pt"
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.jit.script(_ColourSegmenter()).save(str(path))
+    _save_scripted(_ColourSegmenter(), path)
     out = folders / "out"
     rc, _, stderr = _run(capsys, folders / "m1", "--masks", folders / "labels", "--segmenter", path, "--classes", 3,
                          "--out", out)
@@ -275,9 +279,7 @@ class _RedLogit(torch.nn.Module):
 
 def test_a_single_logit_channel_is_binary(folders, capsys, tmp_path):
     path = tmp_path / "red.pt"
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.jit.script(_RedLogit()).save(str(path))
+    _save_scripted(_RedLogit(), path)
     out = folders / "out"
     rc, _, stderr = _run(capsys, folders / "m1", "--masks", folders / "masks", "--segmenter", path, "--classes", 2,
                          "--out", out)
