@@ -45,9 +45,12 @@ def torchrun(*args, timeout=400):
 
 
 def ssattn_command() -> str:
-    """The installed `ssattn` script (next to this Python when it runs in a venv that is not activated)."""
+    """The installed `ssattn` script: next to this Python (a venv that is not activated), else on PATH."""
     beside = os.path.join(os.path.dirname(sys.executable), "ssattn")
-    return beside if os.path.isfile(beside) else (ssattn_command())
+    found = beside if os.path.isfile(beside) else shutil.which("ssattn")
+    if found is None:
+        pytest.fail(f"the ssattn command is neither beside {sys.executable} nor on PATH: install the package")
+    return found
 
 
 def check(proc):
@@ -210,3 +213,18 @@ def test_a_bad_sample_on_one_rank_ends_the_job_naming_the_rank(tmp_path):
     assert f"{bad}.png" in proc.stderr
     assert "rank 0 of 2 failed" not in proc.stderr
     assert not os.path.exists(tmp_path / "run" / "checkpoint.pt")
+
+
+def test_ssattn_command_found_on_path_when_not_beside_python(tmp_path, monkeypatch):
+    # A Python whose scripts go elsewhere (pip install --user, a system Python): the script is found on PATH.
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    script = bin_dir / "ssattn"
+    script.write_text("#!/bin/sh\n")
+    script.chmod(0o755)
+    monkeypatch.setattr(sys, "executable", str(tmp_path / "python"))
+    monkeypatch.setenv("PATH", str(bin_dir))
+    assert ssattn_command() == str(script)
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    with pytest.raises(pytest.fail.Exception, match="ssattn command"):
+        ssattn_command()
