@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 
-from .common import CLIError, check_output_folder, positive_int
+from .common import CLIError, check_output_folder, positive_int, resolve_device
 
 UIQM_CONVENTIONS = ("paper", "funiegan")    # ssattn.metrics.underwater's, kept here so that --help imports no torch
 UCIQE_CONVENTIONS = ("paper", "authors")
@@ -95,8 +95,6 @@ def run(args) -> int:
 
     from ssattn._progress import progress_bar
     from ssattn.apps import scoring
-
-    from .train import resolve_device
 
     for path in args.outputs:
         _folder("OUTPUTS", path)

@@ -12,10 +12,12 @@ project's U-Net (no residual, one logit per class).
 from __future__ import annotations
 
 import copy
+import io
 import math
 import os
 import warnings
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -160,7 +162,9 @@ class _AnySize(nn.Module):
 def save_torchscript(net: nn.Module, path) -> None:
     """Save a trained segmenter (the project's U-Net) as TorchScript for `ssattn metrics --segmenter`: images
     (B, 3, H, W) in [0, 1] of any size -> class logits (B, K, H, W). Loading it needs torch alone, not ssattn
-    (torch.jit.load). Written on the CPU, to a temporary file renamed into place."""
+    (torch.jit.load). Written on the CPU, atomically (guidance.cache.atomic_write_bytes)."""
+    from ssattn.guidance.cache import atomic_write_bytes
+
     net = copy.deepcopy(net).cpu().float().eval().requires_grad_(False)
     with warnings.catch_warnings():
         # torch.jit's deprecation notice, and the tracer's about the U-Net's shape checks (they hold for the
@@ -168,12 +172,6 @@ def save_torchscript(net: nn.Module, path) -> None:
         warnings.simplefilter("ignore")
         traced = torch.jit.trace(net, torch.zeros(1, 3, 32, 32))
         scripted = torch.jit.script(_AnySize(traced))
-    path = os.fspath(path)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        scripted.save(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+        buf = io.BytesIO()
+        torch.jit.save(scripted, buf)
+    atomic_write_bytes(Path(os.path.abspath(os.fspath(path))), buf.getvalue())
