@@ -1,4 +1,4 @@
-"""Build script: packages (kernels/ ships as ssattn.kernels) and the optional extension ssattn._C.
+"""Build script: the ssattn packages and the optional extension ssattn._C.
 
 The extension is built when torch is importable at build time (use
 `pip install --no-build-isolation`); set SSATTN_NO_NATIVE=1 to skip it. Its
@@ -19,8 +19,7 @@ import time
 
 from setuptools import find_packages, setup
 
-PACKAGES = find_packages(include=["ssattn", "ssattn.*"]) + ["ssattn.kernels"]
-PACKAGE_DIR = {"ssattn.kernels": "kernels"}
+PACKAGES = find_packages(include=["ssattn", "ssattn.*"])
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 CSRC = "csrc"
@@ -159,4 +158,4 @@ def _has_ninja() -> bool:
 
 if __name__ == "__main__":  # pip and setuptools run this file as __main__; tests import cuda_plan
     EXT_MODULES, CMDCLASS = _native()
-    setup(packages=PACKAGES, package_dir=PACKAGE_DIR, ext_modules=EXT_MODULES, cmdclass=CMDCLASS)
+    setup(packages=PACKAGES, ext_modules=EXT_MODULES, cmdclass=CMDCLASS)

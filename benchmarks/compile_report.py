@@ -1,7 +1,7 @@
 """Static sm_90 (Hopper) compile report of ssattn's Triton kernels; no GPU needed.
 
 Every Triton kernel is compiled ahead of time for GPUTarget("cuda", 90, 32)
-with the installed Triton, for each autotune config of kernels/attention.py
+with the installed Triton, for each autotune config of ssattn/kernels/attention.py
 that its `_prune` keeps, over representative shape classes, plus the pyramid
 kernel at its default options. Per compiled kernel the table gives registers
 per thread, spill stores/loads and stack (from Triton's own `ptxas -v` run),
@@ -10,8 +10,8 @@ CTAs per SM that registers, shared memory and warps allow, and the MMA
 instructions in the PTX (wgmma.mma_async = Hopper warpgroup MMA, mma.sync =
 the Ampere path). These are compiler facts, not GPU measurements.
 
-The kernel arguments are produced by the real host code (kernels/attention.py
-forward/backward, kernels/pyramid.py _launch) called on meta tensors with the
+The kernel arguments are produced by the real host code (ssattn/kernels/attention.py
+forward/backward, ssattn/kernels/pyramid.py _launch) called on meta tensors with the
 launches intercepted, and specialized by Triton's own binder, so every
 kernel is compiled exactly as a contiguous (or NCHW-view) call on a GPU would
 specialize it: pointers 16-byte aligned, integers equal to 1 turned into
@@ -77,7 +77,7 @@ MAX_WARPS_PER_SM = 64
 MAX_BLOCKS_PER_SM = 32
 
 ATTN_KINDS = ("fwd", "dkdv", "dq", "fused", "delta")  # fused: the single-pass backward (dkdv + dq by atomics)
-SHORT_KINDS = ("short-fwd", "short-bwd")  # kernels/attention_short.py (Nk <= 128), text keys
+SHORT_KINDS = ("short-fwd", "short-bwd")  # ssattn/kernels/attention_short.py (Nk <= 128), text keys
 KINDS = ATTN_KINDS + SHORT_KINDS + ("pyramid",)
 SHORT_L = 77  # text keys of the short-key cases: CLIP's 77 tokens (BLOCK_N 128)
 DTYPES = {"bf16": (torch.bfloat16, ""), "fp16": (torch.float16, ""), "fp32-tf32": (torch.float32, "tf32"),

@@ -12,11 +12,11 @@ import pathlib
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-PACKAGE_DIRS = {"ssattn": ROOT / "ssattn", "ssattn.kernels": ROOT / "kernels"}
+PACKAGE_DIRS = {"ssattn": ROOT / "ssattn"}
 
 
 def _modules() -> dict[str, pathlib.Path]:
-    """Every module of the package (kernels/ ships as ssattn.kernels), by dotted name."""
+    """Every module of the package, by dotted name."""
     found = {}
     for prefix, base in PACKAGE_DIRS.items():
         for path in base.rglob("*.py"):

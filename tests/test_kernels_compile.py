@@ -7,7 +7,7 @@ dots), and the pyramid kernel on a 24x24 grid. Catches a Triton API change
 bf16 fwd and dq without the per-key weight and checks, in the TTGIR, that
 the weight costs the Hopper pipeline nothing (issue 12): no more 2-D tile
 round trips through shared memory and no more fully drained wgmma waits.
-The short-key kernels (kernels/attention_short.py, issue 17) at d=64 and
+The short-key kernels (ssattn/kernels/attention_short.py, issue 17) at d=64 and
 L=77 text keys: no spills, and in the TTGIR a single pass (the forward has
 no loop and loads each of Q, K, V once; the backward loads K and V once,
 outside its loop over query blocks) with one exponential per score.
@@ -32,12 +32,12 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(REPO, "benchmarks", "compile_report.py")
 KERNELS = ("fwd", "dkdv", "dq", "fused", "delta", "short-fwd", "short-bwd", "pyramid")
 DTYPES = ("bf16", "fp32-tf32")
-# The heuristic configs (kernels/_attention_configs.py, first of each class) do not spill with
+# The heuristic configs (ssattn/kernels/_attention_configs.py, first of each class) do not spill with
 # Triton 3.6, 3.8 and 3.9, except fp32-tf32 dkdv at d=64: its wgmma config (32x64, 4 warps) spills
 # 48-64 B; the spill-free 64x32 one would fall back to mma.sync. See benchmarks/compile_reports/.
 # The single-pass backward ("fused") in fp32-tf32 at d=64 spills in every config compiled (172 B in its
 # wgmma config 64x64 w8); in bf16 its 64x64 w8 config spills 36 B under Triton 3.6 only (clean under 3.8:
-# kernels/_attention_configs.py).
+# ssattn/kernels/_attention_configs.py).
 SPILL_EXEMPT = {("dkdv", "fp32-tf32"), ("fused", "fp32-tf32")}
 try:
     import triton

@@ -1,4 +1,4 @@
-"""The one-launch Triton guidance pyramid (kernels/pyramid.py) against the float64 reference.
+"""The one-launch Triton guidance pyramid (ssattn/kernels/pyramid.py) against the float64 reference.
 
 On CPU the kernel runs in the Triton interpreter (tests/conftest.py sets
 TRITON_INTERPRET=1), so shapes stay small; the GPU-marked tests repeat the

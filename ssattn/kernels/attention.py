@@ -28,7 +28,7 @@ Environment:
   SSATTN_AUTOTUNE=1   autotune the block sizes (cached per shape class, head
                       dims, options and layout); the default launches one
                       heuristic config per shape class
-                      (kernels/_attention_configs.py, first entry).
+                      (ssattn/kernels/_attention_configs.py, first entry).
   SSATTN_FAST_EXP2=1  fp16/bf16 forward at head dims <= 64: packed
                       half-precision exponentials (ex2.approx.f16x2, two per
                       special-function slot). GPU only; not under the interpreter.
@@ -105,7 +105,7 @@ def _prune(kind, configs_in, named_args, **kwargs):
 
 
 # Compile time grows with every config (each is built on first use, ~2-10 s on a busy host),
-# so each class keeps a short list (kernels/_attention_configs.py).
+# so each class keeps a short list (ssattn/kernels/_attention_configs.py).
 _KEYS = ["NQ_BUCKET", "NK_BUCKET", "LAYOUT", "HEAD_DIM", "HEAD_DV", "HAS_W", "HAS_KPM", "PREC"]
 
 

@@ -1,6 +1,6 @@
 """Triton kernels for SPEC 2's attention with few keys (Nk <= 128: image-word cross-attention).
 
-Same contract as kernels/attention.py (forward -> (out, stats), backward ->
+Same contract as ssattn/kernels/attention.py (forward -> (out, stats), backward ->
 (dq, dk, dv, dweight), the same base-2 statistics, out in q's layout), for
 Nk <= MAX_KEYS only: the launchers raise on more keys.
 
@@ -10,7 +10,7 @@ dQ). So all keys fit one tile: K and V (padded to BLOCK_N, a power of 2 >= 16)
 are loaded once per program and stay on chip; the softmax takes one pass (no
 online rescaling, no loop over key blocks). The per-key weight m_j goes into
 the score factor c_j = scale * log2(e) * m_j and into P before the P.V product
-(`p * m_j`), as in kernels/_attention_fwd.py; the padding mask is applied after
+(`p * m_j`), as in ssattn/kernels/_attention_fwd.py; the padding mask is applied after
 that scaling, so scale = 0 or -0.0 gives no NaN. A row whose keys are all
 padded gets out = 0 and +inf statistics.
 
