@@ -77,6 +77,24 @@ def main(out: str, runs: list) -> None:
         torch.save({"seen": data.seen, "params": model.state_dict(), "loss": hist["loss"], "error": error},
                    os.path.join(out, f"{run['name']}.rank{ctx.rank}.pt"))
     teardown()
+    with open(os.path.join(out, f"threads-after-teardown.rank{ctx.rank}.json"), "w") as f:
+        json.dump(thread_names(), f)
+
+
+def thread_names() -> list[str] | None:
+    """This process's threads by name (Linux's /proc), None where /proc does not list them."""
+    try:
+        tasks = os.listdir("/proc/self/task")
+    except OSError:
+        return None
+    names = []
+    for t in tasks:
+        try:
+            with open(f"/proc/self/task/{t}/comm") as f:
+                names.append(f.read().strip())
+        except OSError:  # the thread ended meanwhile
+            pass
+    return sorted(names)
 
 
 if __name__ == "__main__":

@@ -178,6 +178,18 @@ def test_mixed_precision_under_ddp(runs, amp):
     assert any(not torch.equal(fresh[n], r0["params"][n]) for n in fresh)  # it trained
 
 
+def test_teardown_ends_the_process_groups_threads(runs):
+    # Threads of a process group that outlives teardown can free a collective's tensors while the interpreter
+    # shuts down, which kills the rank at exit (std::terminate) after a run that succeeded.
+    out, _ = runs
+    for r in (0, 1):
+        with open(os.path.join(out, f"threads-after-teardown.rank{r}.json")) as f:
+            names = json.load(f)
+        if names is None:
+            pytest.skip("this system does not list a process's threads in /proc")
+        assert not [n for n in names if "gloo" in n], names
+
+
 def test_a_skipped_stage_needs_find_unused_parameters_and_says_so(runs):
     _, load = runs
     for rank in load("unused"):  # every rank stops after the first step, with the same message

@@ -10,6 +10,7 @@ error instead of hanging the others.
 from __future__ import annotations
 
 import datetime
+import importlib
 import os
 from dataclasses import dataclass
 
@@ -50,6 +51,13 @@ def setup(device: str | None = None, *, timeout_s: float = 600.0) -> Context:
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
     if world > 1 and not dist.is_initialized():
+        # torch.distributed.nn binds group.WORLD as its functions' default group when it is imported, and DDP
+        # imports it (through torch._dynamo). Imported after the group exists, it would hold the group to the
+        # end of the interpreter: destroy_process_group() would leave gloo's threads running, and they could
+        # free a collective's Python-owned tensors during interpreter shutdown (a crash at exit). Imported
+        # now, its defaults are None.
+        importlib.import_module("torch.distributed.nn")
+
         dist.init_process_group("nccl" if dev.type == "cuda" else "gloo",
                                 timeout=datetime.timedelta(seconds=float(timeout_s)))
     return Context(rank, world, local, dev)
@@ -63,5 +71,6 @@ def current(device: torch.device) -> Context:
 
 
 def teardown() -> None:
+    """Destroy the process group (setup's): its backend's threads end here, while the interpreter still runs."""
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
