@@ -47,6 +47,21 @@ def test_checkout_shadows_no_installed_package():
     assert origin == "None" or ROOT not in pathlib.Path(origin).resolve().parents[:2], origin  # not ROOT/kernels
 
 
+def test_build_configuration_uses_nothing_setuptools_deprecates():
+    """A setuptools deprecation names a date after which the build fails. A fresh machine installs the newest
+    setuptools, so past that date the README's install would fail there (the license table: 2027-02-18)."""
+    code = (
+        "import warnings\n"
+        "from setuptools.warnings import SetuptoolsDeprecationWarning\n"
+        "warnings.simplefilter('error', SetuptoolsDeprecationWarning)\n"
+        "from setuptools.dist import Distribution\n"
+        "from setuptools.config.pyprojecttoml import apply_configuration\n"
+        "apply_configuration(Distribution(), 'pyproject.toml')\n"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert res.returncode == 0, res.stderr[-3000:]
+
+
 def test_cli_info_runs():
     res = subprocess.run([sys.executable, "-m", "ssattn", "info"], capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr
