@@ -145,6 +145,20 @@ def test_blip_options(tmp_path, capsys):
         assert "Salesforce/not-downloaded" in err and "HF_HUB_OFFLINE" in err
 
 
+def test_two_ranks_destroy_their_group_when_guide_refuses(tmp_path):
+    # A refusal after the process group exists (here a model that is not downloaded) still destroys it: a group
+    # left to the interpreter's exit keeps its backend's threads running into shutdown.
+    pytest.importorskip("transformers")
+    folder = tmp_path / "imgs"
+    testing.write_awkward_images(folder)
+    with testing.offline_hub_cache(tmp_path / "hub"):
+        _two_ranks(folder, tmp_path / "cache", tmp_path / "results", "--aligner", "Salesforce/not-downloaded",
+                   "--prompt", "fish")
+    results = tmp_path / "results"
+    assert [(results / f"rank{r}").read_text().split("\n")[0] for r in range(2)] == ["2", "2"]
+    assert [(results / f"group-left.rank{r}").read_text() for r in range(2)] == ["False", "False"]
+
+
 def test_shard_covers_each_file_once():
     files = list(range(11))
     parts = [shard(files, r, 3) for r in range(3)]
@@ -157,25 +171,38 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def _rank_main(rank, world, port, images, out, results):
+def _rank_main(rank, world, port, images, out, results, extra=()):
     torch.set_num_threads(1)
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
     import contextlib
     import io
 
+    import torch.distributed as dist
+
     from ssattn.apps.cli import main as cli_main
 
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf):
         rc = cli_main(["guide", images, "--out", out, "--workers", "0", "--no-progress", "--device", "cpu",
-                       "--batch-size", "2"])
+                       "--batch-size", "2", *extra])
     with open(os.path.join(results, f"rank{rank}"), "w") as f:
         f.write(f"{rc}\n{buf.getvalue()}")
+    with open(os.path.join(results, f"group-left.rank{rank}"), "w") as f:
+        f.write(str(dist.is_initialized()))
+
+
+def _two_ranks(folder, out, results, *extra):
+    import torch.multiprocessing as mp
+
+    results.mkdir()
+    # fork (where there is one) reuses the imported torch: a spawned child spends ~8 s CPU importing it again
+    method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
+    mp.start_processes(_rank_main, args=(2, _free_port(), str(folder), str(out), str(results), extra), nprocs=2,
+                       join=True, start_method=method)
 
 
 def test_two_ranks_on_gloo(tmp_path):
-    import torch.multiprocessing as mp
     from PIL import Image
 
     folder = tmp_path / "imgs"
@@ -183,11 +210,8 @@ def test_two_ranks_on_gloo(tmp_path):
     for i in range(9):
         Image.fromarray((torch.rand(16, 24 + i, 3) * 255).byte().numpy()).save(folder / f"{i:02d}.png")
     out, results = tmp_path / "cache", tmp_path / "results"
-    results.mkdir()
-    # fork (where there is one) reuses the imported torch: a spawned child spends ~8 s CPU importing it again
-    method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
-    mp.start_processes(_rank_main, args=(2, _free_port(), str(folder), str(out), str(results)), nprocs=2,
-                       join=True, start_method=method)
+    _two_ranks(folder, out, results)
+    assert [(results / f"group-left.rank{r}").read_text() for r in range(2)] == ["False", "False"]
     reports = [(results / f"rank{r}").read_text() for r in range(2)]
     assert [r.split("\n")[0] for r in reports] == ["0", "0"]
     assert "9 computed, 0 already cached" in reports[0]  # counts summed over ranks: each file done once
