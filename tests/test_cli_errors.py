@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from ssattn.apps.cli import main
+from ssattn.apps.cli.common import CLIError
 from ssattn.guidance import GuidanceCache, SaliencyGuide
 
 warnings.filterwarnings("ignore", message=r"ssattn\..*falling back")
@@ -423,6 +424,27 @@ def test_under_torchrun_only_rank_0_prints_the_error(tmp_path, capsys, monkeypat
             err = capsys.readouterr().err
             assert rc == 2
             assert len(err.strip().splitlines()) == (1 if speaks else 0), (rank, err)
+
+
+@pytest.mark.parametrize("ending", ["refusal", "crash", "success"])
+def test_main_ends_the_process_group_a_command_made(tmp_path, monkeypatch, ending):
+    # However a command ends, a process group it made (under torchrun) does not outlive it: left to the
+    # interpreter's exit, the backend's threads run into shutdown, where they can kill the process.
+    import torch.distributed as dist
+
+    from ssattn.apps.cli import guide
+
+    def command(args):
+        dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+        if ending == "refusal":
+            raise CLIError("refused once the group existed")
+        if ending == "crash":
+            raise RuntimeError("failed once the group existed")
+        return 0
+
+    monkeypatch.setattr(guide, "run", command)
+    assert main(["guide", str(tmp_path), "--out", str(tmp_path / "c")]) == (0 if ending == "success" else 2)
+    assert not dist.is_initialized()
 
 
 def test_progress_labels_and_skip_warnings_read_well(tmp_path, capsys, caplog):

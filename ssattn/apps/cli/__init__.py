@@ -62,6 +62,17 @@ def main(argv=None) -> int:
             sys.stderr.write(f"ssattn {args.command}{rank}: {text or type(exc).__name__}{hint}\n")
             sys.stderr.flush()
         return 2
+    finally:
+        _end_process_group()
+
+
+def _end_process_group() -> None:
+    """End the process group a command made under torchrun, however the command ended: a group left to the
+    interpreter's exit keeps its backend's threads running into shutdown, where they can kill the process."""
+    if "torch.distributed" in sys.modules:  # no group without it; a command that never needed torch stays light
+        from ssattn.apps.distributed import teardown
+
+        teardown()
 
 
 if __name__ == "__main__":

@@ -61,7 +61,12 @@ def run(args) -> int:
     import logging
     import sys
 
-    from ssattn.apps.distributed import teardown
+    import torch
+
+    from ssattn.guidance import ModelNotAvailableError
+    from ssattn.guidance.factory import make_guide
+    from ssattn.guidance.precompute import precompute
+    from ssattn.guidance.prompts import DEFAULT_QUESTION
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     method = args.method or ("blip" if any(v is not None for v in (args.aligner, args.prompt, args.classes,
@@ -81,23 +86,6 @@ def run(args) -> int:
             check_output_folder(flag, path)
     resolve_device(args.device or "auto")  # a clear error for a device that cannot run here, before any work
     rank, world, device = _distributed(args.device)
-    try:
-        return _guide_folder(args, method, overlay, rank, world, device)
-    finally:  # on a refusal too: a group left to the interpreter's exit keeps its threads running into shutdown
-        teardown()
-
-
-def _guide_folder(args, method, overlay, rank, world, device) -> int:
-    """Everything after the process group exists: the guide, the cache, the summary (rank 0)."""
-    import sys
-
-    import torch
-
-    from ssattn.guidance import ModelNotAvailableError
-    from ssattn.guidance.factory import make_guide
-    from ssattn.guidance.precompute import precompute
-    from ssattn.guidance.prompts import DEFAULT_QUESTION
-
     dtype = getattr(torch, args.dtype) if args.dtype else None
     try:
         guide = make_guide(method, aligner=args.aligner, prompt=args.prompt, classes=args.classes,

@@ -260,7 +260,7 @@ def run(args) -> int:
 
     import torch
 
-    from ssattn.apps.distributed import setup, teardown
+    from ssattn.apps.distributed import setup
     from ssattn.apps.jsonfile import METRIC_NOTES, write_json
     from ssattn.apps.training import TrainConfig, build_model, train
     from ssattn.apps.training.trainer import CheckpointMismatch, RankFailure
@@ -342,8 +342,6 @@ def run(args) -> int:
         if flag is None or ctx.is_main:  # a bad --vgg-weights file is the same on every rank: rank 0 says it
             print(f"{who}: {flag or f'{type(exc).__name__}: {exc}'}", file=sys.stderr)
         return 2
-    finally:
-        teardown()
     if not ctx.is_main:
         return 0
     summary = {"steps": hist["steps"], "final_loss": hist["loss"][-1] if hist["loss"] else None,
